@@ -1,0 +1,30 @@
+//! What the transport says about a delivery, beside its body.
+
+use std::collections::BTreeMap;
+
+/// Transport metadata of one delivery.
+///
+/// The adapter fills it from the AMQP properties. None of it decides deduplication: the
+/// `redelivered` flag in particular is a hint for logs and extra care, never a reason to skip work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// The producer's message id (AMQP `message_id`); the key when the message has no key field.
+    pub message_id: Option<String>,
+    /// The correlation id shared by every message of one business flow.
+    pub correlation_id: Option<String>,
+    /// The id of the message whose handling produced this one (idem header `x-idem-causation-id`).
+    pub causation_id: Option<String>,
+    /// The broker's redelivery flag: an earlier delivery of this message was not acknowledged.
+    pub redelivered: bool,
+    /// Application headers whose values are text or numbers, rendered as text.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// The delivery handed to the unit of work: raw body plus metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    /// The body exactly as received.
+    pub body: &'a [u8],
+    /// What the transport said about it.
+    pub metadata: &'a Metadata,
+}

@@ -1,0 +1,31 @@
+//! The transport-agnostic core of [idem](https://docs.rs/idem): messages and their idempotency
+//! keys, the dedup ledger on PostgreSQL and SQLite, the [`Handler`] trait and the one
+//! unit-of-work function, [`process`], that runs a delivery as a single transaction.
+//!
+//! Most users depend on the `idem` facade crate instead, which re-exports all of this together
+//! with the `#[idem::handler]` and `#[derive(idem::Message)]` macros and the RabbitMQ adapter.
+
+// Without a backend feature only the transport-agnostic types are usable; the ledger code is
+// compiled but unused.
+#![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(unused))]
+
+mod backend;
+mod envelope;
+mod error;
+mod handler;
+mod key;
+mod message;
+mod tx;
+mod unit;
+
+pub use async_trait::async_trait;
+pub use backend::Backend;
+pub use envelope::{Delivery, Metadata};
+pub use error::{redact_url, Error};
+pub use handler::{BoxError, Handler, HandlerError};
+pub use key::{Key, KeyError, KeyField};
+pub use message::{decode_json, json_value_parses_as, DecodeError, DecodeErrorKind, JsonKeyField, Message};
+pub use tx::Tx;
+pub use unit::{delivery_span, process, Outcome, Processed, Reason};
+/// The sqlx crate idem-core is built on.
+pub use sqlx;

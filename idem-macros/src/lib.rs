@@ -1,0 +1,76 @@
+//! The macros of [idem](https://docs.rs/idem): `#[derive(Message)]` and `#[handler]`.
+//!
+//! Use them through the `idem` facade (`#[derive(idem::Message)]`, `#[idem::handler(...)]`);
+//! the code they generate names only `::idem::__private::…`, so this crate is not meant to be
+//! depended on directly. They are shorthand: everything they write can be written by hand
+//! against `idem::Message` and `idem::Handler`.
+//!
+//! ```ignore
+//! #[derive(Debug, serde::Deserialize, idem::Message)]
+//! struct PaymentRequested {
+//!     #[idem(key)]
+//!     payment_id: uuid::Uuid,
+//!     amount_cents: i64,
+//! }
+//!
+//! #[idem::handler(consumer = "payments")]
+//! async fn capture(tx: &mut idem::Tx<'_, idem::Postgres>, msg: PaymentRequested) -> Result<(), sqlx::Error> {
+//!     sqlx::query("UPDATE accounts SET balance_cents = balance_cents + $1")
+//!         .bind(msg.amount_cents)
+//!         .execute(tx.conn())
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Errors point at the offending token and say what to write instead; on an error the
+//! attribute macro still emits the function unchanged, so editors keep working and no cascade
+//! of follow-up errors hides the real one.
+
+use proc_macro::TokenStream;
+
+mod errors;
+mod handler;
+mod message;
+
+/// Implements `idem::Message` for a struct with named fields, decoding the body as JSON.
+///
+/// The struct must also derive (or implement) `serde::Deserialize`.
+///
+/// - `#[idem(key)]` on one field makes it the idempotency key. Allowed types: `Uuid`, `String`,
+///   `i16`, `i32`, `i64`, `i128`, `u16`, `u32`, `u64`, `u128`, or an `Option` of one of those
+///   (`None` is dead-lettered as `missing-key`). Without a key field the AMQP `message_id` is
+///   the key.
+/// - `#[idem(kind = "payments.requested")]` on the struct sets the kind shown in logs and
+///   dead-letter headers; it defaults to the struct's name.
+///
+/// The key's JSON name follows the field's `#[serde(rename = "...")]` and the struct's
+/// `#[serde(rename_all = "...")]`, so that a body whose key is absent, null or not a valid key
+/// is dead-lettered as `missing-key` rather than `malformed`.
+///
+/// Generic structs are accepted when they have no lifetime parameters; their bounds must make
+/// the struct `serde::de::DeserializeOwned` (e.g. `struct Event<T: DeserializeOwned + Send + 'static>`).
+#[proc_macro_derive(Message, attributes(idem))]
+pub fn derive_message(input: TokenStream) -> TokenStream {
+    match syn::parse::<syn::DeriveInput>(input) {
+        Ok(input) => message::expand(&input).into(),
+        Err(error) => error.to_compile_error().into(),
+    }
+}
+
+/// Turns `async fn NAME(tx: &mut idem::Tx<'_, DB>, msg: M) -> Result<T, E>` into a handler.
+///
+/// `#[idem::handler(consumer = "payments")]`: the consumer name scopes the dedup ledger (two
+/// consumers of one message each apply it once).
+///
+/// `NAME` becomes a unit struct implementing `idem::Handler<DB>` with `Message = M`; the body
+/// stays callable as `NAME::call(tx, msg)`. The error type `E` must convert into
+/// `idem::BoxError` (any `std::error::Error + Send + Sync + 'static`, `String`, `anyhow::Error`,
+/// `idem::HandlerError`).
+///
+/// The handler gets only the transaction handle: it cannot commit, roll back, or reach the pool.
+/// idem commits the ledger claim and the handler's writes together, then acknowledges.
+#[proc_macro_attribute]
+pub fn handler(args: TokenStream, item: TokenStream) -> TokenStream {
+    handler::expand(args.into(), item.into()).into()
+}

@@ -1,0 +1,516 @@
+#!/usr/bin/env bash
+# shellcheck shell=bash
+#
+# scripts/lib/servers.sh — install and run throw-away RabbitMQ / PostgreSQL servers for idem's
+# end-to-end tests and demo.
+#
+# Source it (`. scripts/lib/servers.sh`); it defines functions and starts nothing by itself.
+#
+# Why it looks the way it does (see /work/shared/DESIGN.md, "Running the real servers"):
+#   * The machines have no systemd and no Docker, so servers run as plain background processes,
+#     bound to 127.0.0.1 only, with all of their state in a `mktemp -d` directory, and are stopped
+#     by the PIDs we recorded — never by name, so a developer's own servers are never touched.
+#   * PostgreSQL refuses to run as root and RabbitMQ expects its own user, so both run as their
+#     package users (`postgres`, `rabbitmq`) through `runuser`.
+#   * Ports are chosen by the caller (defaults 5673 / 5433 in scripts/test) so tests do not collide
+#     with a server a developer already runs on 5672 / 5432; a busy port is a hard, explained error.
+#
+# Public functions (all print progress on stderr prefixed with "[idem-servers]"):
+#   idem_install_packages [rabbitmq] [postgres]
+#   idem_start_rabbitmq PORT [URL_VAR]     exports IDEM_RABBITMQ_NODE, IDEM_RABBITMQCTL, URL_VAR
+#                                          (URL_VAR defaults to IDEM_TEST_AMQP_URL)
+#   idem_rabbitmqctl ARGS...               rabbitmqctl -n "$IDEM_RABBITMQ_NODE" ARGS..., done right
+#   idem_start_postgres PORT [URL_VAR]     exports URL_VAR (defaults to IDEM_TEST_DATABASE_URL)
+#   idem_stop_servers                      stops whatever this shell started; idempotent
+#   idem_stop_servers_on_exit              trap idem_stop_servers on EXIT (and INT/TERM/HUP)
+#
+# One RabbitMQ node and one PostgreSQL server per sourcing shell.
+
+# Guard against being sourced twice (the state variables below would be reset).
+if [[ -n "${IDEM__SERVERS_SH_LOADED:-}" ]]; then
+    # shellcheck disable=SC2317  # exit only if executed instead of sourced
+    return 0 2>/dev/null || exit 0
+fi
+IDEM__SERVERS_SH_LOADED=1
+
+# The Debian packages' real entry points. /usr/sbin/rabbitmq-server is a wrapper that, when run
+# as the rabbitmq user, redirects all output to /var/log/rabbitmq/startup_log (shared with the
+# packaged service) — so we call the scripts in /usr/lib/rabbitmq/bin directly.
+IDEM__RMQ_BIN=/usr/lib/rabbitmq/bin
+# The rabbitmq user's home holds the Erlang cookie that both our node and every CLI call use.
+# Using the package's default cookie (not a private one) means a plain `rabbitmqctl -n NODE …`
+# run as root also works: Debian's /usr/sbin/rabbitmqctl wrapper `su`s to rabbitmq, whose HOME is
+# this directory.
+IDEM__RMQ_HOME=/var/lib/rabbitmq
+# RABBITMQ_NODE_IP_ADDRESS only covers AMQP; without this the Erlang distribution listener (the
+# node's and each CLI call's) binds 0.0.0.0.
+IDEM__ERL_LOOPBACK_DIST='-kernel inet_dist_use_interface {127,0,0,1}'
+
+# State of what *this shell* started. Only these are ever stopped.
+IDEM__RMQ_DIR=""        # temp dir (mnesia, logs, config)
+IDEM__RMQ_NODE=""       # Erlang node name
+IDEM__RMQ_LAUNCHER=""   # PID of the background launcher (setsid → runuser → rabbitmq-server sh)
+IDEM__RMQ_PIDFILE=""    # written by the node: PID of beam.smp
+IDEM__RMQ_BEAM_PID=""
+IDEM__PG_DIR=""         # temp dir (data/, socket, logs)
+IDEM__PG_BIN=""
+IDEM__PG_PID=""         # postmaster PID
+
+idem__log() { printf '[idem-servers] %s\n' "$*" >&2; }
+idem__die() { printf '[idem-servers] ERROR: %s\n' "$*" >&2; return 1; }
+
+# Run a command as USER. We are normally root (runuser); if we already are that user, run directly.
+idem__as() {
+    local user=$1; shift
+    if [[ "$(id -un)" == "$user" ]]; then
+        "$@"
+    elif [[ $EUID -eq 0 ]]; then
+        runuser -u "$user" -- "$@"
+    else
+        idem__die "need to run '$1' as user '$user': run this script as root (or as '$user')"
+    fi
+}
+
+# True if something accepts TCP connections on 127.0.0.1:PORT. (A listener on 0.0.0.0 or on
+# 127.0.0.1 both block our bind; /dev/tcp needs no extra tools such as ss/netstat.)
+idem__port_in_use() {
+    timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+# Fail with a message naming the knob to turn if PORT is taken.
+idem__require_free_port() {
+    local port=$1 what=$2 knob=$3
+    if idem__port_in_use "$port"; then
+        local who=""
+        if command -v ss >/dev/null 2>&1; then
+            who=$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 3)
+        fi
+        idem__die "port $port ($what) is already in use on 127.0.0.1${who:+:
+$who}
+  → pick another port with $knob=<port> (or stop whatever is listening there)"
+        return 1
+    fi
+}
+
+# Print the last lines of the given files (for startup failures).
+idem__tail_logs() {
+    local f
+    for f in "$@"; do
+        [[ -f "$f" ]] || continue
+        printf '[idem-servers] ---- last lines of %s ----\n' "$f" >&2
+        tail -n 40 "$f" >&2 || true
+    done
+}
+
+# Process helpers read /proc directly: minimal machines may lack procps (pgrep/ps), and neither
+# package pulls it in.
+
+# PIDs of processes owned by USER, sorted, one per line.
+idem__pids_of_user() {
+    local uid d
+    uid=$(id -u "$1" 2>/dev/null) || return 0
+    for d in /proc/[0-9]*; do
+        if [[ "$(stat -c %u "$d" 2>/dev/null)" == "$uid" ]]; then echo "${d#/proc/}"; fi
+    done | sort
+    return 0
+}
+
+# Direct children of PID.
+idem__children() {
+    local want=$1 f line ppid
+    for f in /proc/[0-9]*/stat; do
+        { line=$(<"$f"); } 2>/dev/null || continue   # the process may have gone meanwhile
+        # "pid (comm) state ppid …" — comm may contain spaces and parentheses
+        read -r _ ppid _ <<<"${line##*) }"
+        if [[ "$ppid" == "$want" ]]; then f=${f#/proc/}; echo "${f%/stat}"; fi
+    done
+    return 0
+}
+
+# All descendants of PID (recursively), one per line.
+idem__descendants() {
+    local child
+    for child in $(idem__children "$1"); do
+        echo "$child"
+        idem__descendants "$child"
+    done
+    return 0
+}
+
+idem__pg_bin_dir() {
+    # Highest installed PostgreSQL major version (Debian layout /usr/lib/postgresql/<ver>/bin).
+    local d
+    d=$(for d in /usr/lib/postgresql/*/bin; do if [[ -x "$d/initdb" ]]; then echo "$d"; fi; done | sort -V | tail -n 1)
+    [[ -n "$d" ]] || { idem__die "no PostgreSQL found in /usr/lib/postgresql/*/bin (run idem_install_packages)"; return 1; }
+    echo "$d"
+}
+
+# ---------------------------------------------------------------------------------------------
+# idem_install_packages [rabbitmq] [postgres]
+#
+# Installs the Debian packages that are missing (default: both). The packages' maintainer scripts
+# try to start the system-wide services (port 5672 / 5432, data in /var/lib); we neither want nor
+# need those, so during the install we put a policy-rc.d that forbids service starts (the standard
+# Debian mechanism, unless one is already in place) and afterwards stop anything new that still
+# got started — but only processes that did not exist before the install.
+# ---------------------------------------------------------------------------------------------
+idem_install_packages() {
+    local want=("$@")
+    [[ ${#want[@]} -gt 0 ]] || want=(rabbitmq postgres)
+
+    local pkgs=() w
+    for w in "${want[@]}"; do
+        case "$w" in
+            rabbitmq)
+                if [[ ! -x /usr/sbin/rabbitmq-server || ! -x /usr/sbin/rabbitmqctl || ! -x "$IDEM__RMQ_BIN/rabbitmq-server" ]]; then
+                    pkgs+=(rabbitmq-server)
+                fi ;;
+            postgres)
+                if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+                    pkgs+=(postgresql)
+                fi ;;
+            *) idem__die "idem_install_packages: unknown component '$w' (use rabbitmq, postgres)"; return 1 ;;
+        esac
+    done
+
+    if [[ ${#pkgs[@]} -eq 0 ]]; then
+        idem__log "packages already installed (${want[*]})"
+        return 0
+    fi
+    [[ $EUID -eq 0 ]] || { idem__die "missing packages: ${pkgs[*]}; installing them needs root (apt-get)"; return 1; }
+
+    # Processes that belong to the package users before the install: never touched.
+    local before_rmq before_pg
+    before_rmq=$(idem__pids_of_user rabbitmq)
+    before_pg=$(idem__pids_of_user postgres)
+
+    # Forbid service starts from maintainer scripts (invoke-rc.d honours exit code 101).
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\n# temporary, written by idem scripts/lib/servers.sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made_policy=1
+    fi
+
+    local rc=0
+    idem__log "installing: ${pkgs[*]} (apt-get update + apt-get install; takes about a minute)"
+    idem__log "+ apt-get update"
+    apt-get update || rc=$?
+    if [[ $rc -eq 0 ]]; then
+        idem__log "+ DEBIAN_FRONTEND=noninteractive apt-get install -y ${pkgs[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "${pkgs[@]}" || rc=$?
+    fi
+    [[ -z "$made_policy" ]] || rm -f "$policy"
+    [[ $rc -eq 0 ]] || { idem__die "apt-get failed (exit $rc) installing ${pkgs[*]}"; return 1; }
+
+    # Anything the packages started anyway (no policy-rc.d honoured, or a postinst that starts
+    # things directly): stop it politely through the package's own tooling, then by PID.
+    local new_rmq new_pg pid
+    new_rmq=$(comm -13 <(echo "$before_rmq") <(idem__pids_of_user rabbitmq) | grep . || true)
+    new_pg=$(comm -13 <(echo "$before_pg") <(idem__pids_of_user postgres) | grep . || true)
+    if [[ -n "$new_rmq" ]]; then
+        idem__log "the rabbitmq-server package started processes (${new_rmq//$'\n'/ }); stopping them"
+        (cd / && idem__as rabbitmq env HOME="$IDEM__RMQ_HOME" "$IDEM__RMQ_BIN/rabbitmqctl" stop) >/dev/null 2>&1 || true
+        for pid in $new_rmq; do
+            # epmd is harmless and may be shared; leave it.
+            [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == epmd ]] && continue
+            kill -TERM "$pid" 2>/dev/null || true
+        done
+    fi
+    if [[ -n "$new_pg" ]]; then
+        idem__log "the postgresql package started a cluster (${new_pg//$'\n'/ }); stopping it"
+        if command -v pg_lsclusters >/dev/null 2>&1; then
+            local ver name
+            while read -r ver name _; do
+                pg_ctlcluster "$ver" "$name" stop -m fast >/dev/null 2>&1 || true
+            done < <(pg_lsclusters -h 2>/dev/null || true)
+        fi
+        for pid in $new_pg; do kill -TERM "$pid" 2>/dev/null || true; done
+    fi
+    idem__log "installed: ${pkgs[*]}"
+}
+
+# ---------------------------------------------------------------------------------------------
+# idem_rabbitmqctl ARGS...
+#
+# rabbitmqctl against the node started by idem_start_rabbitmq. The CLI authenticates with the
+# Erlang cookie of the user running it, so it runs as `rabbitmq` with HOME=/var/lib/rabbitmq — the
+# same cookie the node uses. ERL_EPMD_ADDRESS keeps an epmd the CLI might spawn on loopback.
+# Examples: idem_rabbitmqctl close_all_connections "test"; idem_rabbitmqctl stop_app;
+#           idem_rabbitmqctl start_app; idem_rabbitmqctl list_queues name messages
+# ---------------------------------------------------------------------------------------------
+idem_rabbitmqctl() {
+    local node=${IDEM__RMQ_NODE:-${IDEM_RABBITMQ_NODE:-}}
+    [[ -n "$node" ]] || { idem__die "idem_rabbitmqctl: no node (start one with idem_start_rabbitmq, or set IDEM_RABBITMQ_NODE)"; return 1; }
+    # cd: the Erlang CLI wants a readable cwd, and the caller's may be root-only.
+    (cd "$IDEM__RMQ_HOME" && idem__as rabbitmq env HOME="$IDEM__RMQ_HOME" ERL_EPMD_ADDRESS=127.0.0.1 \
+        RABBITMQ_CTL_ERL_ARGS="$IDEM__ERL_LOOPBACK_DIST" "$IDEM__RMQ_BIN/rabbitmqctl" -n "$node" "$@")
+}
+
+# ---------------------------------------------------------------------------------------------
+# idem_start_rabbitmq PORT [URL_VAR]
+#
+# Starts a private RabbitMQ node `idem-PORT@localhost`: AMQP on 127.0.0.1:PORT, Erlang
+# distribution on 127.0.0.1:(PORT+20000) (override: IDEM_RABBITMQ_DIST_PORT), epmd on loopback, no
+# plugins, all state in a temp dir. Waits until the broker is fully booted (timeout
+# IDEM_RABBITMQ_START_TIMEOUT, default 120 s). The default `guest` user works over 127.0.0.1.
+# Exports:
+#   IDEM_RABBITMQ_NODE  node name, for `rabbitmqctl -n`
+#   IDEM_RABBITMQCTL    path to an executable that runs rabbitmqctl against this node correctly
+#                       (as the rabbitmq user, right cookie) — for tests: "$IDEM_RABBITMQCTL" stop_app
+#   URL_VAR             (default IDEM_TEST_AMQP_URL) = amqp://guest:guest@127.0.0.1:PORT/%2f
+# ---------------------------------------------------------------------------------------------
+idem_start_rabbitmq() {
+    local port=${1:?usage: idem_start_rabbitmq PORT [URL_VAR]}
+    local url_var=${2:-IDEM_TEST_AMQP_URL}
+    local knob=${IDEM__PORT_KNOB_AMQP:-IDEM_TEST_AMQP_PORT}
+    [[ "$port" =~ ^[0-9]+$ ]] || { idem__die "idem_start_rabbitmq: bad port '$port'"; return 1; }
+    [[ -z "$IDEM__RMQ_NODE" ]] || { idem__die "a RabbitMQ node ($IDEM__RMQ_NODE) is already running from this shell"; return 1; }
+    [[ -x "$IDEM__RMQ_BIN/rabbitmq-server" ]] || { idem__die "RabbitMQ is not installed (run idem_install_packages rabbitmq)"; return 1; }
+
+    local dist_port=${IDEM_RABBITMQ_DIST_PORT:-$((port + 20000))}
+    local node="idem-$port@localhost"
+    idem__require_free_port "$port" "AMQP" "$knob" || return 1
+    idem__require_free_port "$dist_port" "Erlang distribution for $node" "IDEM_RABBITMQ_DIST_PORT (default: AMQP port + 20000) or $knob" || return 1
+    # A node with our name still registered in epmd (a leftover from a killed run) would make ours
+    # fail with a confusing "node name already in use".
+    if command -v epmd >/dev/null 2>&1 && epmd -names 2>/dev/null | grep -q "^name idem-$port at port"; then
+        idem__die "an Erlang node named $node is already running (leftover from an earlier run?); stop it, or use another $knob"
+        return 1
+    fi
+
+    local dir
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/idem-rabbitmq-$port.XXXXXX")
+    mkdir -p "$dir/mnesia" "$dir/log"
+    # No plugins: the management plugin alone adds seconds to every boot and tests don't need it.
+    printf '[].\n' >"$dir/enabled_plugins"
+    # An empty env file so /etc/rabbitmq/rabbitmq-env.conf (a developer's NODENAME, etc.) can't leak in.
+    : >"$dir/rabbitmq-env.conf"
+    cat >"$dir/rabbitmq.conf" <<EOF
+# written by idem scripts/lib/servers.sh — a throw-away test node
+# guest may only log in over loopback (the default, stated here on purpose)
+loopback_users.guest = true
+# logs go to files in this directory, not to the console
+log.console = false
+log.file.level = info
+EOF
+    chown -R rabbitmq:rabbitmq "$dir"
+
+    # A tiny executable for tests (Rust's Command can't call a shell function).
+    local ctl="$dir/rabbitmqctl"
+    cat >"$ctl" <<EOF
+#!/bin/sh
+# rabbitmqctl against the idem test node $node (as the rabbitmq user, which owns the cookie)
+cd "$IDEM__RMQ_HOME" || exit 1
+as=""
+[ "\$(id -un)" = rabbitmq ] || as="runuser -u rabbitmq --"
+exec \$as env HOME="$IDEM__RMQ_HOME" ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_CTL_ERL_ARGS="$IDEM__ERL_LOOPBACK_DIST" \
+    "$IDEM__RMQ_BIN/rabbitmqctl" -n "$node" "\$@"
+EOF
+    chmod 755 "$ctl"
+    chmod 711 "$dir"   # so a non-root test process could still exec $dir/rabbitmqctl
+
+    IDEM__RMQ_DIR=$dir
+    IDEM__RMQ_NODE=$node
+    IDEM__RMQ_PIDFILE="$dir/rabbitmq.pid"
+
+    idem__log "starting RabbitMQ node $node on 127.0.0.1:$port (dist port $dist_port, dir $dir)"
+    local started=$SECONDS
+    # env -i: a clean environment, so nothing from the caller (RABBITMQ_*, ERL_*) changes the node.
+    # setsid: own session, so a Ctrl-C at the terminal reaches our trap, not the broker directly.
+    (
+        cd "$dir" || exit 1
+        exec setsid runuser -u rabbitmq -- env -i \
+            PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+            HOME="$IDEM__RMQ_HOME" \
+            LANG=C.UTF-8 LC_ALL=C.UTF-8 \
+            ERL_EPMD_ADDRESS=127.0.0.1 \
+            RABBITMQ_NODENAME="$node" \
+            RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+            RABBITMQ_NODE_PORT="$port" \
+            RABBITMQ_DIST_PORT="$dist_port" \
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="$IDEM__ERL_LOOPBACK_DIST" \
+            RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" \
+            RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
+            RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
+            RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+            RABBITMQ_MNESIA_BASE="$dir/mnesia" \
+            RABBITMQ_LOG_BASE="$dir/log" \
+            RABBITMQ_LOGS="$dir/log/rabbit.log" \
+            RABBITMQ_PID_FILE="$IDEM__RMQ_PIDFILE" \
+            "$IDEM__RMQ_BIN/rabbitmq-server"
+    ) </dev/null >"$dir/log/server.out" 2>&1 &
+    IDEM__RMQ_LAUNCHER=$!
+
+    # await_startup fails at once while the node is not yet registered, so poll it; bail out early
+    # if the server process died.
+    local timeout=${IDEM_RABBITMQ_START_TIMEOUT:-120}
+    local deadline=$((SECONDS + timeout))
+    local left=$timeout
+    until idem_rabbitmqctl await_startup --timeout "$(( left < 10 ? (left < 1 ? 1 : left) : 10 ))" >/dev/null 2>&1; do
+        if ! kill -0 "$IDEM__RMQ_LAUNCHER" 2>/dev/null; then
+            idem__log "RabbitMQ node $node exited during startup"
+            idem__tail_logs "$dir/log/server.out" "$dir/log/rabbit.log"
+            idem_stop_rabbitmq
+            return 1
+        fi
+        if (( SECONDS >= deadline )); then
+            idem__log "RabbitMQ node $node did not finish starting within ${timeout}s (IDEM_RABBITMQ_START_TIMEOUT)"
+            idem__tail_logs "$dir/log/server.out" "$dir/log/rabbit.log"
+            idem_stop_rabbitmq
+            return 1
+        fi
+        sleep 1
+        left=$((deadline - SECONDS))
+    done
+    IDEM__RMQ_BEAM_PID=$(cat "$IDEM__RMQ_PIDFILE" 2>/dev/null || true)
+    idem__log "RabbitMQ node $node is up after $((SECONDS - started))s (beam pid ${IDEM__RMQ_BEAM_PID:-?})"
+
+    export IDEM_RABBITMQ_NODE="$node"
+    export IDEM_RABBITMQCTL="$ctl"
+    printf -v "$url_var" '%s' "amqp://guest:guest@127.0.0.1:$port/%2f"
+    export "${url_var?}"
+}
+
+# Stop the node started by idem_start_rabbitmq (no-op if none). Graceful `rabbitmqctl stop`
+# first, then signals to the PIDs we recorded.
+idem_stop_rabbitmq() {
+    [[ -n "$IDEM__RMQ_DIR$IDEM__RMQ_LAUNCHER" ]] || return 0
+    local node=$IDEM__RMQ_NODE launcher=$IDEM__RMQ_LAUNCHER dir=$IDEM__RMQ_DIR
+    local beam=${IDEM__RMQ_BEAM_PID:-}
+    [[ -n "$beam" ]] || beam=$(cat "$IDEM__RMQ_PIDFILE" 2>/dev/null || true)
+    # Only trust the recorded beam PID while it still names a beam.smp (PIDs get reused).
+    if [[ -n "$beam" && "$(cat "/proc/$beam/comm" 2>/dev/null)" != beam.smp ]]; then beam=""; fi
+
+    if { [[ -n "$launcher" ]] && kill -0 "$launcher" 2>/dev/null; } || [[ -n "$beam" ]]; then
+        idem__log "stopping RabbitMQ node $node"
+        # `stop` returns once the node has shut down.
+        [[ ! -x "$dir/rabbitmqctl" ]] || timeout 60 "$dir/rabbitmqctl" stop >/dev/null 2>&1 || true
+        for _ in $(seq 1 50); do
+            kill -0 "$launcher" 2>/dev/null || { [[ -n "$beam" ]] && kill -0 "$beam" 2>/dev/null; } || break
+            sleep 0.2
+        done
+        if kill -0 "$launcher" 2>/dev/null || { [[ -n "$beam" ]] && kill -0 "$beam" 2>/dev/null; }; then
+            # Still there (e.g. it never finished booting, so `stop` could not reach it): kill the
+            # process tree we launched — runuser → rabbitmq-server sh → beam.smp → helpers.
+            local pids
+            pids=$(idem__descendants "$launcher")
+            pids="$beam $launcher ${pids//$'\n'/ }"
+            idem__log "RabbitMQ node $node did not stop cleanly; killing pids $pids"
+            # shellcheck disable=SC2086  # a list of PIDs, split on purpose
+            kill -KILL $pids 2>/dev/null || true
+        fi
+        wait "$launcher" 2>/dev/null || true
+    fi
+    if [[ -n "$dir" && -d "$dir" && "$dir" == */idem-rabbitmq-* ]]; then
+        rm -rf "$dir"
+    fi
+    IDEM__RMQ_DIR="" IDEM__RMQ_NODE="" IDEM__RMQ_LAUNCHER="" IDEM__RMQ_PIDFILE="" IDEM__RMQ_BEAM_PID=""
+    unset IDEM_RABBITMQ_NODE IDEM_RABBITMQCTL
+}
+
+# ---------------------------------------------------------------------------------------------
+# idem_start_postgres PORT [URL_VAR]
+#
+# initdb (trust auth, superuser `postgres`) into a temp dir and start the highest installed
+# PostgreSQL on 127.0.0.1:PORT (Unix socket inside the temp dir), then create database idem_test.
+# fsync stays on: the per-message cost measured in tests should match a real deployment.
+# Exports URL_VAR (default IDEM_TEST_DATABASE_URL) = postgres://postgres@127.0.0.1:PORT/idem_test
+# ---------------------------------------------------------------------------------------------
+idem_start_postgres() {
+    local port=${1:?usage: idem_start_postgres PORT [URL_VAR]}
+    local url_var=${2:-IDEM_TEST_DATABASE_URL}
+    local knob=${IDEM__PORT_KNOB_PG:-IDEM_TEST_PG_PORT}
+    [[ "$port" =~ ^[0-9]+$ ]] || { idem__die "idem_start_postgres: bad port '$port'"; return 1; }
+    [[ -z "$IDEM__PG_DIR" ]] || { idem__die "a PostgreSQL server ($IDEM__PG_DIR) is already running from this shell"; return 1; }
+    local bin
+    bin=$(idem__pg_bin_dir) || return 1
+    idem__require_free_port "$port" "PostgreSQL" "$knob" || return 1
+
+    local dir
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/idem-pg-$port.XXXXXX")
+    chown postgres:postgres "$dir"
+    IDEM__PG_DIR=$dir
+    IDEM__PG_BIN=$bin
+    local data="$dir/data"
+
+    idem__log "initdb $data ($bin)"
+    local started=$SECONDS
+    # --no-sync: the cluster is thrown away, no need to fsync initdb's files. C locale: no
+    # dependency on which locales the machine has generated.
+    if ! (cd "$dir" && idem__as postgres "$bin/initdb" -D "$data" --auth=trust -U postgres \
+            -E UTF8 --locale=C --no-sync) >"$dir/initdb.log" 2>&1; then
+        idem__log "initdb failed"
+        idem__tail_logs "$dir/initdb.log"
+        idem_stop_postgres
+        return 1
+    fi
+
+    idem__log "starting PostgreSQL on 127.0.0.1:$port"
+    # pg_ctl -w waits until the server accepts connections; the postmaster runs in its own
+    # session (pg_ctl calls setsid), detached from our terminal.
+    if ! (cd "$dir" && idem__as postgres "$bin/pg_ctl" -D "$data" \
+            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on -c max_connections=200" \
+            -l "$dir/postgres.log" -w -t 60 start) >"$dir/pg_ctl.log" 2>&1; then
+        idem__log "PostgreSQL failed to start"
+        idem__tail_logs "$dir/pg_ctl.log" "$dir/postgres.log"
+        idem_stop_postgres
+        return 1
+    fi
+    IDEM__PG_PID=$(head -n 1 "$data/postmaster.pid" 2>/dev/null || true)
+
+    if ! "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres idem_test >>"$dir/pg_ctl.log" 2>&1; then
+        idem__log "createdb idem_test failed"
+        idem__tail_logs "$dir/pg_ctl.log" "$dir/postgres.log"
+        idem_stop_postgres
+        return 1
+    fi
+    idem__log "PostgreSQL is up after $((SECONDS - started))s (postmaster pid ${IDEM__PG_PID:-?}, dir $dir)"
+
+    printf -v "$url_var" '%s' "postgres://postgres@127.0.0.1:$port/idem_test"
+    export "${url_var?}"
+}
+
+# Stop the server started by idem_start_postgres (no-op if none).
+idem_stop_postgres() {
+    [[ -n "$IDEM__PG_DIR" ]] || return 0
+    local dir=$IDEM__PG_DIR pid=$IDEM__PG_PID
+    if [[ -f "$dir/data/postmaster.pid" ]]; then
+        idem__log "stopping PostgreSQL ($dir)"
+        (cd "$dir" && idem__as postgres "$IDEM__PG_BIN/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop) \
+            >/dev/null 2>&1 || true
+    fi
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+        # pg_ctl stop failed or timed out: immediate shutdown, then the hard way.
+        kill -QUIT "$pid" 2>/dev/null || true
+        sleep 2
+        if kill -0 "$pid" 2>/dev/null; then
+            idem__log "killing postmaster $pid"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    if [[ "$dir" == */idem-pg-* && -d "$dir" ]]; then
+        rm -rf "$dir"
+    fi
+    IDEM__PG_DIR="" IDEM__PG_BIN="" IDEM__PG_PID=""
+}
+
+# ---------------------------------------------------------------------------------------------
+# idem_stop_servers — stop everything this shell started; safe to call any number of times.
+# ---------------------------------------------------------------------------------------------
+idem_stop_servers() {
+    # Never let cleanup abort half-way (errexit) or change the caller's exit status.
+    local rc=$?
+    idem_stop_postgres || true
+    idem_stop_rabbitmq || true
+    return $rc
+}
+
+# Register idem_stop_servers to run when the script exits, including on Ctrl-C / kill (bash runs
+# the EXIT trap on `exit`, so turn the signals into exits with the conventional codes).
+idem_stop_servers_on_exit() {
+    trap 'idem_stop_servers' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    trap 'exit 129' HUP
+}
