@@ -1,0 +1,294 @@
+//! Shared parts of the end-to-end tests: real RabbitMQ, real PostgreSQL, SQLite files.
+//!
+//! `scripts/test` starts the servers and exports `IDEM_TEST_AMQP_URL` and
+//! `IDEM_TEST_DATABASE_URL`. Every test uses its own queue, consumer names and keys, so the tests
+//! run in parallel against one broker and one database.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use futures_util::FutureExt;
+use idem::amqp::lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use idem::amqp::lapin::types::{AMQPValue, FieldTable};
+use idem::amqp::lapin::{BasicProperties, Connection};
+use idem::amqp::{AmqpError, Consumer};
+use idem::{async_trait, Backend, Handler, HandlerError, Postgres, Sqlite, Tx};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub fn amqp_url() -> String {
+    std::env::var("IDEM_TEST_AMQP_URL")
+        .expect("IDEM_TEST_AMQP_URL is not set: run the tests through scripts/test, which starts RabbitMQ and PostgreSQL")
+}
+
+pub fn pg_url() -> String {
+    std::env::var("IDEM_TEST_DATABASE_URL")
+        .expect("IDEM_TEST_DATABASE_URL is not set: run the tests through scripts/test, which starts RabbitMQ and PostgreSQL")
+}
+
+pub async fn connection() -> Connection {
+    idem::amqp::connect(&amqp_url()).await.expect("connect to the test RabbitMQ")
+}
+
+/// A queue name no other test uses.
+pub fn fresh_queue(story: &str) -> String {
+    format!("test-{story}-{}", &Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// The message the tests send: a transfer with a key, and a switch to make the handler fail.
+#[derive(Debug, serde::Deserialize, idem::Message)]
+pub struct Transfer {
+    #[idem(key)]
+    pub id: Uuid,
+    pub account: String,
+    pub amount: i64,
+    #[serde(default)]
+    pub fail: bool,
+}
+
+pub fn transfer_body(id: Uuid, account: &str, amount: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "id": id, "account": account, "amount": amount })).unwrap()
+}
+
+/// The tests' effect table, per backend, and how to read it back.
+#[async_trait]
+pub trait TestDb: Backend {
+    async fn pool() -> sqlx::Pool<Self>;
+    async fn insert_effect(conn: &mut Self::Connection, consumer: &str, transfer: &Transfer) -> Result<(), sqlx::Error>;
+    /// How many effect rows `consumer` wrote for `key`.
+    async fn effects(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64;
+    /// Whether the ledger holds `(consumer, key)`.
+    async fn claimed(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> bool;
+}
+
+macro_rules! test_db {
+    ($db:ty, $pool:expr, $id:literal, $lock:literal) => {
+        #[async_trait]
+        impl TestDb for $db {
+            async fn pool() -> sqlx::Pool<Self> {
+                let pool = <$db>::connect(&$pool, 16).await.expect("connect to the test database");
+                <$db>::migrate(&pool).await.expect("idem migrations");
+                let mut tx = pool.begin().await.unwrap();
+                if !$lock.is_empty() {
+                    sqlx::query($lock).execute(&mut *tx).await.unwrap();
+                }
+                sqlx::query(concat!(
+                    "CREATE TABLE IF NOT EXISTS test_effects (id ", $id,
+                    ", consumer TEXT NOT NULL, key TEXT NOT NULL, account TEXT NOT NULL, amount BIGINT NOT NULL)"
+                ))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                pool
+            }
+            async fn insert_effect(conn: &mut Self::Connection, consumer: &str, t: &Transfer) -> Result<(), sqlx::Error> {
+                sqlx::query("INSERT INTO test_effects (consumer, key, account, amount) VALUES ($1, $2, $3, $4)")
+                    .bind(consumer)
+                    .bind(t.id.to_string())
+                    .bind(&t.account)
+                    .bind(t.amount)
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            }
+            async fn effects(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64 {
+                sqlx::query_scalar("SELECT COUNT(*) FROM test_effects WHERE consumer = $1 AND key = $2")
+                    .bind(consumer)
+                    .bind(key)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            }
+            async fn claimed(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> bool {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM idem_ledger WHERE consumer = $1 AND key = $2")
+                    .bind(consumer)
+                    .bind(key)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                n == 1
+            }
+        }
+    };
+}
+test_db!(Postgres, pg_url(), "BIGSERIAL PRIMARY KEY", "SELECT pg_advisory_xact_lock(77001)");
+test_db!(
+    Sqlite,
+    format!("sqlite://{}/idem-test-{}.db", std::env::temp_dir().display(), Uuid::new_v4()),
+    "INTEGER PRIMARY KEY AUTOINCREMENT",
+    ""
+);
+
+/// A hand-written handler (no macro) with instruments: how often its body ran, and an optional
+/// pause inside the transaction to hold two copies of one message in flight at once.
+pub struct Recorder<DB> {
+    pub consumer: String,
+    pub runs: Arc<AtomicUsize>,
+    pub pause: Duration,
+    pub _db: std::marker::PhantomData<fn() -> DB>,
+}
+
+impl<DB> Recorder<DB> {
+    pub fn new(consumer: &str) -> Self {
+        Self { consumer: consumer.to_owned(), runs: Arc::default(), pause: Duration::ZERO, _db: Default::default() }
+    }
+    pub fn pausing(mut self, pause: Duration) -> Self {
+        self.pause = pause;
+        self
+    }
+}
+
+#[async_trait]
+impl<DB: TestDb> Handler<DB> for Recorder<DB> {
+    type Message = Transfer;
+    fn consumer(&self) -> &str {
+        &self.consumer
+    }
+    async fn handle(&self, tx: &mut Tx<'_, DB>, transfer: Transfer) -> Result<(), HandlerError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        DB::insert_effect(tx.conn(), &self.consumer, &transfer).await?;
+        tokio::time::sleep(self.pause).await;
+        if transfer.fail {
+            return Err(format!("account {} is frozen", transfer.account).into());
+        }
+        Ok(())
+    }
+}
+
+/// A consumer running in the background until [`Running::stop`].
+pub struct Running<DB: Backend, H> {
+    pub consumer: Arc<Consumer<DB, H>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), AmqpError>>,
+}
+
+pub async fn start<DB: Backend, H: Handler<DB>>(consumer: Consumer<DB, H>) -> Running<DB, H> {
+    let consumer = Arc::new(consumer);
+    let connection = connection().await;
+    consumer.declare(&connection).await.unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = Arc::clone(&consumer);
+    let task = tokio::spawn(async move { running.run(&connection, stopped.map(|_| ())).await });
+    Running { consumer, stop: Some(stop), task }
+}
+
+impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
+    pub async fn stop(mut self) -> idem::amqp::Stats {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap().unwrap();
+        self.consumer.stats()
+    }
+}
+
+/// Publishes `body` persistently with publisher confirms.
+pub async fn publish(connection: &Connection, queue: &str, body: &[u8], message_id: Option<&str>) {
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_correlation_id("test-correlation".into());
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
+    }
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "the broker did not confirm the test message");
+    let _ = channel.close(200, "published".into()).await;
+}
+
+/// Waits up to 30 s for `condition`, polling.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A dead letter as read back from `<queue>.dlq`.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl DeadLetter {
+    pub fn reason(&self) -> &str {
+        self.headers.get("x-idem-reason").map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Takes every message out of `<queue>.dlq`.
+pub async fn drain_dead_letters(connection: &Connection, queue: &str) -> Vec<DeadLetter> {
+    let channel = connection.create_channel().await.unwrap();
+    let dlq = idem::amqp::dead_letter_queue(queue);
+    let mut letters = Vec::new();
+    while let Some(message) =
+        channel.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    {
+        let p = &message.delivery.properties;
+        let headers = p
+            .headers()
+            .clone()
+            .unwrap_or_else(FieldTable::default)
+            .inner()
+            .iter()
+            .filter_map(|(k, v)| match v {
+                AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
+                AMQPValue::Timestamp(t) => Some((k.to_string(), t.to_string())),
+                _ => None,
+            })
+            .collect();
+        letters.push(DeadLetter {
+            body: message.delivery.data.clone(),
+            message_id: p.message_id().as_ref().map(|s| s.to_string()),
+            correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+            headers,
+        });
+    }
+    let _ = channel.close(200, "drained".into()).await;
+    letters
+}
+
+/// How many messages are ready in `queue` (passive declare).
+pub async fn ready_messages(connection: &Connection, queue: &str) -> u32 {
+    let channel = connection.create_channel().await.unwrap();
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = channel.close(200, "counted".into()).await;
+    q.message_count()
+}
+
+pub async fn delete_queues(connection: &Connection, queue: &str) {
+    let channel = connection.create_channel().await.unwrap();
+    for name in [queue.to_owned(), idem::amqp::dead_letter_queue(queue)] {
+        let _ = channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = channel.close(200, "cleaned up".into()).await;
+}
