@@ -29,7 +29,11 @@ struct Config {
     /// Unique payments the demo publishes.
     #[arg(long, default_value_t = 40, requires = "demo")]
     demo_payments: usize,
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp_url: String,
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://payments.db")]
     database_url: String,
@@ -94,7 +98,9 @@ impl TryFrom<String> for Currency {
         if code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
             Ok(Self(code))
         } else {
-            Err(format!("currency must be three capital letters like \"EUR\", got {code:?}"))
+            Err(format!(
+                "currency must be three capital letters like \"EUR\", got {code:?}"
+            ))
         }
     }
 }
@@ -149,8 +155,14 @@ capture_handler!(capture_on_sqlite, Sqlite);
 /// The example's own tables and the demo's read-back queries, per backend.
 trait PaymentsStore: Backend {
     async fn create_tables(pool: &sqlx::Pool<Self>) -> Result<(), sqlx::Error>;
-    async fn balances(pool: &sqlx::Pool<Self>, prefix: &str) -> Result<HashMap<String, i64>, sqlx::Error>;
-    async fn captures(pool: &sqlx::Pool<Self>, prefix: &str) -> Result<HashMap<String, i64>, sqlx::Error>;
+    async fn balances(
+        pool: &sqlx::Pool<Self>,
+        prefix: &str,
+    ) -> Result<HashMap<String, i64>, sqlx::Error>;
+    async fn captures(
+        pool: &sqlx::Pool<Self>,
+        prefix: &str,
+    ) -> Result<HashMap<String, i64>, sqlx::Error>;
 }
 
 macro_rules! payments_store {
@@ -187,7 +199,11 @@ macro_rules! payments_store {
         }
     };
 }
-payments_store!(Postgres, "BIGSERIAL PRIMARY KEY", "SELECT pg_advisory_xact_lock(4931402250211918)");
+payments_store!(
+    Postgres,
+    "BIGSERIAL PRIMARY KEY",
+    "SELECT pg_advisory_xact_lock(4931402250211918)"
+);
 payments_store!(Sqlite, "INTEGER PRIMARY KEY AUTOINCREMENT", "");
 
 #[tokio::main]
@@ -222,7 +238,10 @@ async fn main() -> std::process::ExitCode {
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(config: &Config, handler: H) -> Result<(), AnyError> {
+async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
+    config: &Config,
+    handler: H,
+) -> Result<(), AnyError> {
     let connection = idem::amqp::connect(&config.amqp_url).await?;
     let pool = DB::connect(&config.database_url, config.concurrency).await?;
     DB::migrate(&pool).await?;
@@ -234,7 +253,9 @@ async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(conf
         .build()?;
     consumer.declare(&connection).await?;
     if !config.demo {
-        consumer.run(&connection, idem::amqp::shutdown_signal()).await?;
+        consumer
+            .run(&connection, idem::amqp::shutdown_signal())
+            .await?;
         return Ok(());
     }
     demo(config, &connection, &consumer, &pool).await
@@ -284,17 +305,42 @@ async fn demo<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
     let balances = DB::balances(pool, &sent.run).await?;
     let captures = DB::captures(pool, &sent.run).await?;
     let balances_ok = balances == sent.expected_balances;
-    let captured_once = sent.payment_ids.iter().all(|id| captures.get(id) == Some(&1)) && captures.len() == sent.payment_ids.len();
+    let captured_once = sent
+        .payment_ids
+        .iter()
+        .all(|id| captures.get(id) == Some(&1))
+        && captures.len() == sent.payment_ids.len();
     let dead_lettered: usize = dead_letters.values().sum();
 
-    println!("\nidem payments demo ({} on {})", DB::NAME, idem::redact_url(&config.database_url));
+    println!(
+        "\nidem payments demo ({} on {})",
+        DB::NAME,
+        idem::redact_url(&config.database_url)
+    );
     println!("  published            {}", sent.published);
     println!("  applied              {}", stats.applied - before.applied);
-    println!("  duplicates skipped   {}", stats.duplicates - before.duplicates);
-    println!("  dead-lettered        {} ({})", stats.dead_lettered - before.dead_lettered,
-        dead_letters.iter().map(|(reason, n)| format!("{reason}: {n}")).collect::<Vec<_>>().join(", "));
-    println!("  captured exactly once {}", if captured_once { "yes" } else { "NO" });
-    println!("  balances verified    {} ({} accounts)", if balances_ok { "yes" } else { "NO" }, sent.expected_balances.len());
+    println!(
+        "  duplicates skipped   {}",
+        stats.duplicates - before.duplicates
+    );
+    println!(
+        "  dead-lettered        {} ({})",
+        stats.dead_lettered - before.dead_lettered,
+        dead_letters
+            .iter()
+            .map(|(reason, n)| format!("{reason}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  captured exactly once {}",
+        if captured_once { "yes" } else { "NO" }
+    );
+    println!(
+        "  balances verified    {} ({} accounts)",
+        if balances_ok { "yes" } else { "NO" },
+        sent.expected_balances.len()
+    );
     println!("  took                 {:.2?}", started.elapsed());
     if balances_ok && captured_once && dead_lettered == sent.bad {
         Ok(())
@@ -309,7 +355,9 @@ async fn demo<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
 
 async fn publish_demo_batch(config: &Config, connection: &Connection) -> Result<Sent, AnyError> {
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let run = format!("demo-{}-", &Uuid::new_v4().simple().to_string()[..8]);
     let mut sent = Sent {
         run: run.clone(),
@@ -348,7 +396,9 @@ async fn publish_demo_batch(config: &Config, connection: &Connection) -> Result<
         br#"{"payment_id": "GOOD", "account_id": "a", "amount_cents": "100", "currency": "EUR"}"#,
     ];
     for body in bad {
-        let body = String::from_utf8_lossy(body).replace("GOOD", &good_id.to_string()).into_bytes();
+        let body = String::from_utf8_lossy(body)
+            .replace("GOOD", &good_id.to_string())
+            .into_bytes();
         messages.push((Uuid::new_v4().to_string(), body));
         sent.bad += 1;
     }
@@ -359,7 +409,13 @@ async fn publish_demo_batch(config: &Config, connection: &Connection) -> Result<
             .with_message_id(message_id.as_str().into())
             .with_correlation_id(run.as_str().into());
         channel
-            .basic_publish("".into(), config.queue.as_str().into(), BasicPublishOptions::default(), body, properties)
+            .basic_publish(
+                "".into(),
+                config.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
             .await?;
     }
     channel.wait_for_confirms().await?;
@@ -370,11 +426,18 @@ async fn publish_demo_batch(config: &Config, connection: &Connection) -> Result<
 
 /// Counts this run's dead letters by reason, leaving them in the DLQ (they are requeued when
 /// the channel closes) for `rabbitmqctl list_queues` and a human to look at.
-async fn read_dead_letters(connection: &Connection, queue: &str, run: &str) -> Result<BTreeMap<String, usize>, AnyError> {
+async fn read_dead_letters(
+    connection: &Connection,
+    queue: &str,
+    run: &str,
+) -> Result<BTreeMap<String, usize>, AnyError> {
     let channel = connection.create_channel().await?;
     let dlq = idem::amqp::dead_letter_queue(queue);
     let mut reasons = BTreeMap::new();
-    while let Some(message) = channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await? {
+    while let Some(message) = channel
+        .basic_get(dlq.as_str().into(), BasicGetOptions::default())
+        .await?
+    {
         let properties = &message.delivery.properties;
         if properties.correlation_id().as_ref().map(|c| c.as_str()) != Some(run) {
             continue;

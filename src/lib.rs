@@ -72,7 +72,12 @@ pub use idem_core::sqlx::Sqlite;
 #[doc(hidden)]
 pub mod __private {
     pub use idem_core::{
-        async_trait, decode_json, json_value_parses_as, DecodeError, Handler, HandlerError, JsonKeyField, Key,
-        KeyError, KeyField, Message, Tx,
+        async_trait, decode_json, json_value_parses_as, DecodeError, Handler, HandlerError,
+        JsonKeyField, Key, KeyError, KeyField, Message, Tx,
     };
 }
+
+/// The README's code blocks, compiled as doctests so the quick start cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -18,7 +18,11 @@ fn payments_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let binary = profile_dir.join("examples").join("payments");
-    assert!(binary.exists(), "{} is missing: `cargo test` builds the examples first", binary.display());
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo test` builds the examples first",
+        binary.display()
+    );
     binary
 }
 
@@ -33,7 +37,14 @@ fn payment(id: Uuid, account: &str, cents: i64) -> Vec<u8> {
 async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_cleanly_on_sigterm() {
     let (connection, queue) = (connection().await, fresh_queue("payments"));
     let channel = connection.create_channel().await.unwrap();
-    channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
 
     let mut child = Command::new(payments_binary())
         .env("AMQP_URL", amqp_url())
@@ -53,7 +64,13 @@ async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_clea
         publish(&connection, &queue, &body, Some(&id.to_string())).await; // the producer retried
     }
     let bad_id = Uuid::new_v4();
-    publish(&connection, &queue, &payment(bad_id, &account, -5), Some(&bad_id.to_string())).await;
+    publish(
+        &connection,
+        &queue,
+        &payment(bad_id, &account, -5),
+        Some(&bad_id.to_string()),
+    )
+    .await;
 
     let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
     let balance = || async {
@@ -64,30 +81,43 @@ async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_clea
             .ok()
             .flatten()
     };
-    eventually("every payment is captured and the bad one dead-lettered", || async {
-        balance().await == Some(1500) && ready_messages(&connection, &queue).await == 0
-    })
+    eventually(
+        "every payment is captured and the bad one dead-lettered",
+        || async {
+            balance().await == Some(1500) && ready_messages(&connection, &queue).await == 0
+        },
+    )
     .await;
 
     // SIGTERM: stop consuming, finish in-flight work, exit 0.
-    let signalled = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(signalled.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "payments did not exit within 30 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "payments did not exit within 30 s of SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(status.success(), "payments exited with {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "payments exited with {status} after SIGTERM"
+    );
 
     for id in &ids {
-        let captures: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM captures WHERE payment_id = $1")
-            .bind(id.to_string())
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let captures: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM captures WHERE payment_id = $1")
+                .bind(id.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert_eq!(captures, 1, "payment {id} captured {captures} times");
     }
     let letters = drain_dead_letters(&connection, &queue).await;

@@ -11,11 +11,17 @@ use lapin::{Connection, ConnectionProperties};
 pub async fn connect(url: &str) -> Result<Connection, AmqpError> {
     let uri: lapin::uri::AMQPUri = url
         .parse()
-        .map_err(|reason: String| AmqpError::InvalidUrl { url: redact_url(url), reason })?;
+        .map_err(|reason: String| AmqpError::InvalidUrl {
+            url: redact_url(url),
+            reason,
+        })?;
     let properties = ConnectionProperties::default().with_connection_name("idem".into());
     Connection::connect_uri(uri, properties)
         .await
-        .map_err(|source| AmqpError::Connect { url: redact_url(url), source })
+        .map_err(|source| AmqpError::Connect {
+            url: redact_url(url),
+            source,
+        })
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C): pass it to [`crate::Consumer::run`] for a graceful stop.
@@ -23,7 +29,10 @@ pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut terminate), Ok(mut interrupt)) => {
                 tokio::select! {
                     _ = terminate.recv() => tracing::info!("SIGTERM received: stopping"),
@@ -31,7 +40,9 @@ pub async fn shutdown_signal() {
                 }
             }
             _ => {
-                tracing::warn!("cannot install signal handlers; only Ctrl-C will stop the consumer");
+                tracing::warn!(
+                    "cannot install signal handlers; only Ctrl-C will stop the consumer"
+                );
                 let _ = tokio::signal::ctrl_c().await;
             }
         }

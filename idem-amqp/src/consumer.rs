@@ -99,7 +99,9 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
 
     /// Checks the settings.
     pub fn build(self) -> Result<Consumer<DB, H>, AmqpError> {
-        let queue = self.queue.unwrap_or_else(|| self.handler.consumer().to_owned());
+        let queue = self
+            .queue
+            .unwrap_or_else(|| self.handler.consumer().to_owned());
         let consumer = self.handler.consumer();
         if consumer.is_empty() || consumer.len() > 200 {
             return Err(AmqpError::Config(format!(
@@ -112,7 +114,9 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             )));
         }
         if queue.starts_with("amq.") {
-            return Err(AmqpError::Config(format!("the queue name {queue:?} starts with `amq.`, which RabbitMQ reserves")));
+            return Err(AmqpError::Config(format!(
+                "the queue name {queue:?} starts with `amq.`, which RabbitMQ reserves"
+            )));
         }
         if self.prefetch == 0 {
             return Err(AmqpError::Config(
@@ -204,7 +208,10 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
 
     /// Declares the queue and its dead-letter queue (durable), on a channel of `connection`.
     pub async fn declare(&self, connection: &Connection) -> Result<(), AmqpError> {
-        let channel = connection.create_channel().await.map_err(AmqpError::broker("open a channel"))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::broker("open a channel"))?;
         declare_topology(&channel, &self.shared.queue).await?;
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
@@ -215,13 +222,23 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ///
     /// Returns an error when the channel or connection is lost; unacknowledged deliveries then
     /// go back to the queue and are deduplicated when they come again.
-    pub async fn run(&self, connection: &Connection, shutdown: impl Future<Output = ()>) -> Result<(), AmqpError> {
+    pub async fn run(
+        &self,
+        connection: &Connection,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AmqpError> {
         let queue = self.shared.queue.as_str();
-        let channel = connection.create_channel().await.map_err(AmqpError::broker("open the consume channel"))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::broker("open the consume channel"))?;
         declare_topology(&channel, queue).await?;
         // Dead letters go out on their own channel in confirm mode: the confirm is what makes it
         // safe to ack the original.
-        let publisher = connection.create_channel().await.map_err(AmqpError::broker("open the dead-letter channel"))?;
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(AmqpError::broker("open the dead-letter channel"))?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -230,12 +247,27 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await
             .map_err(AmqpError::broker("set the prefetch (basic.qos)"))?;
-        let tag = format!("idem-{}-{}", self.shared.handler.consumer(), instance_suffix());
+        let tag = format!(
+            "idem-{}-{}",
+            self.shared.handler.consumer(),
+            instance_suffix()
+        );
         let mut deliveries = channel
-            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(AmqpError::broker(format!("consume from {queue:?}")))?;
-        tracing::info!(consumer = self.shared.handler.consumer(), queue, prefetch = self.prefetch, concurrency = self.concurrency, "consuming");
+        tracing::info!(
+            consumer = self.shared.handler.consumer(),
+            queue,
+            prefetch = self.prefetch,
+            concurrency = self.concurrency,
+            "consuming"
+        );
 
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut in_flight = JoinSet::new();
@@ -255,8 +287,18 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             };
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => break Err(AmqpError::ConsumerLost { queue: queue.to_owned(), reason: error.to_string() }),
-                None => break Err(AmqpError::ConsumerLost { queue: queue.to_owned(), reason: "the broker cancelled the consumer".into() }),
+                Some(Err(error)) => {
+                    break Err(AmqpError::ConsumerLost {
+                        queue: queue.to_owned(),
+                        reason: error.to_string(),
+                    })
+                }
+                None => {
+                    break Err(AmqpError::ConsumerLost {
+                        queue: queue.to_owned(),
+                        reason: "the broker cancelled the consumer".into(),
+                    })
+                }
             };
             let shared = Arc::clone(&self.shared);
             let publisher = publisher.clone();
@@ -270,7 +312,10 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
 
         // Stop the broker from pushing more, then let what is in flight finish and ack.
         if channel.status().connected() {
-            if let Err(error) = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+            if let Err(error) = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+            {
                 tracing::warn!(%error, "basic.cancel failed; the channel close below stops the consumer");
             }
         }
@@ -301,15 +346,25 @@ async fn declare_topology(channel: &Channel, queue: &str) -> Result<(), AmqpErro
     let dlq = dead_letter_queue(queue);
     for name in [queue, dlq.as_str()] {
         channel
-            .queue_declare(name.into(), QueueDeclareOptions::durable(), FieldTable::default())
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
             .await
-            .map_err(AmqpError::broker(format!("declare queue {name:?} (durable, no arguments)")))?;
+            .map_err(AmqpError::broker(format!(
+                "declare queue {name:?} (durable, no arguments)"
+            )))?;
     }
     Ok(())
 }
 
 /// One delivery, start to finish, inside its tracing span.
-async fn handle_delivery<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>, publisher: &Channel, delivery: AmqpDelivery) {
+async fn handle_delivery<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    publisher: &Channel,
+    delivery: AmqpDelivery,
+) {
     let metadata = metadata_of(&delivery);
     let span = delivery_span(shared.handler.consumer(), &metadata);
     async {
@@ -375,14 +430,26 @@ async fn ack(delivery: &AmqpDelivery, counters: &Counters) -> bool {
 /// Waits `retry_delay`, then nacks with requeue so the broker delivers the message again.
 async fn redeliver_later<DB: Backend, H>(shared: &Shared<DB, H>, delivery: &AmqpDelivery) {
     tokio::time::sleep(shared.retry_delay).await;
-    match delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
+    match delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+    {
         Ok(true) => {
-            shared.counters.redelivered_later.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .redelivered_later
+                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(false) | Err(_) => {
             // The channel is gone: the broker requeues every unacked delivery by itself.
             shared.counters.ack_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("nack not sent: the channel is closed; the broker will redeliver the message");
+            tracing::error!(
+                "nack not sent: the channel is closed; the broker will redeliver the message"
+            );
         }
     }
 }
@@ -390,8 +457,14 @@ async fn redeliver_later<DB: Backend, H>(shared: &Shared<DB, H>, delivery: &Amqp
 fn metadata_of(delivery: &AmqpDelivery) -> Metadata {
     let properties = &delivery.properties;
     let mut metadata = Metadata {
-        message_id: properties.message_id().as_ref().map(|id| id.as_str().to_owned()),
-        correlation_id: properties.correlation_id().as_ref().map(|id| id.as_str().to_owned()),
+        message_id: properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+        correlation_id: properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
         causation_id: None,
         redelivered: delivery.redelivered,
         headers: Default::default(),

@@ -45,20 +45,41 @@ pub(crate) async fn publish(
 ) -> Result<(), AmqpError> {
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(REASON_HEADER.into(), long_string(letter.reason.as_str()));
-    headers.insert(ERROR_HEADER.into(), long_string(truncate(letter.error, MAX_ERROR_LEN)));
+    headers.insert(
+        ERROR_HEADER.into(),
+        long_string(truncate(letter.error, MAX_ERROR_LEN)),
+    );
     headers.insert(CONSUMER_HEADER.into(), long_string(letter.consumer));
     headers.insert(QUEUE_HEADER.into(), long_string(letter.queue));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     headers.insert(FAILED_AT_HEADER.into(), AMQPValue::Timestamp(now));
-    let properties = properties.clone().with_headers(FieldTable::from(headers.inner().clone()));
+    let properties = properties
+        .clone()
+        .with_headers(FieldTable::from(headers.inner().clone()));
     let dlq = dead_letter_queue(letter.queue);
     let confirm = channel
         // mandatory: if the DLQ is gone the broker returns the message instead of dropping it.
-        .basic_publish("".into(), dlq.as_str().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, body, properties)
+        .basic_publish(
+            "".into(),
+            dlq.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
         .await
-        .map_err(AmqpError::broker(format!("publish to dead-letter queue {dlq:?}")))?
+        .map_err(AmqpError::broker(format!(
+            "publish to dead-letter queue {dlq:?}"
+        )))?
         .await
-        .map_err(AmqpError::broker(format!("confirm of the publish to {dlq:?}")))?;
+        .map_err(AmqpError::broker(format!(
+            "confirm of the publish to {dlq:?}"
+        )))?;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(AmqpError::Config(format!(

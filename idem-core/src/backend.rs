@@ -59,7 +59,12 @@ const MIGRATIONS: &[Migration] = &[Migration {
 
 impl Migration {
     fn failed(&self, backend: &'static str, source: sqlx::Error) -> Error {
-        Error::Migration { backend, version: self.version, description: self.description, source }
+        Error::Migration {
+            backend,
+            version: self.version,
+            description: self.description,
+            source,
+        }
     }
 }
 
@@ -86,16 +91,26 @@ macro_rules! migrate_in {
             .map_err(Error::database("reading idem_migrations"))?;
         let found = applied.iter().copied().max().unwrap_or(0);
         if found > latest_known() {
-            return Err(Error::SchemaTooNew { found, known: latest_known() });
+            return Err(Error::SchemaTooNew {
+                found,
+                known: latest_known(),
+            });
         }
-        let pending: Vec<&Migration> = MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)).collect();
+        let pending: Vec<&Migration> = MIGRATIONS
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .collect();
         for migration in pending {
             let applied = match sqlx::Executor::execute(&mut *tx, migration.$sql).await {
-                Ok(_) => sqlx::query("INSERT INTO idem_migrations (version, description) VALUES ($1, $2)")
+                Ok(_) => {
+                    sqlx::query(
+                        "INSERT INTO idem_migrations (version, description) VALUES ($1, $2)",
+                    )
                     .bind(migration.version)
                     .bind(migration.description)
                     .execute(&mut *tx)
-                    .await,
+                    .await
+                }
                 Err(error) => Err(error),
             };
             if let Err(source) = applied {
@@ -108,7 +123,9 @@ macro_rules! migrate_in {
                 "applied idem migration"
             );
         }
-        tx.commit().await.map_err(Error::database("committing idem migrations"))
+        tx.commit()
+            .await
+            .map_err(Error::database("committing idem migrations"))
     }};
 }
 
@@ -134,18 +151,27 @@ impl Backend for sqlx::Postgres {
     /// retried rather than stuck.
     async fn connect(url: &str, max_connections: u32) -> Result<Pool<Self>, Error> {
         if max_connections == 0 {
-            return Err(Error::Config("the database pool needs at least 1 connection".into()));
+            return Err(Error::Config(
+                "the database pool needs at least 1 connection".into(),
+            ));
         }
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await
-            .map_err(|source| Error::Connect { backend: <Self as sqlx::Database>::NAME, url: redact_url(url), source })
+            .map_err(|source| Error::Connect {
+                backend: <Self as sqlx::Database>::NAME,
+                url: redact_url(url),
+                source,
+            })
     }
 
     async fn migrate(pool: &Pool<Self>) -> Result<(), Error> {
-        let mut tx = pool.begin().await.map_err(Error::database("beginning the migration transaction"))?;
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(Error::database("beginning the migration transaction"))?;
         // Several consumers start at once: one migrates, the others wait here, then see it done.
         sqlx::query("SELECT pg_advisory_xact_lock(4931402250211917)")
             .execute(&mut *tx)
@@ -183,12 +209,20 @@ impl Backend for sqlx::Sqlite {
     /// WAL journal with `synchronous = FULL`: a commit is on disk before idem acks, so a power
     /// loss cannot drop a message the broker has already forgotten. Creates the file if missing.
     async fn connect(url: &str, max_connections: u32) -> Result<Pool<Self>, Error> {
-        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+        use sqlx::sqlite::{
+            SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+        };
         use std::str::FromStr;
         if max_connections == 0 {
-            return Err(Error::Config("the database pool needs at least 1 connection".into()));
+            return Err(Error::Config(
+                "the database pool needs at least 1 connection".into(),
+            ));
         }
-        let connect_failed = |source| Error::Connect { backend: <Self as sqlx::Database>::NAME, url: redact_url(url), source };
+        let connect_failed = |source| Error::Connect {
+            backend: <Self as sqlx::Database>::NAME,
+            url: redact_url(url),
+            source,
+        };
         let options = SqliteConnectOptions::from_str(url)
             .map_err(connect_failed)?
             .create_if_missing(true)

@@ -80,7 +80,10 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn redacts_passwords_only() {
-        assert_eq!(super::redact_url("amqp://guest:secret@h:5672/%2f"), "amqp://guest:***@h:5672/%2f");
+        assert_eq!(
+            super::redact_url("amqp://guest:secret@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
         assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(super::redact_url("sqlite://idem.db"), "sqlite://idem.db");
     }

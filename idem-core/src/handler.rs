@@ -43,7 +43,8 @@ pub trait Handler<DB: Backend>: Send + Sync + 'static {
 
     /// Applies the message's effect through `tx`. Returning an error rolls back everything,
     /// including the ledger claim.
-    async fn handle(&self, tx: &mut Tx<'_, DB>, message: Self::Message) -> Result<(), HandlerError>;
+    async fn handle(&self, tx: &mut Tx<'_, DB>, message: Self::Message)
+        -> Result<(), HandlerError>;
 }
 
 /// A handler's failure. Any error converts into it with `?`.
@@ -65,7 +66,9 @@ impl HandlerError {
 
 impl<E: Into<BoxError>> From<E> for HandlerError {
     fn from(error: E) -> Self {
-        Self { source: error.into() }
+        Self {
+            source: error.into(),
+        }
     }
 }
 

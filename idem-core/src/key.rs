@@ -163,15 +163,24 @@ mod tests {
     #[test]
     fn rejects_what_cannot_be_a_key() {
         assert_eq!(Key::new(""), Err(KeyError::Empty));
-        assert_eq!(Key::new("a".repeat(201)), Err(KeyError::TooLong { len: 201 }));
-        assert_eq!(Key::new("ab\ncd"), Err(KeyError::ControlCharacter { position: 2 }));
+        assert_eq!(
+            Key::new("a".repeat(201)),
+            Err(KeyError::TooLong { len: 201 })
+        );
+        assert_eq!(
+            Key::new("ab\ncd"),
+            Err(KeyError::ControlCharacter { position: 2 })
+        );
         assert_eq!(None::<String>.to_key(), Err(KeyError::Missing));
     }
 
     #[test]
     fn renders_field_types_stably() {
         let id = uuid::Uuid::from_u128(0x1234);
-        assert_eq!(id.to_key().map(|k| k.to_string()), Ok("00000000-0000-0000-0000-000000001234".into()));
+        assert_eq!(
+            id.to_key().map(|k| k.to_string()),
+            Ok("00000000-0000-0000-0000-000000001234".into())
+        );
         assert_eq!((-42i64).to_key().map(|k| k.to_string()), Ok("-42".into()));
         assert_eq!("p-1".to_key().map(|k| k.to_string()), Ok("p-1".into()));
     }

@@ -24,8 +24,10 @@ pub use envelope::{Delivery, Metadata};
 pub use error::{redact_url, Error};
 pub use handler::{BoxError, Handler, HandlerError};
 pub use key::{Key, KeyError, KeyField};
-pub use message::{decode_json, json_value_parses_as, DecodeError, DecodeErrorKind, JsonKeyField, Message};
-pub use tx::Tx;
-pub use unit::{delivery_span, process, Outcome, Processed, Reason};
+pub use message::{
+    decode_json, json_value_parses_as, DecodeError, DecodeErrorKind, JsonKeyField, Message,
+};
 /// The sqlx crate idem-core is built on.
 pub use sqlx;
+pub use tx::Tx;
+pub use unit::{delivery_span, process, Outcome, Processed, Reason};

@@ -57,12 +57,18 @@ impl std::fmt::Display for DecodeErrorKind {
 impl DecodeError {
     /// A malformed body.
     pub fn malformed(detail: impl Into<String>) -> Self {
-        Self { kind: DecodeErrorKind::Malformed, detail: detail.into() }
+        Self {
+            kind: DecodeErrorKind::Malformed,
+            detail: detail.into(),
+        }
     }
 
     /// A body without a usable key.
     pub fn missing_key(detail: impl Into<String>) -> Self {
-        Self { kind: DecodeErrorKind::MissingKey, detail: detail.into() }
+        Self {
+            kind: DecodeErrorKind::MissingKey,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -85,28 +91,43 @@ pub fn json_value_parses_as<F: DeserializeOwned>(value: &serde_json::Value) -> b
 /// When decoding fails, the body is looked at once more (only on this error path) so that a
 /// missing, null or mistyped key is reported as [`DecodeErrorKind::MissingKey`] rather than as a
 /// generic shape error: the two go to the dead-letter queue with different reasons.
-pub fn decode_json<T: DeserializeOwned>(body: &[u8], key: Option<JsonKeyField>) -> Result<T, DecodeError> {
+pub fn decode_json<T: DeserializeOwned>(
+    body: &[u8],
+    key: Option<JsonKeyField>,
+) -> Result<T, DecodeError> {
     if body.is_empty() {
-        return Err(DecodeError::malformed("the body is empty; expected a JSON object"));
+        return Err(DecodeError::malformed(
+            "the body is empty; expected a JSON object",
+        ));
     }
     let error = match serde_json::from_slice::<T>(body) {
         Ok(message) => return Ok(message),
         Err(error) => error,
     };
     if std::str::from_utf8(body).is_err() {
-        return Err(DecodeError::malformed("the body is not valid UTF-8, so it cannot be JSON"));
+        return Err(DecodeError::malformed(
+            "the body is not valid UTF-8, so it cannot be JSON",
+        ));
     }
     if let (Some(key), Ok(serde_json::Value::Object(object))) =
         (key, serde_json::from_slice::<serde_json::Value>(body))
     {
         let field = key.name;
         match object.get(field) {
-            None => return Err(DecodeError::missing_key(format!("the key field `{field}` is absent"))),
+            None => {
+                return Err(DecodeError::missing_key(format!(
+                    "the key field `{field}` is absent"
+                )))
+            }
             Some(serde_json::Value::Null) => {
-                return Err(DecodeError::missing_key(format!("the key field `{field}` is null")))
+                return Err(DecodeError::missing_key(format!(
+                    "the key field `{field}` is null"
+                )))
             }
             Some(value) if !(key.parses)(value) => {
-                return Err(DecodeError::missing_key(format!("the key field `{field}` is not valid: {error}")))
+                return Err(DecodeError::missing_key(format!(
+                    "the key field `{field}` is not valid: {error}"
+                )))
             }
             Some(_) => {}
         }
@@ -126,24 +147,45 @@ mod tests {
         amount_cents: i64,
     }
 
-    const KEY: Option<JsonKeyField> =
-        Some(JsonKeyField { name: "payment_id", parses: json_value_parses_as::<uuid::Uuid> });
+    const KEY: Option<JsonKeyField> = Some(JsonKeyField {
+        name: "payment_id",
+        parses: json_value_parses_as::<uuid::Uuid>,
+    });
 
     fn kind(body: &str) -> Option<DecodeErrorKind> {
-        decode_json::<Payment>(body.as_bytes(), KEY).err().map(|e| e.kind)
+        decode_json::<Payment>(body.as_bytes(), KEY)
+            .err()
+            .map(|e| e.kind)
     }
 
     #[test]
     fn classifies_bad_bodies() {
         let id = "7b0c2a4e-8a3e-4a53-9a52-1f7f2d8a0c11";
-        assert_eq!(kind(&format!(r#"{{"payment_id":"{id}","amount_cents":5}}"#)), None);
+        assert_eq!(
+            kind(&format!(r#"{{"payment_id":"{id}","amount_cents":5}}"#)),
+            None
+        );
         assert_eq!(kind(""), Some(DecodeErrorKind::Malformed));
         assert_eq!(kind("not json"), Some(DecodeErrorKind::Malformed));
-        assert_eq!(kind(r#"{"amount_cents":5}"#), Some(DecodeErrorKind::MissingKey));
-        assert_eq!(kind(r#"{"payment_id":null,"amount_cents":5}"#), Some(DecodeErrorKind::MissingKey));
-        assert_eq!(kind(r#"{"payment_id":"nope","amount_cents":5}"#), Some(DecodeErrorKind::MissingKey));
-        assert_eq!(kind(&format!(r#"{{"payment_id":"{id}","amount_cents":"5"}}"#)), Some(DecodeErrorKind::Malformed));
-        let invalid_utf8 = decode_json::<Payment>(&[0x7b, 0xff, 0xfe], KEY).err().map(|e| e.kind);
+        assert_eq!(
+            kind(r#"{"amount_cents":5}"#),
+            Some(DecodeErrorKind::MissingKey)
+        );
+        assert_eq!(
+            kind(r#"{"payment_id":null,"amount_cents":5}"#),
+            Some(DecodeErrorKind::MissingKey)
+        );
+        assert_eq!(
+            kind(r#"{"payment_id":"nope","amount_cents":5}"#),
+            Some(DecodeErrorKind::MissingKey)
+        );
+        assert_eq!(
+            kind(&format!(r#"{{"payment_id":"{id}","amount_cents":"5"}}"#)),
+            Some(DecodeErrorKind::Malformed)
+        );
+        let invalid_utf8 = decode_json::<Payment>(&[0x7b, 0xff, 0xfe], KEY)
+            .err()
+            .map(|e| e.kind);
         assert_eq!(invalid_utf8, Some(DecodeErrorKind::Malformed));
     }
 }

@@ -9,13 +9,9 @@ use crate::key::Key;
 ///
 /// It lends out the connection for queries ([`Tx::conn`]) but never the transaction itself or
 /// the pool, so a handler cannot commit, roll back, or write outside the transaction: idem
-/// commits the ledger claim and the handler's effect together, then acknowledges.
-///
-/// ```compile_fail
-/// # async fn f(tx: &mut idem_core::Tx<'_, sqlx::Sqlite>) {
-/// tx.commit().await; // there is no such method: idem commits
-/// # }
-/// ```
+/// commits the ledger claim and the handler's effect together, then acknowledges. (The
+/// compile-fail tests of `idem-macros` prove that `tx.commit()` and a pool argument do not
+/// compile.)
 pub struct Tx<'t, DB: Backend> {
     conn: &'t mut DB::Connection,
     consumer: &'t str,
@@ -30,7 +26,12 @@ impl<'t, DB: Backend> Tx<'t, DB> {
         key: &'t Key,
         metadata: &'t Metadata,
     ) -> Self {
-        Self { conn, consumer, key, metadata }
+        Self {
+            conn,
+            consumer,
+            key,
+            metadata,
+        }
     }
 
     /// The connection inside the transaction, for `sqlx::query(..).execute(tx.conn())`.

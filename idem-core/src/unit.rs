@@ -95,7 +95,11 @@ pub fn delivery_span(consumer: &str, metadata: &Metadata) -> tracing::Span {
 /// without running the handler; a handler error or panic rolls back everything, the claim
 /// included. The caller acknowledges only after this returns [`Outcome::Applied`] or
 /// [`Outcome::Duplicate`] (or after the dead letter is confirmed).
-pub async fn process<DB: Backend, H: Handler<DB>>(pool: &Pool<DB>, handler: &H, delivery: Delivery<'_>) -> Processed {
+pub async fn process<DB: Backend, H: Handler<DB>>(
+    pool: &Pool<DB>,
+    handler: &H,
+    delivery: Delivery<'_>,
+) -> Processed {
     let message = match H::Message::decode(delivery.body) {
         Ok(message) => message,
         Err(error) => {
@@ -103,19 +107,31 @@ pub async fn process<DB: Backend, H: Handler<DB>>(pool: &Pool<DB>, handler: &H, 
                 DecodeErrorKind::Malformed => Reason::Malformed,
                 DecodeErrorKind::MissingKey => Reason::MissingKey,
             };
-            return Processed { key: None, outcome: Outcome::DeadLetter { reason, error: error.detail } };
+            return Processed {
+                key: None,
+                outcome: Outcome::DeadLetter {
+                    reason,
+                    error: error.detail,
+                },
+            };
         }
     };
     let key = match key_of(&message, delivery.metadata) {
         Ok(key) => key,
         Err(error) => {
-            let outcome = Outcome::DeadLetter { reason: Reason::MissingKey, error: error.to_string() };
+            let outcome = Outcome::DeadLetter {
+                reason: Reason::MissingKey,
+                error: error.to_string(),
+            };
             return Processed { key: None, outcome };
         }
     };
     tracing::Span::current().record("key", key.as_str());
     let outcome = run_transaction(pool, handler, &key, message, delivery).await;
-    Processed { key: Some(key), outcome }
+    Processed {
+        key: Some(key),
+        outcome,
+    }
 }
 
 fn key_of<M: Message>(message: &M, metadata: &Metadata) -> Result<Key, KeyError> {
@@ -135,7 +151,11 @@ async fn run_transaction<DB: Backend, H: Handler<DB>>(
     let consumer = handler.consumer();
     let mut transaction = match DB::begin(pool).await {
         Ok(transaction) => transaction,
-        Err(error) => return Outcome::Retry { error: format!("cannot begin a transaction: {error}") },
+        Err(error) => {
+            return Outcome::Retry {
+                error: format!("cannot begin a transaction: {error}"),
+            }
+        }
     };
     let payload_hash = Sha256::digest(delivery.body);
     match DB::claim(&mut transaction, consumer, key.as_str(), &payload_hash).await {
@@ -146,30 +166,44 @@ async fn run_transaction<DB: Backend, H: Handler<DB>>(
         }
         Err(error) => {
             rollback(transaction).await;
-            return Outcome::Retry { error: format!("cannot claim the key in the ledger: {error}") };
+            return Outcome::Retry {
+                error: format!("cannot claim the key in the ledger: {error}"),
+            };
         }
     }
     let handled = {
         let mut tx = Tx::<DB>::new(&mut transaction, consumer, key, delivery.metadata);
-        AssertUnwindSafe(handler.handle(&mut tx, message)).catch_unwind().await
+        AssertUnwindSafe(handler.handle(&mut tx, message))
+            .catch_unwind()
+            .await
     };
     match handled {
         Ok(Ok(())) => match transaction.commit().await {
             Ok(()) => Outcome::Applied,
             // The commit may or may not have landed; redelivery will find the claim if it did.
-            Err(error) => Outcome::Retry { error: format!("commit failed, outcome unknown: {error}") },
+            Err(error) => Outcome::Retry {
+                error: format!("commit failed, outcome unknown: {error}"),
+            },
         },
         Ok(Err(error)) => {
             rollback(transaction).await;
             if is_connection_failure(error.source_error()) {
-                Outcome::Retry { error: format!("the database connection failed in the handler: {error}") }
+                Outcome::Retry {
+                    error: format!("the database connection failed in the handler: {error}"),
+                }
             } else {
-                Outcome::DeadLetter { reason: Reason::Rejected, error: error.to_string() }
+                Outcome::DeadLetter {
+                    reason: Reason::Rejected,
+                    error: error.to_string(),
+                }
             }
         }
         Err(panic) => {
             rollback(transaction).await;
-            Outcome::DeadLetter { reason: Reason::Rejected, error: format!("the handler panicked: {}", panic_text(&*panic)) }
+            Outcome::DeadLetter {
+                reason: Reason::Rejected,
+                error: format!("the handler panicked: {}", panic_text(&*panic)),
+            }
         }
     }
 }

@@ -18,12 +18,20 @@ impl Errors {
         self.push(syn::Error::new(span, message));
     }
 
+    /// An error underlining all of `tokens` (a type, a parameter list), not just the first token.
+    pub(crate) fn spanned(&mut self, tokens: impl quote::ToTokens, message: impl std::fmt::Display) {
+        self.push(syn::Error::new_spanned(tokens, message));
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_none()
     }
 
     pub(crate) fn to_compile_errors(&self) -> TokenStream {
-        self.0.as_ref().map(syn::Error::to_compile_error).unwrap_or_default()
+        self.0
+            .as_ref()
+            .map(syn::Error::to_compile_error)
+            .unwrap_or_default()
     }
 }
 

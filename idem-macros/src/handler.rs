@@ -33,7 +33,9 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     let parts = check_signature(&function, &mut errors);
     match (consumer, parts) {
-        (Some(consumer), Some(parts)) if errors.is_empty() => generate(&function, &consumer, &parts),
+        (Some(consumer), Some(parts)) if errors.is_empty() => {
+            generate(&function, &consumer, &parts)
+        }
         _ => {
             // Keep the function as written: editors keep working, and the only errors are ours.
             let errors = errors.to_compile_errors();
@@ -52,7 +54,10 @@ fn consumer_name(args: TokenStream, errors: &mut Errors) -> Option<LitStr> {
             }
             let value = meta.value()?;
             let name: LitStr = value.parse().map_err(|error| {
-                syn::Error::new(error.span(), "the consumer name is a string: write consumer = \"payments\"")
+                syn::Error::new(
+                    error.span(),
+                    "the consumer name is a string: write consumer = \"payments\"",
+                )
             })?;
             if consumer.is_some() {
                 return Err(meta.error("`consumer` is given twice"));
@@ -89,7 +94,10 @@ fn consumer_name(args: TokenStream, errors: &mut Errors) -> Option<LitStr> {
         return None;
     }
     if value.chars().any(char::is_control) {
-        errors.at(name.span(), "the consumer name cannot contain control characters");
+        errors.at(
+            name.span(),
+            "the consumer name cannot contain control characters",
+        );
         return None;
     }
     Some(name)
@@ -100,75 +108,83 @@ fn check_signature<'a>(function: &'a ItemFn, errors: &mut Errors) -> Option<Part
     let sig = &function.sig;
     let name = &sig.ident;
     let mut ok = true;
-    let mut fail = |span: Span, message: String| {
+    let mut fail = |error: syn::Error| {
         ok = false;
-        errors.at(span, message);
+        errors.push(error);
     };
 
     if sig.asyncness.is_none() {
-        fail(
+        fail(syn::Error::new(
             sig.fn_token.span,
             format!("an idem handler must be an `async fn`: write `async fn {name}(..)`"),
-        );
+        ));
     }
     if let Some(constness) = &sig.constness {
-        fail(constness.span, "an idem handler cannot be a `const fn`: remove `const`".into());
+        fail(syn::Error::new(
+            constness.span,
+            "an idem handler cannot be a `const fn`: remove `const`",
+        ));
     }
     if let Some(unsafety) = &sig.unsafety {
-        fail(unsafety.span, "an idem handler cannot be `unsafe`: idem calls it from safe code".into());
+        fail(syn::Error::new(
+            unsafety.span,
+            "an idem handler cannot be `unsafe`: idem calls it from safe code",
+        ));
     }
     if let Some(abi) = &sig.abi {
-        fail(abi.span(), "an idem handler cannot have an `extern` ABI: remove it".into());
+        fail(syn::Error::new_spanned(
+            abi,
+            "an idem handler cannot have an `extern` ABI: remove it",
+        ));
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        let span = match &sig.generics.where_clause {
-            Some(where_clause) if sig.generics.params.is_empty() => where_clause.span(),
-            _ => sig.generics.span(),
-        };
-        fail(
-            span,
-            "an idem handler cannot be generic: it runs on one database with one message type. Name them \
-             (`tx: &mut idem::Tx<'_, idem::Postgres>, msg: PaymentRequested`), write one handler per backend, \
-             or implement idem::Handler by hand for a generic type"
-                .into(),
-        );
+        let message = "an idem handler cannot be generic: it runs on one database with one message \
+             type. Name them (`tx: &mut idem::Tx<'_, idem::Postgres>, msg: PaymentRequested`), write \
+             one handler per backend, or implement idem::Handler by hand for a generic type";
+        fail(match &sig.generics.where_clause {
+            Some(where_clause) if sig.generics.params.is_empty() => {
+                syn::Error::new_spanned(where_clause, message)
+            }
+            _ => syn::Error::new_spanned(&sig.generics, message),
+        });
     }
     if let Some(variadic) = &sig.variadic {
-        fail(variadic.span(), "an idem handler cannot be variadic".into());
+        fail(syn::Error::new_spanned(
+            variadic,
+            "an idem handler cannot be variadic",
+        ));
     }
 
     let mut receiver = false;
     for input in &sig.inputs {
         if let FnArg::Receiver(self_argument) = input {
             receiver = true;
-            fail(
-                self_argument.span(),
-                "an idem handler is a free function, not a method: remove `self` (the macro turns the function \
-                 into a unit struct that implements idem::Handler; for a handler with state, implement \
-                 idem::Handler by hand)"
-                    .into(),
-            );
+            fail(syn::Error::new_spanned(
+                self_argument,
+                "an idem handler is a free function, not a method: remove `self` (the macro turns the \
+                 function into a unit struct that implements idem::Handler; for a handler with state, \
+                 implement idem::Handler by hand)",
+            ));
         }
     }
 
     let output = match &sig.output {
         ReturnType::Type(_, ty) if returns_result(ty) => Some(&**ty),
         ReturnType::Type(_, ty) => {
-            fail(
-                ty.span(),
-                "an idem handler must return a `Result<T, E>` whose error converts into `idem::BoxError` \
-                 (returning `Err` rolls the transaction back): write `-> Result<(), YourError>`"
-                    .into(),
-            );
+            fail(syn::Error::new_spanned(
+                ty,
+                "an idem handler must return a `Result<T, E>` whose error converts into \
+                 `idem::BoxError` (returning `Err` rolls the transaction back): write \
+                 `-> Result<(), YourError>`",
+            ));
             None
         }
         ReturnType::Default => {
-            fail(
+            fail(syn::Error::new(
                 sig.paren_token.span.close(),
-                "an idem handler must return a `Result` (returning `Err` rolls the transaction back): \
-                 add `-> Result<(), YourError>` after the arguments"
-                    .into(),
-            );
+                "an idem handler must return a `Result` (returning `Err` rolls the transaction \
+                 back): add `-> Result<(), YourError>` after the arguments",
+            ));
             None
         }
     };
@@ -188,38 +204,45 @@ fn check_signature<'a>(function: &'a ItemFn, errors: &mut Errors) -> Option<Part
     } else if let [tx, msg] = typed.as_slice() {
         match transaction_backend(&tx.ty) {
             Some(db) => backend = Some(db),
-            None => fail(tx.ty.span(), format!("{TX_FIRST}; {}", transaction_hint(&tx.ty))),
+            None => fail(syn::Error::new_spanned(
+                &tx.ty,
+                format!("{TX_FIRST}; {}", transaction_hint(tx)),
+            )),
         }
         match peel(&msg.ty) {
-            Type::Reference(reference) => fail(
-                reference.span(),
+            Type::Reference(reference) => fail(syn::Error::new_spanned(
+                reference,
                 format!(
                     "the message is passed by value, owned by the handler: write `{}: {}`",
-                    msg.pat.to_token_stream(),
-                    reference.elem.to_token_stream()
+                    text(&msg.pat),
+                    text(&reference.elem)
                 ),
-            ),
-            Type::ImplTrait(_) | Type::Infer(_) => fail(
-                msg.ty.span(),
-                "the second argument must be a concrete message type, one that derives idem::Message".into(),
-            ),
+            )),
+            Type::ImplTrait(_) | Type::Infer(_) => fail(syn::Error::new_spanned(
+                &msg.ty,
+                "the second argument must be a concrete message type, one that derives idem::Message",
+            )),
             _ => message = Some(&*msg.ty),
         }
     } else {
-        fail(
+        fail(syn::Error::new(
             sig.paren_token.span.join(),
             format!(
                 "an idem handler takes exactly two arguments, the transaction and the message: \
                  `async fn {name}(tx: &mut idem::Tx<'_, idem::Postgres>, msg: YourMessage)`; found {}",
                 typed.len()
             ),
-        );
+        ));
     }
 
     if !ok {
         return None;
     }
-    Some(Parts { backend: backend?, message: message?, output: output? })
+    Some(Parts {
+        backend: backend?,
+        message: message?,
+        output: output?,
+    })
 }
 
 /// `DB` of `&mut Tx<'_, DB>` (any path ending in `Tx`; the lifetime may be elided).
@@ -245,7 +268,9 @@ fn transaction_backend(ty: &Type) -> Option<Type> {
 }
 
 /// The generic arguments of a path ending in `Tx<..>`.
-fn tx_arguments(ty: &Type) -> Option<&syn::punctuated::Punctuated<GenericArgument, syn::Token![,]>> {
+fn tx_arguments(
+    ty: &Type,
+) -> Option<&syn::punctuated::Punctuated<GenericArgument, syn::Token![,]>> {
     let Type::Path(path) = peel(ty) else {
         return None;
     };
@@ -263,33 +288,55 @@ fn tx_arguments(ty: &Type) -> Option<&syn::punctuated::Punctuated<GenericArgumen
 }
 
 /// What to write instead of the first argument given.
-fn transaction_hint(ty: &Type) -> String {
-    let ty = peel(ty);
+fn transaction_hint(argument: &syn::PatType) -> String {
+    let name = text(&argument.pat);
+    let ty = peel(&argument.ty);
     if let Type::Reference(reference) = ty {
         if reference.mutability.is_none() && tx_arguments(&reference.elem).is_some() {
-            return "write `&mut`: queries run on `tx.conn()`, which borrows the handle mutably".into();
+            return format!(
+                "write `{name}: &mut {}`: queries run on `{name}.conn()`, which borrows the handle \
+                 mutably",
+                text(&reference.elem)
+            );
         }
     }
     if tx_arguments(ty).is_some() {
-        return "take it by mutable reference, `&mut idem::Tx<'_, DB>`".into();
+        return format!("take it by mutable reference: `{name}: &mut {}`", text(ty));
     }
-    let text = ty.to_token_stream().to_string();
-    let backend = if text.contains("Pg") || text.contains("Postgres") {
-        "idem::Postgres"
-    } else if text.contains("Sqlite") {
+    let written = text(ty);
+    let backend = if written.contains("Sqlite") {
         "idem::Sqlite"
     } else {
         "idem::Postgres"
     };
     format!(
-        "write `tx: &mut idem::Tx<'_, {backend}>` and run queries with `.execute(tx.conn())`, so that your writes \
-         commit together with the ledger claim"
+        "write `tx: &mut idem::Tx<'_, {backend}>` and run queries with `.execute(tx.conn())`, so \
+         that your writes commit together with the ledger claim"
     )
+}
+
+/// Tokens roughly as the user wrote them, for messages.
+fn text(tokens: &impl ToTokens) -> String {
+    tokens
+        .to_token_stream()
+        .to_string()
+        .replace(" :: ", "::")
+        .replace(":: ", "::")
+        .replace(" < ", "<")
+        .replace("< ", "<")
+        .replace(" >", ">")
+        .replace(" ,", ",")
+        .replace("& ", "&")
+        .replace("' _", "'_")
 }
 
 fn returns_result(ty: &Type) -> bool {
     match peel(ty) {
-        Type::Path(path) => path.path.segments.last().is_some_and(|last| last.ident == "Result"),
+        Type::Path(path) => path
+            .path
+            .segments
+            .last()
+            .is_some_and(|last| last.ident == "Result"),
         _ => false,
     }
 }
@@ -323,7 +370,10 @@ fn sort_attributes(attrs: &[Attribute]) -> Attributes<'_> {
             sorted.cfg.push(attr);
         } else if path.is_ident("doc") || path.is_ident("deprecated") {
             sorted.item.push(attr);
-        } else if ["allow", "warn", "deny", "forbid"].iter().any(|lint| path.is_ident(lint)) {
+        } else if ["allow", "warn", "deny", "forbid"]
+            .iter()
+            .any(|lint| path.is_ident(lint))
+        {
             sorted.lint.push(attr);
         } else {
             sorted.body.push(attr);
@@ -333,9 +383,19 @@ fn sort_attributes(attrs: &[Attribute]) -> Attributes<'_> {
 }
 
 fn generate(function: &ItemFn, consumer: &LitStr, parts: &Parts<'_>) -> TokenStream {
-    let ItemFn { attrs, vis, sig, block } = function;
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+    } = function;
     let name = &sig.ident;
-    let Attributes { cfg, item, lint, body } = sort_attributes(attrs);
+    let Attributes {
+        cfg,
+        item,
+        lint,
+        body,
+    } = sort_attributes(attrs);
     let mut call_sig = sig.clone();
     call_sig.ident = format_ident!("call", span = sig.ident.span());
     let backend = &parts.backend;
@@ -348,7 +408,12 @@ fn generate(function: &ItemFn, consumer: &LitStr, parts: &Parts<'_>) -> TokenStr
     );
     // Spanned at the return type, so that "`E: Into<BoxError>` is not satisfied" points at it.
     let into_handler_error = quote_spanned! {at(parts.output.span())=>
-        .map(|_| ()).map_err(::idem::__private::HandlerError::from)
+        match output {
+            ::core::result::Result::Ok(_) => ::core::result::Result::Ok(()),
+            ::core::result::Result::Err(error) => {
+                ::core::result::Result::Err(::idem::__private::HandlerError::from(error))
+            }
+        }
     };
     let consumer = LitStr::new(&consumer.value(), at(consumer.span()));
 
@@ -387,7 +452,8 @@ fn generate(function: &ItemFn, consumer: &LitStr, parts: &Parts<'_>) -> TokenStr
                 tx: &mut ::idem::__private::Tx<'_, #backend>,
                 message: #message,
             ) -> ::core::result::Result<(), ::idem::__private::HandlerError> {
-                Self::call(tx, message).await #into_handler_error
+                let output = Self::call(tx, message).await;
+                #into_handler_error
             }
         }
     }

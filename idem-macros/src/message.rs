@@ -7,14 +7,15 @@ use syn::ext::IdentExt;
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{
-    Attribute, Data, DeriveInput, Expr, ExprLit, Field, Fields, GenericArgument, GenericParam, Ident, Lit, LitStr,
-    Meta, PathArguments, Token, Type,
+    Attribute, Data, DeriveInput, Expr, ExprLit, Field, Fields, GenericArgument, GenericParam,
+    Ident, Lit, LitStr, Meta, PathArguments, Token, Type,
 };
 
 /// The integer types `idem::KeyField` is implemented for.
 const INTEGER_KEYS: &[&str] = &["i16", "i32", "i64", "i128", "u16", "u32", "u64", "u128"];
 
-const ALLOWED_KEYS: &str = "use a `Uuid`, a `String` or an integer (i16, i32, i64, i128, u16, u32, u64, u128), \
+const ALLOWED_KEYS: &str =
+    "use a `Uuid`, a `String` or an integer (i16, i32, i64, i128, u16, u32, u64, u128), \
      or an `Option` of one of these (a `None` key is dead-lettered as `missing-key`)";
 
 /// The field marked `#[idem(key)]`.
@@ -41,8 +42,8 @@ pub(crate) fn expand(input: &DeriveInput) -> TokenStream {
         Data::Struct(data) => match &data.fields {
             Fields::Named(named) => Some(&named.named),
             Fields::Unnamed(unnamed) => {
-                errors.at(
-                    unnamed.span(),
+                errors.spanned(
+                    unnamed,
                     "#[derive(idem::Message)] needs a struct with named fields, so that the key field has a JSON name: \
                      write `struct Name { #[idem(key)] id: Uuid, .. }`, or implement idem::Message by hand",
                 );
@@ -81,8 +82,8 @@ pub(crate) fn expand(input: &DeriveInput) -> TokenStream {
     for param in &input.generics.params {
         if let GenericParam::Lifetime(lifetime) = param {
             lifetimes_ok = false;
-            errors.at(
-                lifetime.span(),
+            errors.spanned(
+                lifetime,
                 "an idem message owns its data (idem::Message requires 'static): remove the lifetime parameter \
                  and use owned types such as `String` instead of `&str`",
             );
@@ -92,14 +93,20 @@ pub(crate) fn expand(input: &DeriveInput) -> TokenStream {
     let compile_errors = errors.to_compile_errors();
     // On an error, still implement the trait (with bodies that never run: the crate does not
     // compile), so that handlers using this type do not add "is not an idem message" errors.
-    let implementation = lifetimes_ok.then(|| implement(input, kind, key.as_ref(), errors.is_empty()));
+    let implementation =
+        lifetimes_ok.then(|| implement(input, kind, key.as_ref(), errors.is_empty()));
     quote! {
         #compile_errors
         #implementation
     }
 }
 
-fn implement(input: &DeriveInput, kind: Option<LitStr>, key: Option<&KeyField<'_>>, valid: bool) -> TokenStream {
+fn implement(
+    input: &DeriveInput,
+    kind: Option<LitStr>,
+    key: Option<&KeyField<'_>>,
+    valid: bool,
+) -> TokenStream {
     let name = &input.ident;
     let kind = kind.unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
     let (impl_generics, type_generics, where_clause) = input.generics.split_for_impl();
@@ -110,14 +117,19 @@ fn implement(input: &DeriveInput, kind: Option<LitStr>, key: Option<&KeyField<'_
             where_token: Default::default(),
             predicates: Punctuated::new(),
         });
-        where_clause.predicates.push(syn::parse_quote!(Self: ::core::marker::Send + 'static));
+        where_clause
+            .predicates
+            .push(syn::parse_quote!(Self: ::core::marker::Send + 'static));
         Some(where_clause)
     } else {
         where_clause.cloned()
     };
 
     let (decode, key_of) = if !valid {
-        (quote!(::core::unreachable!()), quote!(::core::unreachable!()))
+        (
+            quote!(::core::unreachable!()),
+            quote!(::core::unreachable!()),
+        )
     } else {
         let key_json = match key {
             Some(key) => {
@@ -221,7 +233,11 @@ fn key_field<'a>(
     let mut key_valid = true;
     for field in fields {
         let mut marked = false;
-        for attr in field.attrs.iter().filter(|attr| attr.path().is_ident("idem")) {
+        for attr in field
+            .attrs
+            .iter()
+            .filter(|attr| attr.path().is_ident("idem"))
+        {
             let parsed = attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("key") {
                     if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
@@ -262,9 +278,12 @@ fn key_field<'a>(
     let optional = option_inner(&field.ty).is_some();
     if !key_type_allowed(&field.ty) {
         key_valid = false;
-        errors.at(
-            field.ty.span(),
-            format!("`{}` cannot be an idempotency key: {ALLOWED_KEYS}", type_text(&field.ty)),
+        errors.spanned(
+            &field.ty,
+            format!(
+                "`{}` cannot be an idempotency key: {ALLOWED_KEYS}",
+                type_text(&field.ty)
+            ),
         );
     }
 
@@ -273,10 +292,13 @@ fn key_field<'a>(
         let path = meta.path();
         if path.is_ident("rename") {
             rename = deserialize_name(&meta).or(rename);
-        } else if path.is_ident("skip") || path.is_ident("skip_deserializing") || path.is_ident("flatten") {
+        } else if path.is_ident("skip")
+            || path.is_ident("skip_deserializing")
+            || path.is_ident("flatten")
+        {
             key_valid = false;
-            errors.at(
-                path.span(),
+            errors.spanned(
+                path,
                 format!(
                     "the idempotency key cannot be `#[serde({})]`: it must be read from the message body",
                     path_text(path)
@@ -284,8 +306,8 @@ fn key_field<'a>(
             );
         } else if path.is_ident("default") && !optional {
             key_valid = false;
-            errors.at(
-                path.span(),
+            errors.spanned(
+                path,
                 "the idempotency key cannot have `#[serde(default)]`: every message without a key would get the \
                  same default key and be dropped as a duplicate of the first one. Remove `default`, or make the \
                  key an `Option<..>` so that a missing key is dead-lettered as `missing-key`",
@@ -310,7 +332,11 @@ fn key_field<'a>(
         (None, Some(rule)) => apply_rename_rule(rule, &ident.unraw().to_string()),
         (None, None) => ident.unraw().to_string(),
     };
-    key_valid.then_some(KeyField { ident, ty: &field.ty, json_name })
+    key_valid.then_some(KeyField {
+        ident,
+        ty: &field.ty,
+        json_name,
+    })
 }
 
 fn key_type_allowed(ty: &Type) -> bool {
@@ -382,7 +408,10 @@ fn serde_metas(attrs: &[Attribute]) -> Vec<Meta> {
     attrs
         .iter()
         .filter(|attr| attr.path().is_ident("serde"))
-        .filter_map(|attr| attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated).ok())
+        .filter_map(|attr| {
+            attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)
+                .ok()
+        })
         .flatten()
         .collect()
 }
@@ -407,7 +436,10 @@ fn deserialize_name(meta: &Meta) -> Option<String> {
 
 fn string_literal(expr: &Expr) -> Option<String> {
     match expr {
-        Expr::Lit(ExprLit { lit: Lit::Str(literal), .. }) => Some(literal.value()),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(literal),
+            ..
+        }) => Some(literal.value()),
         _ => None,
     }
 }
@@ -473,8 +505,14 @@ mod tests {
         assert_eq!(apply_rename_rule("camelCase", "payment_id"), "paymentId");
         assert_eq!(apply_rename_rule("PascalCase", "payment_id"), "PaymentId");
         assert_eq!(apply_rename_rule("kebab-case", "payment_id"), "payment-id");
-        assert_eq!(apply_rename_rule("SCREAMING-KEBAB-CASE", "payment_id"), "PAYMENT-ID");
-        assert_eq!(apply_rename_rule("SCREAMING_SNAKE_CASE", "payment_id"), "PAYMENT_ID");
+        assert_eq!(
+            apply_rename_rule("SCREAMING-KEBAB-CASE", "payment_id"),
+            "PAYMENT-ID"
+        );
+        assert_eq!(
+            apply_rename_rule("SCREAMING_SNAKE_CASE", "payment_id"),
+            "PAYMENT_ID"
+        );
         assert_eq!(apply_rename_rule("lowercase", "payment_id"), "payment_id");
         assert_eq!(apply_rename_rule("snake_case", "payment_id"), "payment_id");
     }

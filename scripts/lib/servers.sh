@@ -342,27 +342,34 @@ EOF
     ) </dev/null >"$dir/log/server.out" 2>&1 &
     IDEM__RMQ_LAUNCHER=$!
 
-    # await_startup fails at once while the node is not yet registered, so poll it; bail out early
-    # if the server process died.
+    # Wait for the AMQP listener with a cheap bash probe (each rabbitmqctl call boots an Erlang VM,
+    # ~1 s of CPU that the booting node would have to share on a 2-core machine), bailing out
+    # early if the server died; then `await_startup` confirms the boot has fully completed (the
+    # listener opens a moment before that).
     local timeout=${IDEM_RABBITMQ_START_TIMEOUT:-120}
-    local deadline=$((SECONDS + timeout))
-    local left=$timeout
-    until idem_rabbitmqctl await_startup --timeout "$(( left < 10 ? (left < 1 ? 1 : left) : 10 ))" >/dev/null 2>&1; do
+    local deadline=$((SECONDS + timeout)) failed=""
+    until idem__port_in_use "$port"; do
         if ! kill -0 "$IDEM__RMQ_LAUNCHER" 2>/dev/null; then
-            idem__log "RabbitMQ node $node exited during startup"
-            idem__tail_logs "$dir/log/server.out" "$dir/log/rabbit.log"
-            idem_stop_rabbitmq
-            return 1
+            failed="exited during startup"; break
         fi
         if (( SECONDS >= deadline )); then
-            idem__log "RabbitMQ node $node did not finish starting within ${timeout}s (IDEM_RABBITMQ_START_TIMEOUT)"
-            idem__tail_logs "$dir/log/server.out" "$dir/log/rabbit.log"
-            idem_stop_rabbitmq
-            return 1
+            failed="did not open its AMQP port within ${timeout}s (IDEM_RABBITMQ_START_TIMEOUT)"; break
         fi
-        sleep 1
-        left=$((deadline - SECONDS))
+        sleep 0.25
     done
+    if [[ -z "$failed" ]]; then
+        local left=$((deadline - SECONDS))
+        (( left >= 5 )) || left=5
+        if ! idem_rabbitmqctl await_startup --timeout "$left" >"$dir/log/await_startup.out" 2>&1; then
+            failed="did not finish booting (rabbitmqctl await_startup failed)"
+        fi
+    fi
+    if [[ -n "$failed" ]]; then
+        idem__log "RabbitMQ node $node $failed"
+        idem__tail_logs "$dir/log/server.out" "$dir/log/rabbit.log" "$dir/log/await_startup.out"
+        idem_stop_rabbitmq
+        return 1
+    fi
     IDEM__RMQ_BEAM_PID=$(cat "$IDEM__RMQ_PIDFILE" 2>/dev/null || true)
     idem__log "RabbitMQ node $node is up after $((SECONDS - started))s (beam pid ${IDEM__RMQ_BEAM_PID:-?})"
 

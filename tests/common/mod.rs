@@ -8,7 +8,8 @@
 
 use futures_util::FutureExt;
 use idem::amqp::lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::lapin::{BasicProperties, Connection};
@@ -33,7 +34,9 @@ pub fn pg_url() -> String {
 }
 
 pub async fn connection() -> Connection {
-    idem::amqp::connect(&amqp_url()).await.expect("connect to the test RabbitMQ")
+    idem::amqp::connect(&amqp_url())
+        .await
+        .expect("connect to the test RabbitMQ")
 }
 
 /// A queue name no other test uses.
@@ -53,14 +56,19 @@ pub struct Transfer {
 }
 
 pub fn transfer_body(id: Uuid, account: &str, amount: i64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "id": id, "account": account, "amount": amount })).unwrap()
+    serde_json::to_vec(&serde_json::json!({ "id": id, "account": account, "amount": amount }))
+        .unwrap()
 }
 
 /// The tests' effect table, per backend, and how to read it back.
 #[async_trait]
 pub trait TestDb: Backend {
     async fn pool() -> sqlx::Pool<Self>;
-    async fn insert_effect(conn: &mut Self::Connection, consumer: &str, transfer: &Transfer) -> Result<(), sqlx::Error>;
+    async fn insert_effect(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        transfer: &Transfer,
+    ) -> Result<(), sqlx::Error>;
     /// How many effect rows `consumer` wrote for `key`.
     async fn effects(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64;
     /// Whether the ledger holds `(consumer, key)`.
@@ -118,10 +126,19 @@ macro_rules! test_db {
         }
     };
 }
-test_db!(Postgres, pg_url(), "BIGSERIAL PRIMARY KEY", "SELECT pg_advisory_xact_lock(77001)");
+test_db!(
+    Postgres,
+    pg_url(),
+    "BIGSERIAL PRIMARY KEY",
+    "SELECT pg_advisory_xact_lock(77001)"
+);
 test_db!(
     Sqlite,
-    format!("sqlite://{}/idem-test-{}.db", std::env::temp_dir().display(), Uuid::new_v4()),
+    format!(
+        "sqlite://{}/idem-test-{}.db",
+        std::env::temp_dir().display(),
+        Uuid::new_v4()
+    ),
     "INTEGER PRIMARY KEY AUTOINCREMENT",
     ""
 );
@@ -137,7 +154,12 @@ pub struct Recorder<DB> {
 
 impl<DB> Recorder<DB> {
     pub fn new(consumer: &str) -> Self {
-        Self { consumer: consumer.to_owned(), runs: Arc::default(), pause: Duration::ZERO, _db: Default::default() }
+        Self {
+            consumer: consumer.to_owned(),
+            runs: Arc::default(),
+            pause: Duration::ZERO,
+            _db: Default::default(),
+        }
     }
     pub fn pausing(mut self, pause: Duration) -> Self {
         self.pause = pause;
@@ -176,7 +198,11 @@ pub async fn start<DB: Backend, H: Handler<DB>>(consumer: Consumer<DB, H>) -> Ru
     let (stop, stopped) = oneshot::channel::<()>();
     let running = Arc::clone(&consumer);
     let task = tokio::spawn(async move { running.run(&connection, stopped.map(|_| ())).await });
-    Running { consumer, stop: Some(stop), task }
+    Running {
+        consumer,
+        stop: Some(stop),
+        task,
+    }
 }
 
 impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
@@ -192,7 +218,10 @@ impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
 /// Publishes `body` persistently with publisher confirms.
 pub async fn publish(connection: &Connection, queue: &str, body: &[u8], message_id: Option<&str>) {
     let channel = connection.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
@@ -201,12 +230,21 @@ pub async fn publish(connection: &Connection, queue: &str, body: &[u8], message_
         properties = properties.with_message_id(id.into());
     }
     let confirm = channel
-        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
         .await
         .unwrap()
         .await
         .unwrap();
-    assert!(confirm.is_ack(), "the broker did not confirm the test message");
+    assert!(
+        confirm.is_ack(),
+        "the broker did not confirm the test message"
+    );
     let _ = channel.close(200, "published".into()).await;
 }
 
@@ -234,7 +272,10 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn reason(&self) -> &str {
-        self.headers.get("x-idem-reason").map(String::as_str).unwrap_or("")
+        self.headers
+            .get("x-idem-reason")
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -243,8 +284,10 @@ pub async fn drain_dead_letters(connection: &Connection, queue: &str) -> Vec<Dea
     let channel = connection.create_channel().await.unwrap();
     let dlq = idem::amqp::dead_letter_queue(queue);
     let mut letters = Vec::new();
-    while let Some(message) =
-        channel.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    while let Some(message) = channel
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
     {
         let p = &message.delivery.properties;
         let headers = p
@@ -276,7 +319,10 @@ pub async fn ready_messages(connection: &Connection, queue: &str) -> u32 {
     let q = channel
         .queue_declare(
             queue.into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -288,7 +334,9 @@ pub async fn ready_messages(connection: &Connection, queue: &str) -> u32 {
 pub async fn delete_queues(connection: &Connection, queue: &str) {
     let channel = connection.create_channel().await.unwrap();
     for name in [queue.to_owned(), idem::amqp::dead_letter_queue(queue)] {
-        let _ = channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     let _ = channel.close(200, "cleaned up".into()).await;
 }

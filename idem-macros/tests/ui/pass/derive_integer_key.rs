@@ -16,7 +16,10 @@ struct Ticket {
     ticket: Option<::core::primitive::u64>,
 }
 
+/// A generic message: the struct's bounds make it `DeserializeOwned`, and `#[serde(bound = "")]`
+/// keeps serde from adding a second, conflicting `T: Deserialize<'de>`.
 #[derive(Debug, serde::Deserialize, idem::Message)]
+#[serde(bound = "")]
 struct Event<T: DeserializeOwned + Send + 'static> {
     #[idem(key)]
     event_id: u128,

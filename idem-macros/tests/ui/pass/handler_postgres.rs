@@ -58,17 +58,18 @@ pub async fn capture(tx: &mut Tx<'_, Postgres>, msg: PaymentRequested) -> Result
 }
 
 mod inner {
-    use idem::{Postgres, Tx};
+    use idem::{sqlx, Postgres, Tx};
 
-    /// The lint attribute reaches the body, where the elided lifetime is.
+    /// The lint attribute reaches the body, where the unused variable is.
     #[idem::handler(consumer = "audit")]
-    #[allow(elided_lifetimes_in_paths)]
-    pub(crate) async fn audit(_tx: &mut idem::Tx<Postgres>, _msg: super::PaymentRequested) -> Result<(), String> {
+    #[allow(unused_variables)]
+    pub(crate) async fn audit(_tx: &mut Tx<'_, Postgres>, _msg: super::PaymentRequested) -> Result<(), String> {
+        let unused = 1;
         Ok(())
     }
 
-    #[idem::handler(consumer = "anyhow-like")]
-    pub(crate) async fn boxed(_tx: &mut Tx<'_, Postgres>, _msg: super::PaymentRequested) -> idem::sqlx::Result<()> {
+    #[idem::handler(consumer = "alias-result")]
+    pub(crate) async fn aliased(_tx: &mut Tx<'_, Postgres>, _msg: super::PaymentRequested) -> sqlx::Result<()> {
         Ok(())
     }
 }
@@ -83,6 +84,6 @@ where
 fn main() {
     assert_handler(capture, "payments");
     assert_handler(inner::audit, "audit");
-    assert_handler(inner::boxed, "anyhow-like");
+    assert_handler(inner::aliased, "alias-result");
     assert_eq!(format!("{capture:?}"), "capture");
 }
