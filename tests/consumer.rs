@@ -42,39 +42,23 @@ on_both_backends!(
     the_ledger_is_scoped_by_consumer,
 );
 
-fn consumer_name(story: &str) -> String {
-    format!("{story}-{}", &Uuid::new_v4().simple().to_string()[..8])
-}
-
 async fn the_same_message_published_three_times_applies_once<DB: TestDb>() {
-    let (pool, connection, queue, name) = (
-        DB::pool().await,
-        connection().await,
-        fresh_queue("thrice"),
-        consumer_name("thrice"),
-    );
-    let handler = Recorder::<DB>::new(&name);
+    let story = Story::<DB>::begin("thrice").await;
+    let handler = story.recorder();
     let runs = handler.runs.clone();
-    let running = start(
-        Consumer::builder(pool.clone(), handler)
-            .queue(&queue)
-            .build()
-            .unwrap(),
-    )
-    .await;
+    let running = story.run(handler).await;
 
     // A producer that did not get its confirm publishes again, twice.
     let id = Uuid::new_v4();
     let body = transfer_body(id, "acct-1", 500);
     for _ in 0..3 {
-        publish(&connection, &queue, &body, Some(&id.to_string())).await;
+        story.publish(&body, Some(&id.to_string())).await;
     }
-    let consumer = running.consumer.clone();
-    eventually("all three copies are handled", || {
-        let s = consumer.stats();
-        async move { s.applied + s.duplicates == 3 }
-    })
-    .await;
+    running
+        .wait_until("all three copies are handled", |s| {
+            s.applied + s.duplicates == 3
+        })
+        .await;
     let stats = running.stop().await;
 
     assert_eq!((stats.applied, stats.duplicates), (1, 2));
@@ -83,39 +67,33 @@ async fn the_same_message_published_three_times_applies_once<DB: TestDb>() {
         1,
         "the handler body ran for a duplicate"
     );
-    assert_eq!(DB::effects(&pool, &name, &id.to_string()).await, 1);
-    assert_eq!(ready_messages(&connection, &queue).await, 0);
-    delete_queues(&connection, &queue).await;
+    assert_eq!(story.effects(&id).await, 1);
+    story.end().await;
 }
 
 async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>() {
-    let (pool, connection, queue, name) = (
-        DB::pool().await,
-        connection().await,
-        fresh_queue("crash"),
-        consumer_name("crash"),
-    );
-    let first_life = Recorder::<DB>::new(&name);
-    Consumer::builder(pool.clone(), Recorder::<DB>::new(&name))
-        .queue(&queue)
+    let story = Story::<DB>::begin("crash").await;
+    Consumer::builder(story.pool.clone(), story.recorder())
+        .queue(&story.queue)
         .build()
         .unwrap()
-        .declare(&connection)
+        .declare(&story.connection)
         .await
         .unwrap();
     let id = Uuid::new_v4();
-    let body = transfer_body(id, "acct-2", 700);
-    publish(&connection, &queue, &body, Some(&id.to_string())).await;
+    story
+        .publish(&transfer_body(id, "acct-2", 700), Some(&id.to_string()))
+        .await;
 
     // First life: the delivery is processed and committed, then the channel dies before the ack.
-    let channel = connection.create_channel().await.unwrap();
+    let channel = story.connection.create_channel().await.unwrap();
     channel
         .basic_qos(1, BasicQosOptions::default())
         .await
         .unwrap();
     let mut deliveries = channel
         .basic_consume(
-            queue.as_str().into(),
+            story.queue.as_str().into(),
             "doomed".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -127,15 +105,12 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>(
         message_id: Some(id.to_string()),
         ..Metadata::default()
     };
-    let processed = idem::process(
-        &pool,
-        &first_life,
-        Delivery {
-            body: &delivery.data,
-            metadata: &metadata,
-        },
-    )
-    .await;
+    let first_life = story.recorder();
+    let delivered = Delivery {
+        body: &delivery.data,
+        metadata: &metadata,
+    };
+    let processed = idem::process(&story.pool, &first_life, delivered).await;
     assert_eq!(processed.outcome, Outcome::Applied);
     channel
         .close(200, "crash after commit, before ack".into())
@@ -143,21 +118,12 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>(
         .unwrap();
 
     // Second life: the broker redelivers; the ledger has the key; ack without running the handler.
-    let second_life = Recorder::<DB>::new(&name);
+    let second_life = story.recorder();
     let runs = second_life.runs.clone();
-    let running = start(
-        Consumer::builder(pool.clone(), second_life)
-            .queue(&queue)
-            .build()
-            .unwrap(),
-    )
-    .await;
-    let consumer = running.consumer.clone();
-    eventually("the redelivery is handled", || {
-        let s = consumer.stats();
-        async move { s.duplicates == 1 }
-    })
-    .await;
+    let running = story.run(second_life).await;
+    running
+        .wait_until("the redelivery is handled", |s| s.duplicates == 1)
+        .await;
     let stats = running.stop().await;
 
     assert_eq!(stats.applied, 0);
@@ -166,63 +132,49 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>(
         0,
         "the handler ran again after the commit"
     );
-    assert_eq!(DB::effects(&pool, &name, &id.to_string()).await, 1);
-    assert_eq!(
-        ready_messages(&connection, &queue).await,
-        0,
-        "the redelivery was not acked"
-    );
-    delete_queues(&connection, &queue).await;
+    assert_eq!(story.effects(&id).await, 1);
+    story.end().await; // nothing left: the redelivery was acked
 }
 
 async fn two_consumers_receiving_the_same_key_at_once_apply_it_once<DB: TestDb>() {
-    let (pool, connection, queue, name) = (
-        DB::pool().await,
-        connection().await,
-        fresh_queue("race"),
-        consumer_name("race"),
-    );
+    let story = Story::<DB>::begin("race").await;
     // Each handler holds its transaction open for a while, so both copies are in flight together.
-    let a = Recorder::<DB>::new(&name).pausing(Duration::from_millis(100));
-    let b = Recorder::<DB>::new(&name).pausing(Duration::from_millis(100));
+    let pause = Duration::from_millis(100);
+    let (a, b) = (
+        story.recorder().pausing(pause),
+        story.recorder().pausing(pause),
+    );
     let (runs_a, runs_b) = (a.runs.clone(), b.runs.clone());
     // Prefetch 1 each: the broker hands the two copies of a key to the two consumers in turn.
-    let running_a = start(
-        Consumer::builder(pool.clone(), a)
-            .queue(&queue)
+    let one_at_a_time = |handler| {
+        Consumer::builder(story.pool.clone(), handler)
+            .queue(&story.queue)
             .prefetch(1)
             .concurrency(1)
             .build()
-            .unwrap(),
-    )
-    .await;
-    let running_b = start(
-        Consumer::builder(pool.clone(), b)
-            .queue(&queue)
-            .prefetch(1)
-            .concurrency(1)
-            .build()
-            .unwrap(),
-    )
-    .await;
+            .unwrap()
+    };
+    let running_a = start(one_at_a_time(a)).await;
+    let running_b = start(one_at_a_time(b)).await;
 
     let ids: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
     for id in &ids {
         let body = transfer_body(*id, "acct-3", 100);
-        publish(&connection, &queue, &body, Some(&id.to_string())).await;
-        publish(&connection, &queue, &body, Some(&id.to_string())).await;
+        story.publish(&body, Some(&id.to_string())).await;
+        story.publish(&body, Some(&id.to_string())).await;
     }
-    let (ca, cb) = (running_a.consumer.clone(), running_b.consumer.clone());
-    eventually("both copies of every key are handled", || {
-        let (sa, sb) = (ca.stats(), cb.stats());
-        async move { sa.applied + sa.duplicates + sb.applied + sb.duplicates == 16 }
-    })
-    .await;
+    let b_consumer = running_b.consumer.clone();
+    running_a
+        .wait_until("both copies of every key are handled", |sa| {
+            let sb = b_consumer.stats();
+            sa.applied + sa.duplicates + sb.applied + sb.duplicates == 16
+        })
+        .await;
     let (sa, sb) = (running_a.stop().await, running_b.stop().await);
 
     for id in &ids {
         assert_eq!(
-            DB::effects(&pool, &name, &id.to_string()).await,
+            story.effects(id).await,
             1,
             "key {id} applied more than once"
         );
@@ -233,53 +185,35 @@ async fn two_consumers_receiving_the_same_key_at_once_apply_it_once<DB: TestDb>(
         sa.applied + sa.duplicates > 0 && sb.applied + sb.duplicates > 0,
         "one consumer got every copy: the race was not exercised"
     );
-    assert_eq!(
-        runs_a.load(Ordering::SeqCst) + runs_b.load(Ordering::SeqCst),
-        8,
-        "a handler body ran for a duplicate"
-    );
-    delete_queues(&connection, &queue).await;
+    let runs = runs_a.load(Ordering::SeqCst) + runs_b.load(Ordering::SeqCst);
+    assert_eq!(runs, 8, "a handler body ran for a duplicate");
+    story.end().await;
 }
 
 async fn a_handler_error_rolls_back_everything_including_the_claim<DB: TestDb>() {
-    let (pool, connection, queue, name) = (
-        DB::pool().await,
-        connection().await,
-        fresh_queue("reject"),
-        consumer_name("reject"),
-    );
-    let running = start(
-        Consumer::builder(pool.clone(), Recorder::<DB>::new(&name))
-            .queue(&queue)
-            .build()
-            .unwrap(),
-    )
-    .await;
+    let story = Story::<DB>::begin("reject").await;
+    let running = story.run(story.recorder()).await;
 
     // The handler writes its effect, then fails: the effect and the ledger claim must both vanish.
     let id = Uuid::new_v4();
-    let doomed = serde_json::to_vec(
-        &serde_json::json!({ "id": id, "account": "acct-4", "amount": 900, "fail": true }),
-    )
-    .unwrap();
-    publish(&connection, &queue, &doomed, Some(&id.to_string())).await;
-    let consumer = running.consumer.clone();
-    eventually("the failure is dead-lettered", || {
-        let s = consumer.stats();
-        async move { s.dead_lettered == 1 }
-    })
-    .await;
+    let doomed = serde_json::json!({ "id": id, "account": "acct-4", "amount": 900, "fail": true });
+    let doomed = serde_json::to_vec(&doomed).unwrap();
+    story.publish(&doomed, Some(&id.to_string())).await;
+    running
+        .wait_until("the failure is dead-lettered", |s| s.dead_lettered == 1)
+        .await;
     assert_eq!(
-        DB::effects(&pool, &name, &id.to_string()).await,
+        story.effects(&id).await,
         0,
         "the failed handler's write was committed"
     );
+    let claimed = DB::claimed(&story.pool, &story.consumer, &id.to_string()).await;
     assert!(
-        !DB::claimed(&pool, &name, &id.to_string()).await,
+        !claimed,
         "the ledger kept the claim of a rolled-back message"
     );
 
-    let letters = drain_dead_letters(&connection, &queue).await;
+    let letters = drain_dead_letters(&story.connection, &story.queue).await;
     assert_eq!(letters.len(), 1);
     let letter = &letters[0];
     assert_eq!(letter.reason(), "rejected");
@@ -288,46 +222,29 @@ async fn a_handler_error_rolls_back_everything_including_the_claim<DB: TestDb>()
         "{:?}",
         letter.headers
     );
-    assert_eq!(letter.headers["x-idem-consumer"], name);
-    assert_eq!(letter.headers["x-idem-original-queue"], queue);
+    assert_eq!(letter.headers["x-idem-consumer"], story.consumer);
+    assert_eq!(letter.headers["x-idem-original-queue"], story.queue);
     assert_eq!(letter.body, doomed, "the dead letter's body was altered");
     assert_eq!(letter.message_id.as_deref(), Some(id.to_string().as_str()));
     assert_eq!(letter.correlation_id.as_deref(), Some("test-correlation"));
 
     // Since the claim was rolled back, the fixed message with the same key is applied, not skipped.
-    publish(
-        &connection,
-        &queue,
-        &transfer_body(id, "acct-4", 900),
-        Some(&id.to_string()),
-    )
-    .await;
-    eventually("the corrected message is applied", || {
-        let s = consumer.stats();
-        async move { s.applied == 1 }
-    })
-    .await;
+    story
+        .publish(&transfer_body(id, "acct-4", 900), Some(&id.to_string()))
+        .await;
+    running
+        .wait_until("the corrected message is applied", |s| s.applied == 1)
+        .await;
     running.stop().await;
-    assert_eq!(DB::effects(&pool, &name, &id.to_string()).await, 1);
-    delete_queues(&connection, &queue).await;
+    assert_eq!(story.effects(&id).await, 1);
+    story.end().await;
 }
 
 async fn every_malformed_input_class_lands_in_the_dlq_with_its_reason<DB: TestDb>() {
-    let (pool, connection, queue, name) = (
-        DB::pool().await,
-        connection().await,
-        fresh_queue("garbage"),
-        consumer_name("garbage"),
-    );
-    let handler = Recorder::<DB>::new(&name);
+    let story = Story::<DB>::begin("garbage").await;
+    let handler = story.recorder();
     let runs = handler.runs.clone();
-    let running = start(
-        Consumer::builder(pool.clone(), handler)
-            .queue(&queue)
-            .build()
-            .unwrap(),
-    )
-    .await;
+    let running = story.run(handler).await;
 
     let id = Uuid::new_v4();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -362,91 +279,87 @@ async fn every_malformed_input_class_lands_in_the_dlq_with_its_reason<DB: TestDb
         ),
     ];
     for (i, (_, body, _)) in cases.iter().enumerate() {
-        publish(&connection, &queue, body, Some(&format!("bad-{i}"))).await;
+        story.publish(body, Some(&format!("bad-{i}"))).await;
     }
     // The consumer is still alive and well after all that.
     let good = Uuid::new_v4();
-    publish(
-        &connection,
-        &queue,
-        &transfer_body(good, "acct-5", 1),
-        Some(&good.to_string()),
-    )
-    .await;
-    let consumer = running.consumer.clone();
+    story
+        .publish(&transfer_body(good, "acct-5", 1), Some(&good.to_string()))
+        .await;
     let expected = cases.len() as u64;
-    eventually("every message has an outcome", || {
-        let s = consumer.stats();
-        async move { s.dead_lettered == expected && s.applied == 1 }
-    })
-    .await;
+    running
+        .wait_until("every message has an outcome", |s| {
+            s.dead_lettered == expected && s.applied == 1
+        })
+        .await;
     running.stop().await;
 
-    let letters = drain_dead_letters(&connection, &queue).await;
+    let letters = drain_dead_letters(&story.connection, &story.queue).await;
     assert_eq!(letters.len(), cases.len());
-    for (i, (story, body, reason)) in cases.iter().enumerate() {
+    for (i, (case, body, reason)) in cases.iter().enumerate() {
         let message_id = format!("bad-{i}");
         let letter = letters
             .iter()
             .find(|l| l.message_id.as_deref() == Some(message_id.as_str()))
             .unwrap();
-        assert_eq!(letter.reason(), *reason, "{story}: {:?}", letter.headers);
+        assert_eq!(letter.reason(), *reason, "{case}: {:?}", letter.headers);
         assert!(
             !letter.headers["x-idem-error"].is_empty(),
-            "{story}: no error text"
+            "{case}: no error text"
         );
-        assert_eq!(&letter.body, body, "{story}: body not kept byte for byte");
+        assert_eq!(&letter.body, body, "{case}: body not kept byte for byte");
     }
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,
         "the handler ran for bad input"
     );
-    assert_eq!(DB::effects(&pool, &name, &good.to_string()).await, 1);
-    assert_eq!(ready_messages(&connection, &queue).await, 0);
-    delete_queues(&connection, &queue).await;
+    assert_eq!(story.effects(&good).await, 1);
+    story.end().await;
 }
 
 async fn the_ledger_is_scoped_by_consumer<DB: TestDb>() {
-    let (pool, connection) = (DB::pool().await, connection().await);
-    let (billing, audit) = (consumer_name("billing"), consumer_name("audit"));
-    let (billing_queue, audit_queue) = (fresh_queue("billing"), fresh_queue("audit"));
-    let running_billing = start(
-        Consumer::builder(pool.clone(), Recorder::<DB>::new(&billing))
-            .queue(&billing_queue)
-            .build()
-            .unwrap(),
-    )
-    .await;
-    let running_audit = start(
-        Consumer::builder(pool.clone(), Recorder::<DB>::new(&audit))
-            .queue(&audit_queue)
-            .build()
-            .unwrap(),
-    )
-    .await;
+    let (billing, audit) = (
+        Story::<DB>::begin("billing").await,
+        Story::<DB>::begin("audit").await,
+    );
+    let running_billing = billing.run(billing.recorder()).await;
+    // The audit service keeps its ledger in the same database as billing.
+    let audit_handler = Recorder::<DB>::new(&audit.consumer);
+    let shared_pool = Consumer::builder(billing.pool.clone(), audit_handler).queue(&audit.queue);
+    let running_audit = start(shared_pool.build().unwrap()).await;
 
     // One message fanned out to two services; each gets it twice.
     let id = Uuid::new_v4();
     let body = transfer_body(id, "acct-6", 42);
-    for queue in [&billing_queue, &audit_queue, &billing_queue, &audit_queue] {
-        publish(&connection, queue, &body, Some(&id.to_string())).await;
+    for story in [&billing, &audit, &billing, &audit] {
+        publish(
+            &story.connection,
+            &story.queue,
+            &body,
+            Some(&id.to_string()),
+        )
+        .await;
     }
-    let (cb, ca) = (
-        running_billing.consumer.clone(),
-        running_audit.consumer.clone(),
-    );
-    eventually("both services handled both copies", || {
-        let (sb, sa) = (cb.stats(), ca.stats());
-        async move { sb.applied + sb.duplicates == 2 && sa.applied + sa.duplicates == 2 }
-    })
-    .await;
+    let audit_consumer = running_audit.consumer.clone();
+    running_billing
+        .wait_until("both services handled both copies", |sb| {
+            let sa = audit_consumer.stats();
+            sb.applied + sb.duplicates == 2 && sa.applied + sa.duplicates == 2
+        })
+        .await;
     let (sb, sa) = (running_billing.stop().await, running_audit.stop().await);
 
     assert_eq!((sb.applied, sb.duplicates), (1, 1));
     assert_eq!((sa.applied, sa.duplicates), (1, 1));
-    assert_eq!(DB::effects(&pool, &billing, &id.to_string()).await, 1);
-    assert_eq!(DB::effects(&pool, &audit, &id.to_string()).await, 1);
-    delete_queues(&connection, &billing_queue).await;
-    delete_queues(&connection, &audit_queue).await;
+    assert_eq!(
+        DB::effects(&billing.pool, &billing.consumer, &id.to_string()).await,
+        1
+    );
+    assert_eq!(
+        DB::effects(&billing.pool, &audit.consumer, &id.to_string()).await,
+        1
+    );
+    billing.end().await;
+    audit.end().await;
 }

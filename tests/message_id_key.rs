@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use idem::amqp::Consumer;
 use idem::{Postgres, Tx};
 use uuid::Uuid;
 
@@ -31,31 +30,20 @@ async fn keep_note(tx: &mut Tx<'_, Postgres>, note: Note) -> Result<(), sqlx::Er
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_message_id_is_the_key_when_the_message_has_no_key_field() {
-    let (pool, connection, queue) = (
-        <Postgres as TestDb>::pool().await,
-        connection().await,
-        fresh_queue("notes"),
-    );
-    let running = start(
-        Consumer::builder(pool.clone(), keep_note)
-            .queue(&queue)
-            .build()
-            .unwrap(),
-    )
-    .await;
+    let story = Story::<Postgres>::begin("notes").await;
+    let running = story.run(keep_note).await;
 
     let message_id = format!("note-{}", Uuid::new_v4());
     let body = br#"{"text": "remember the milk"}"#;
-    publish(&connection, &queue, body, Some(&message_id)).await;
-    publish(&connection, &queue, body, Some(&message_id)).await;
-    publish(&connection, &queue, body, None).await;
-    publish(&connection, &queue, body, Some(&"x".repeat(250))).await;
-    let consumer = running.consumer.clone();
-    eventually("all four are handled", || {
-        let s = consumer.stats();
-        async move { s.applied + s.duplicates + s.dead_lettered == 4 }
-    })
-    .await;
+    story.publish(body, Some(&message_id)).await;
+    story.publish(body, Some(&message_id)).await;
+    story.publish(body, None).await;
+    story.publish(body, Some(&"x".repeat(250))).await;
+    running
+        .wait_until("all four are handled", |s| {
+            s.applied + s.duplicates + s.dead_lettered == 4
+        })
+        .await;
     let stats = running.stop().await;
 
     assert_eq!(
@@ -63,26 +51,26 @@ async fn the_message_id_is_the_key_when_the_message_has_no_key_field() {
         (1, 1, 2)
     );
     assert_eq!(
-        <Postgres as TestDb>::effects(&pool, "notes", &message_id).await,
+        <Postgres as TestDb>::effects(&story.pool, "notes", &message_id).await,
         1
     );
-    let letters = drain_dead_letters(&connection, &queue).await;
+    let letters = drain_dead_letters(&story.connection, &story.queue).await;
     assert_eq!(letters.len(), 2);
     assert!(
         letters.iter().all(|l| l.reason() == "missing-key"),
         "{letters:?}"
     );
+    let errors: Vec<&str> = letters
+        .iter()
+        .map(|l| l.headers["x-idem-error"].as_str())
+        .collect();
     assert!(
-        letters
-            .iter()
-            .any(|l| l.headers["x-idem-error"].contains("no AMQP message_id")),
-        "{letters:?}"
+        errors.iter().any(|e| e.contains("no AMQP message_id")),
+        "{errors:?}"
     );
     assert!(
-        letters
-            .iter()
-            .any(|l| l.headers["x-idem-error"].contains("250 bytes long")),
-        "{letters:?}"
+        errors.iter().any(|e| e.contains("250 bytes long")),
+        "{errors:?}"
     );
-    delete_queues(&connection, &queue).await;
+    story.end().await;
 }

@@ -184,6 +184,60 @@ impl<DB: TestDb> Handler<DB> for Recorder<DB> {
     }
 }
 
+/// What every story starts with: a pool, a broker connection, and a queue and consumer name of
+/// its own.
+pub struct Story<DB: TestDb> {
+    pub pool: sqlx::Pool<DB>,
+    pub connection: Connection,
+    pub queue: String,
+    pub consumer: String,
+}
+
+impl<DB: TestDb> Story<DB> {
+    pub async fn begin(story: &str) -> Self {
+        Self {
+            pool: DB::pool().await,
+            connection: connection().await,
+            queue: fresh_queue(story),
+            consumer: format!("{story}-{}", &Uuid::new_v4().simple().to_string()[..8]),
+        }
+    }
+
+    /// A recorder handler for this story's consumer.
+    pub fn recorder(&self) -> Recorder<DB> {
+        Recorder::new(&self.consumer)
+    }
+
+    /// Starts `handler` on this story's queue with default settings.
+    pub async fn run<H: Handler<DB>>(&self, handler: H) -> Running<DB, H> {
+        start(
+            Consumer::builder(self.pool.clone(), handler)
+                .queue(&self.queue)
+                .build()
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn publish(&self, body: &[u8], message_id: Option<&str>) {
+        publish(&self.connection, &self.queue, body, message_id).await
+    }
+
+    /// Effect rows of this story's consumer for `key`.
+    pub async fn effects(&self, key: &Uuid) -> i64 {
+        DB::effects(&self.pool, &self.consumer, &key.to_string()).await
+    }
+
+    pub async fn end(self) {
+        assert_eq!(
+            ready_messages(&self.connection, &self.queue).await,
+            0,
+            "messages left in the queue"
+        );
+        delete_queues(&self.connection, &self.queue).await;
+    }
+}
+
 /// A consumer running in the background until [`Running::stop`].
 pub struct Running<DB: Backend, H> {
     pub consumer: Arc<Consumer<DB, H>>,
@@ -206,6 +260,16 @@ pub async fn start<DB: Backend, H: Handler<DB>>(consumer: Consumer<DB, H>) -> Ru
 }
 
 impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
+    /// Waits (30 s at most) until the consumer's counters satisfy `condition`.
+    pub async fn wait_until(&self, what: &str, condition: impl Fn(idem::amqp::Stats) -> bool) {
+        let consumer = Arc::clone(&self.consumer);
+        eventually(what, || {
+            let met = condition(consumer.stats());
+            async move { met }
+        })
+        .await
+    }
+
     pub async fn stop(mut self) -> idem::amqp::Stats {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
