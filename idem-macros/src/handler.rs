@@ -403,7 +403,8 @@ fn generate(function: &ItemFn, consumer: &LitStr, parts: &Parts<'_>) -> TokenStr
     let call_doc = format!(
         " The handler body as written, callable directly (in tests, say) with a transaction handle \
          and a message. idem calls it through `idem::Handler::handle` as consumer `{}`, inside the \
-         transaction in which it claimed the message's key.",
+         transaction in which it claimed the message's key.\n\n # Errors\n\n The handler's own \
+         error; idem then rolls the transaction back, the ledger claim included.",
         consumer.value()
     );
     // Spanned at the return type, so that "`E: Into<BoxError>` is not satisfied" points at it.
@@ -433,6 +434,9 @@ fn generate(function: &ItemFn, consumer: &LitStr, parts: &Parts<'_>) -> TokenStr
         #(#cfg)*
         impl #name {
             #[doc = #call_doc]
+            // The macro requires `async`, even for a body that does not await; the errors
+            // section above is generated, which clippy does not see.
+            #[allow(clippy::unused_async, clippy::missing_errors_doc)]
             #(#lint)*
             #(#body)*
             #vis #call_sig #block

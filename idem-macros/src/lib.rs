@@ -5,7 +5,7 @@
 //! depended on directly. They are shorthand: everything they write can be written by hand
 //! against `idem::Message` and `idem::Handler`.
 //!
-//! ```ignore
+//! ```
 //! #[derive(Debug, serde::Deserialize, idem::Message)]
 //! struct PaymentRequested {
 //!     #[idem(key)]
