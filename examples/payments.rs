@@ -35,14 +35,19 @@ struct Config {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
+    /// The ledger and payments database: postgres://… or sqlite:… (created if missing).
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://payments.db")]
     database_url: String,
+    /// The queue to consume; its dead letters go to `<queue>.dlq`.
     #[arg(long, env = "IDEM_QUEUE", default_value = "payments")]
     queue: String,
+    /// Unacknowledged deliveries the broker may push ahead.
     #[arg(long, env = "IDEM_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: u16,
-    #[arg(long, env = "IDEM_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
-    concurrency: u32,
+    /// Transactions in flight at once, and database connections [default: 8, or the prefetch
+    /// if that is smaller].
+    #[arg(long, env = "IDEM_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=256))]
+    concurrency: Option<u32>,
 }
 
 /// A request to capture a payment. Every field is validated while decoding: anything else is
@@ -208,13 +213,15 @@ payments_store!(Sqlite, "INTEGER PRIMARY KEY AUTOINCREMENT", "");
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    // The demo prints a summary; per-delivery lines would bury it (RUST_LOG=info shows them).
+    let default_filter = if config.demo { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
-    let config = Config::parse();
     let url = config.database_url.as_str();
     let result = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         run::<Postgres, _>(&config, capture_on_postgres).await
@@ -243,13 +250,16 @@ async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
     handler: H,
 ) -> Result<(), AnyError> {
     let connection = idem::amqp::connect(&config.amqp_url).await?;
-    let pool = DB::connect(&config.database_url, config.concurrency).await?;
+    let concurrency = config
+        .concurrency
+        .unwrap_or_else(|| 8.min(u32::from(config.prefetch)));
+    let pool = DB::connect(&config.database_url, concurrency).await?;
     DB::migrate(&pool).await?;
     DB::create_tables(&pool).await?;
     let consumer = Consumer::builder(pool.clone(), handler)
         .queue(&config.queue)
         .prefetch(config.prefetch)
-        .concurrency(config.concurrency as usize)
+        .concurrency(concurrency as usize)
         .build()?;
     consumer.declare(&connection).await?;
     if !config.demo {

@@ -56,10 +56,14 @@ pub struct ConsumerBuilder<DB: Backend, H> {
     handler: H,
     queue: Option<String>,
     prefetch: u16,
-    concurrency: usize,
+    /// `None`: the default, 8, lowered to the prefetch when that is smaller.
+    concurrency: Option<usize>,
     retry_delay: Duration,
     shutdown_deadline: Duration,
 }
+
+/// Transactions in flight at once unless configured.
+const DEFAULT_CONCURRENCY: usize = 8;
 
 impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
     /// The queue to consume (default: the handler's consumer name). Its dead-letter queue is
@@ -76,10 +80,10 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
         self
     }
 
-    /// How many deliveries are processed at once, each in its own transaction (default 8). The
-    /// pool should have at least this many connections.
+    /// How many deliveries are processed at once, each in its own transaction (default 8, or
+    /// the prefetch if that is smaller). The pool should have at least this many connections.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
-        self.concurrency = concurrency;
+        self.concurrency = Some(concurrency);
         self
     }
 
@@ -123,13 +127,16 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
                 "prefetch must be at least 1 (0 means unlimited to RabbitMQ and lets one consumer hoard the queue); 200 is a good start".into(),
             ));
         }
-        if self.concurrency == 0 {
+        let concurrency = self
+            .concurrency
+            .unwrap_or_else(|| DEFAULT_CONCURRENCY.min(usize::from(self.prefetch)));
+        if concurrency == 0 {
             return Err(AmqpError::Config("concurrency must be at least 1".into()));
         }
-        if self.concurrency > usize::from(self.prefetch) {
+        if concurrency > usize::from(self.prefetch) {
             return Err(AmqpError::Config(format!(
                 "concurrency {} exceeds prefetch {}: at most prefetch deliveries are ever in flight; raise prefetch or lower concurrency",
-                self.concurrency, self.prefetch
+                concurrency, self.prefetch
             )));
         }
         Ok(Consumer {
@@ -141,7 +148,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
                 counters: Counters::default(),
             }),
             prefetch: self.prefetch,
-            concurrency: self.concurrency,
+            concurrency,
             shutdown_deadline: self.shutdown_deadline,
         })
     }
@@ -183,7 +190,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             handler,
             queue: None,
             prefetch: 200,
-            concurrency: 8,
+            concurrency: None,
             retry_delay: Duration::from_secs(1),
             shutdown_deadline: Duration::from_secs(30),
         }
