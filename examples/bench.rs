@@ -11,10 +11,14 @@
 //!
 //! Both use the same pool size (`--concurrency` connections), prefetch and concurrency. A round
 //! pre-publishes N messages (publisher confirms, delivery mode 2) into a fresh durable queue per
-//! contestant, then times from consumer start until all N are applied and acked. Rounds run
-//! idem/raw in interleaved pairs, alternating which goes first; round 1 also measures consume +
-//! ack alone (no database) as a ceiling. The final lines give the median msgs/s of each
-//! contestant and, last, the median of the per-round idem/raw ratios.
+//! contestant, vacuums the bench tables and checkpoints PostgreSQL (so a checkpoint does not land
+//! in one contestant's run only), then times from consumer start until all N are applied and
+//! acked, and checks that `bench_captures` grew by exactly N. Rounds run idem/raw in interleaved
+//! pairs, alternating which goes first; round 1 also measures consume + ack alone (the raw loop
+//! without its transaction) as a ceiling. Each round's line also shows this process's CPU time
+//! per message (all threads, user + system), which is less noisy than throughput on a shared
+//! machine. The final lines give the median msgs/s of each contestant and, last, the median of
+//! the per-round idem/raw ratios.
 //!
 //! ```text
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5440/idem_test \
@@ -83,6 +87,7 @@ struct PaymentRequested {
     currency: String,
 }
 
+/// Must match the `#[idem::handler(consumer = ..)]` below (the macro takes a literal).
 const IDEM_CONSUMER: &str = "bench-idem";
 const RAW_CONSUMER: &str = "bench-raw";
 
@@ -127,6 +132,7 @@ async fn capture(tx: &mut Tx<'_, Postgres>, payment: PaymentRequested) -> Result
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -248,18 +254,15 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
         let mut raw_rate = 0.0;
         let mut line = Vec::new();
         for contestant in order {
-            let (rate, took) = bench
+            let timed = bench
                 .contest(contestant, round)
                 .await
                 .with_context(|| format!("round {round}, {}", contestant.name()))?;
             match contestant {
-                Contestant::Idem => idem_rate = rate,
-                Contestant::Raw => raw_rate = rate,
+                Contestant::Idem => idem_rate = timed.rate,
+                Contestant::Raw => raw_rate = timed.rate,
             }
-            line.push(format!(
-                "{} {rate:.0} msgs/s ({took:.2?})",
-                contestant.name()
-            ));
+            line.push(timed.describe(contestant));
         }
         let ratio = idem_rate / raw_rate;
         println!(
@@ -281,6 +284,38 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One contestant's timed run.
+struct Timed {
+    rate: f64,
+    took: Duration,
+    /// This process's CPU time (all threads) per message, in µs, when /proc tells it.
+    cpu_per_message: Option<f64>,
+}
+
+impl Timed {
+    fn describe(&self, contestant: Contestant) -> String {
+        let cpu = match self.cpu_per_message {
+            Some(us) => format!(", client CPU {us:.0} µs/msg"),
+            None => String::new(),
+        };
+        format!(
+            "{} {:.0} msgs/s ({:.2?}{cpu})",
+            contestant.name(),
+            self.rate,
+            self.took
+        )
+    }
+}
+
+/// User + system CPU time of this process so far (Linux: /proc/self/stat, 100 Hz ticks).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is [0], utime [11], stime [12].
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -297,15 +332,21 @@ impl Bench {
     }
 
     /// Fills a fresh queue, lets the broker settle, then times one contestant on it.
-    async fn contest(&self, contestant: Contestant, round: u32) -> anyhow::Result<(f64, Duration)> {
+    async fn contest(&self, contestant: Contestant, round: u32) -> anyhow::Result<Timed> {
         let queue = self.queue_name(round, contestant.name());
         self.publish(&queue).await?;
         settle(&self.pool).await?;
         let before = captures(&self.pool).await?;
+        tracing::info!(round, contestant = contestant.name(), %queue, "timing starts");
+        let cpu_before = process_cpu();
         let took = match contestant {
             Contestant::Idem => self.time_idem(&queue).await?,
             Contestant::Raw => self.time_raw(&queue).await?,
         };
+        let cpu = process_cpu()
+            .zip(cpu_before)
+            .map(|(after, before)| after.saturating_sub(before));
+        tracing::info!(round, contestant = contestant.name(), ?took, "timing ends");
         let applied = captures(&self.pool).await? - before;
         if applied != i64::try_from(self.config.messages)? {
             bail!(
@@ -314,7 +355,12 @@ impl Bench {
             );
         }
         self.delete_queue(&queue).await?;
-        Ok((self.config.messages as f64 / took.as_secs_f64(), took))
+        let n = self.config.messages as f64;
+        Ok(Timed {
+            rate: n / took.as_secs_f64(),
+            took,
+            cpu_per_message: cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / n),
+        })
     }
 
     async fn time_idem(&self, queue: &str) -> anyhow::Result<Duration> {
@@ -345,7 +391,7 @@ impl Bench {
 
     async fn time_raw(&self, queue: &str) -> anyhow::Result<Duration> {
         let state = Arc::new(RawState {
-            pool: self.pool.clone(),
+            pool: Some(self.pool.clone()),
             done: AtomicU64::new(0),
             failure: OnceLock::new(),
         });
@@ -370,48 +416,35 @@ impl Bench {
         finished(&outcome)
     }
 
-    /// Consume + ack with nothing else: the ceiling the broker and client allow here.
+    /// Consume + ack with nothing else (the raw loop without its transaction): the ceiling the
+    /// broker, the client and the task hand-offs allow here.
     async fn ack_only(&self) -> anyhow::Result<f64> {
         let queue = self.queue_name(1, "ack-only");
         self.publish(&queue).await?;
         settle(&self.pool).await?;
-        let acked = AtomicU64::new(0);
+        let state = Arc::new(RawState {
+            pool: None,
+            done: AtomicU64::new(0),
+            failure: OnceLock::new(),
+        });
         let outcome = OnceLock::new();
         let started = Instant::now();
         let done = watch(self.config.messages, started, &outcome, || {
-            Ok(acked.load(Ordering::Relaxed))
-        });
-        let channel = self.consume.create_channel().await?;
-        channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "bench-ack-only".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming {queue:?}"))?;
-        tokio::pin!(done);
-        loop {
-            let delivery = tokio::select! {
-                () = &mut done => break,
-                next = deliveries.next() => match next {
-                    Some(delivery) => delivery.context("the ack-only consumer failed")?,
-                    None => bail!("the broker cancelled the ack-only consumer"),
-                },
-            };
-            if !delivery.acker.ack(BasicAckOptions::default()).await? {
-                bail!("ack not sent: the channel is closed");
+            match state.failure.get() {
+                Some(error) => Err(error.clone()),
+                None => Ok(state.done.load(Ordering::Relaxed)),
             }
-            acked.fetch_add(1, Ordering::Relaxed);
-        }
-        let _ = channel
-            .basic_cancel("bench-ack-only".into(), BasicCancelOptions::default())
-            .await;
-        let _ = channel.close(200, "ack-only done".into()).await;
+        });
+        raw_consume(
+            &self.consume,
+            &queue,
+            self.config.prefetch,
+            self.config.concurrency as usize,
+            &state,
+            done,
+        )
+        .await
+        .context("the ack-only consumer stopped")?;
         let took = finished(&outcome)?;
         self.delete_queue(&queue).await?;
         Ok(self.config.messages as f64 / took.as_secs_f64())
@@ -551,7 +584,8 @@ fn finished(outcome: &OnceLock<Result<Duration, String>>) -> anyhow::Result<Dura
 
 /// What the hand-written loop's delivery tasks share.
 struct RawState {
-    pool: PgPool,
+    /// `None`: ack only, no transaction (the ceiling run).
+    pool: Option<PgPool>,
     done: AtomicU64,
     failure: OnceLock<String>,
 }
@@ -596,7 +630,11 @@ async fn raw_consume(
         };
         let state = Arc::clone(state);
         tokio::spawn(async move {
-            match raw_handle(&state.pool, &delivery).await {
+            let handled = match &state.pool {
+                Some(pool) => raw_handle(pool, &delivery).await,
+                None => ack(&delivery).await,
+            };
+            match handled {
                 Ok(()) => {
                     state.done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -655,6 +693,10 @@ async fn raw_handle(pool: &PgPool, delivery: &AmqpDelivery) -> anyhow::Result<()
     } else {
         tx.rollback().await?;
     }
+    ack(delivery).await
+}
+
+async fn ack(delivery: &AmqpDelivery) -> anyhow::Result<()> {
     if !delivery.acker.ack(BasicAckOptions::default()).await? {
         bail!("ack not sent: the channel is closed");
     }
@@ -701,12 +743,21 @@ async fn warm_pool(pool: &PgPool, connections: u32) -> anyhow::Result<()> {
 }
 
 /// Same starting conditions for every timed run: vacuum what the previous run churned (the
-/// account upserts leave dead rows), then give the broker a moment after the publish.
+/// account upserts leave dead rows), checkpoint so that no contestant pays for a checkpoint (and
+/// the full-page writes after it) that the other did not, then give the broker a moment after
+/// the publish.
 async fn settle(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("VACUUM bench_accounts, bench_captures, idem_ledger")
         .execute(pool)
         .await
         .context("vacuuming the bench tables")?;
+    // Needs superuser or pg_checkpoint; without it the figures are just noisier.
+    static CHECKPOINT_REFUSED: std::sync::Once = std::sync::Once::new();
+    if let Err(error) = sqlx::query("CHECKPOINT").execute(pool).await {
+        CHECKPOINT_REFUSED.call_once(
+            || tracing::warn!(%error, "CHECKPOINT refused; checkpoints may land in a timed run"),
+        );
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
 }
