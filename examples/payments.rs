@@ -53,6 +53,7 @@ struct Config {
 /// A request to capture a payment. Every field is validated while decoding: anything else is
 /// dead-lettered as `malformed` (or `missing-key`) before a transaction is even opened.
 #[derive(Debug, Deserialize, idem::Message)]
+#[idem(kind = "payment.requested")]
 struct PaymentRequested {
     #[idem(key)]
     payment_id: Uuid,
@@ -249,7 +250,6 @@ async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
     config: &Config,
     handler: H,
 ) -> Result<(), AnyError> {
-    let connection = idem::amqp::connect(&config.amqp_url).await?;
     let concurrency = config
         .concurrency
         .unwrap_or_else(|| 8.min(u32::from(config.prefetch)));
@@ -261,13 +261,16 @@ async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
         .prefetch(config.prefetch)
         .concurrency(concurrency as usize)
         .build()?;
-    consumer.declare(&connection).await?;
     if !config.demo {
+        // Reconnects by itself after a broker restart; waits (without dead-lettering) while the
+        // database is away; fails fast only on what a restart cannot fix.
         consumer
-            .run(&connection, idem::amqp::shutdown_signal())
+            .serve(&config.amqp_url, idem::amqp::shutdown_signal())
             .await?;
         return Ok(());
     }
+    let connection = idem::amqp::connect(&config.amqp_url).await?;
+    consumer.declare(&connection).await?;
     demo(config, &connection, &consumer, &pool).await
 }
 

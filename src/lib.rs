@@ -72,8 +72,8 @@ pub use idem_core::sqlx::Sqlite;
 #[doc(hidden)]
 pub mod __private {
     pub use idem_core::{
-        async_trait, decode_json, json_value_parses_as, DecodeError, Handler, HandlerError,
-        JsonKeyField, Key, KeyError, KeyField, Message, Tx,
+        async_trait, decode_json, json_fingerprint, json_value_parses_as, DecodeError, Handler,
+        HandlerError, JsonKeyField, Key, KeyError, KeyField, Message, Tx,
     };
 }
 

@@ -3,7 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use idem::amqp::Consumer;
-use idem::{Backend, Sqlite, Tx};
+use idem::{Backend, RetryPolicy, Sqlite, Tx};
+use std::time::Duration;
 
 #[derive(Debug, serde::Deserialize, idem::Message)]
 struct Ping {
@@ -54,7 +55,40 @@ async fn impossible_consumer_settings_are_refused_with_the_fix() {
     );
 
     let message = refused(Consumer::builder(pool().await, pong).queue("")).await;
-    assert!(message.contains("must be 1 to 251 bytes"), "{message}");
+    assert!(message.contains("the queue name is empty"), "{message}");
+
+    let message = refused(Consumer::builder(pool().await, pong).queue("q".repeat(250))).await;
+    assert!(message.contains("too long: its delay queue"), "{message}");
+
+    let retry =
+        |policy| async move { refused(Consumer::builder(pool().await, pong).retry(policy)).await };
+    let message = retry(RetryPolicy::default().max_attempts(0)).await;
+    assert!(
+        message.contains("max_attempts must be at least 1"),
+        "{message}"
+    );
+    let message = retry(RetryPolicy::default().jitter(2.0)).await;
+    assert!(
+        message.contains("jitter 2 must be at least 0 and below 1"),
+        "{message}"
+    );
+    let message = retry(RetryPolicy::exponential(
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    ))
+    .await;
+    assert!(message.contains("below the initial delay"), "{message}");
+
+    let message = refused(Consumer::builder(pool().await, pong).max_body_bytes(0)).await;
+    assert!(
+        message.contains("max_body_bytes must be at least 1"),
+        "{message}"
+    );
+    let message = refused(Consumer::builder(pool().await, pong).crash_loop_limit(0)).await;
+    assert!(
+        message.contains("crash_loop_limit must be at least 1"),
+        "{message}"
+    );
 
     let message = refused(Consumer::builder(pool().await, pong).queue("amq.payments")).await;
     assert!(message.contains("reserves"), "{message}");
@@ -87,6 +121,22 @@ async fn a_bad_or_unreachable_broker_url_fails_at_start() {
     assert!(
         error.contains("guest:***@127.0.0.1:1"),
         "the password leaked into: {error}"
+    );
+
+    // A consumer that reconnects forever once running still fails fast at start.
+    let consumer = Consumer::builder(pool().await, pong).build().unwrap();
+    let error = consumer
+        .serve(
+            "amqp://guest:secret@127.0.0.1:1/%2f",
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("cannot connect to RabbitMQ"), "{error}");
+    assert!(
+        !consumer.health().live,
+        "a consumer that never started is not live"
     );
 }
 

@@ -109,8 +109,10 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>(
     let delivered = Delivery {
         body: &delivery.data,
         metadata: &metadata,
+        tries_in_place: 0,
     };
-    let processed = idem::process(&story.pool, &first_life, delivered).await;
+    let policy = idem::Policy::default();
+    let processed = idem::process(&story.pool, &first_life, delivered, &policy).await;
     assert_eq!(processed.outcome, Outcome::Applied);
     channel
         .close(200, "crash after commit, before ack".into())
@@ -244,7 +246,9 @@ async fn every_malformed_input_class_lands_in_the_dlq_with_its_reason<DB: TestDb
     let story = Story::<DB>::begin("garbage").await;
     let handler = story.recorder();
     let runs = handler.runs.clone();
-    let running = story.run(handler).await;
+    let running = story
+        .run_with(handler, |consumer| consumer.max_body_bytes(64 * 1024))
+        .await;
 
     let id = Uuid::new_v4();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -277,16 +281,50 @@ async fn every_malformed_input_class_lands_in_the_dlq_with_its_reason<DB: TestDb
             br#"{"id":"not-a-uuid","account":"a","amount":1}"#.to_vec(),
             "missing-key",
         ),
+        (
+            "null field",
+            format!(r#"{{"id":"{id}","account":null,"amount":1}}"#).into_bytes(),
+            "malformed",
+        ),
+        (
+            "deeply nested JSON",
+            format!(
+                r#"{{"id":"{id}","account":"a","amount":1,"x":{}{}}}"#,
+                "[".repeat(10_000),
+                "]".repeat(10_000)
+            )
+            .into_bytes(),
+            "malformed",
+        ),
+        (
+            "over the size limit",
+            format!(
+                r#"{{"id":"{id}","account":"a","amount":1,"pad":"{}"}}"#,
+                "x".repeat(64 * 1024)
+            )
+            .into_bytes(),
+            "malformed",
+        ),
     ];
     for (i, (_, body, _)) in cases.iter().enumerate() {
         story.publish(body, Some(&format!("bad-{i}"))).await;
     }
+    // A valid body of another kind: published to the wrong queue.
+    let refund = transfer_body(Uuid::new_v4(), "acct-5", 1);
+    publish_with(
+        &story.connection,
+        &story.queue,
+        &refund,
+        Some("bad-kind"),
+        |p| p.with_type("refund.requested".into()),
+    )
+    .await;
     // The consumer is still alive and well after all that.
     let good = Uuid::new_v4();
     story
         .publish(&transfer_body(good, "acct-5", 1), Some(&good.to_string()))
         .await;
-    let expected = cases.len() as u64;
+    let expected = cases.len() as u64 + 1;
     running
         .wait_until("every message has an outcome", |s| {
             s.dead_lettered == expected && s.applied == 1
@@ -295,7 +333,17 @@ async fn every_malformed_input_class_lands_in_the_dlq_with_its_reason<DB: TestDb
     running.stop().await;
 
     let letters = drain_dead_letters(&story.connection, &story.queue).await;
-    assert_eq!(letters.len(), cases.len());
+    assert_eq!(letters.len(), cases.len() + 1);
+    let wrong_kind = letters
+        .iter()
+        .find(|l| l.message_id.as_deref() == Some("bad-kind"))
+        .unwrap();
+    assert_eq!(wrong_kind.reason(), "malformed");
+    assert!(
+        wrong_kind.headers["x-idem-error"].contains("\"refund.requested\""),
+        "{:?}",
+        wrong_kind.headers
+    );
     for (i, (case, body, reason)) in cases.iter().enumerate() {
         let message_id = format!("bad-{i}");
         let letter = letters

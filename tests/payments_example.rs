@@ -125,5 +125,5 @@ async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_clea
     assert_eq!(letters[0].reason(), "malformed");
     assert!(letters[0].headers["x-idem-error"].contains("amount_cents must be greater than 0"));
     assert_eq!(balance().await, Some(1500));
-    delete_queues(&connection, &queue).await;
+    delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
 }

@@ -1,9 +1,14 @@
 //! The consume loop: deliveries in, the unit of work, then ack / dead-letter / deliver again.
 
-use crate::dead_letter::{self, dead_letter_queue, DeadLetter};
+use crate::dead_letter::{
+    self, dead_letter_queue, retry_queue, DeadLetter, ATTEMPTS_HEADER, FIRST_FAILURE_HEADER,
+};
 use crate::error::AmqpError;
+use crate::health::{Health, HealthState};
 use futures_util::StreamExt;
-use idem_core::{delivery_span, process, Backend, Delivery, Handler, Metadata, Outcome};
+use idem_core::{
+    delivery_span, process, Backend, Delivery, Handler, Metadata, Outcome, Policy, RetryPolicy,
+};
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -18,10 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Longest queue name RabbitMQ accepts, less the `.dlq` suffix of its dead-letter queue.
-const MAX_QUEUE_LEN: usize = 255 - ".dlq".len();
+/// Longest queue name RabbitMQ accepts.
+const MAX_QUEUE_NAME: usize = 255;
+/// The longest wait between two tries of a delivery while the database is unreachable, and
+/// between two reconnects to the broker.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Counters of what a consumer did; read them with [`Consumer::stats`].
 #[derive(Debug, Default)]
@@ -29,12 +38,15 @@ struct Counters {
     applied: AtomicU64,
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
+    retried: AtomicU64,
     redelivered_later: AtomicU64,
     ack_failures: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 /// A snapshot of a consumer's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Deliveries whose effect was committed and acknowledged.
     pub applied: u64,
@@ -42,10 +54,16 @@ pub struct Stats {
     pub duplicates: u64,
     /// Deliveries published to the dead-letter queue (confirmed), then acknowledged.
     pub dead_lettered: u64,
-    /// Deliveries handed back to the broker to try again (database unreachable, commit unknown).
+    /// Deliveries that failed transiently and were published to a delay queue (confirmed), then
+    /// acknowledged: they come back after the backoff.
+    pub retried: u64,
+    /// Deliveries handed back to the broker unprocessed (a dead letter or retry publish was not
+    /// confirmed, or the consumer stopped while the database was away).
     pub redelivered_later: u64,
     /// Acks (or nacks) the broker did not get: the message will come again and be deduplicated.
     pub ack_failures: u64,
+    /// Times the consumer reconnected to the broker after losing its connection.
+    pub reconnects: u64,
 }
 
 /// Builds a [`Consumer`]; see [`Consumer::builder`].
@@ -58,7 +76,8 @@ pub struct ConsumerBuilder<DB: Backend, H> {
     prefetch: u16,
     /// `None`: the default, 8, lowered to the prefetch when that is smaller.
     concurrency: Option<usize>,
-    retry_delay: Duration,
+    policy: Policy,
+    database_backoff: Duration,
     shutdown_deadline: Duration,
 }
 
@@ -87,10 +106,31 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
         self
     }
 
-    /// How long to hold a delivery before handing it back when the database is unreachable
-    /// (default 1 s), so an outage does not become a hot redelivery loop.
-    pub fn retry_delay(mut self, delay: Duration) -> Self {
-        self.retry_delay = delay;
+    /// Retries of transient handler failures: attempts and backoff (default: 8 attempts, 1 s
+    /// doubling, 20 % jitter). Each distinct delay gets a delay queue `<queue>.retry.<delay>`.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy.retry = policy;
+        self
+    }
+
+    /// Bodies over this many bytes are dead-lettered `malformed` unread (default 1 MiB).
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.policy.max_body_bytes = bytes;
+        self
+    }
+
+    /// How many times a message may come back redelivered after its handling was cut short
+    /// (process killed, connection lost) before it is dead-lettered `crash-loop` (default 5).
+    pub fn crash_loop_limit(mut self, limit: u32) -> Self {
+        self.policy.crash_loop_limit = limit;
+        self
+    }
+
+    /// The first wait before a delivery is tried again while the database is unreachable
+    /// (default 1 s; it doubles up to 30 s). Such waits are not attempts: an outage never
+    /// dead-letters a message.
+    pub fn database_backoff(mut self, delay: Duration) -> Self {
+        self.database_backoff = delay;
         self
     }
 
@@ -112,10 +152,29 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
                 "the consumer name {consumer:?} must be 1 to 200 bytes: it scopes the ledger and names the consumer tag"
             )));
         }
-        if queue.is_empty() || queue.len() > MAX_QUEUE_LEN {
+        self.policy
+            .validate()
+            .map_err(|error| AmqpError::Config(error.to_string()))?;
+        let longest = topology(&queue, &self.policy.retry)
+            .into_iter()
+            .map(|(name, _)| name)
+            .max_by_key(String::len)
+            .unwrap_or_default();
+        if queue.is_empty() {
+            return Err(AmqpError::Config(
+                "the queue name is empty; name the queue (the default is the consumer name)".into(),
+            ));
+        }
+        if longest.len() > MAX_QUEUE_NAME {
             return Err(AmqpError::Config(format!(
-                "the queue name {queue:?} must be 1 to {MAX_QUEUE_LEN} bytes (RabbitMQ's 255 less `.dlq`)"
+                "the queue name {queue:?} is too long: its delay queue {longest:?} would be {} bytes, over RabbitMQ's {MAX_QUEUE_NAME}",
+                longest.len()
             )));
+        }
+        if self.database_backoff.is_zero() {
+            return Err(AmqpError::Config(
+                "database_backoff must be above zero, or an outage becomes a hot loop (default 1 s)".into(),
+            ));
         }
         if queue.starts_with("amq.") {
             return Err(AmqpError::Config(format!(
@@ -144,8 +203,11 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
                 pool: self.pool,
                 handler: self.handler,
                 queue,
-                retry_delay: self.retry_delay,
+                policy: self.policy,
+                database_backoff: self.database_backoff,
                 counters: Counters::default(),
+                health: HealthState::default(),
+                suspects_alone: tokio::sync::RwLock::new(()),
             }),
             prefetch: self.prefetch,
             concurrency,
@@ -159,8 +221,14 @@ struct Shared<DB: Backend, H> {
     pool: Pool<DB>,
     handler: H,
     queue: String,
-    retry_delay: Duration,
+    policy: Policy,
+    database_backoff: Duration,
     counters: Counters,
+    health: HealthState,
+    /// Redelivered messages run alone (write lock), everything else side by side (read lock):
+    /// after a crash, the message that caused it must not take innocent deliveries that happen
+    /// to be in flight beside it over the crash-loop limit with it.
+    suspects_alone: tokio::sync::RwLock<()>,
 }
 
 /// An effectively-once RabbitMQ consumer: each delivery runs through [`idem_core::process`] (one
@@ -191,7 +259,8 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             queue: None,
             prefetch: 200,
             concurrency: None,
-            retry_delay: Duration::from_secs(1),
+            policy: Policy::default(),
+            database_backoff: Duration::from_secs(1),
             shutdown_deadline: Duration::from_secs(30),
         }
     }
@@ -208,8 +277,86 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             applied: c.applied.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
             redelivered_later: c.redelivered_later.load(Ordering::Relaxed),
             ack_failures: c.ack_failures.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Liveness and readiness: whether the consume loop is running, and whether it is
+    /// consuming with the database reachable. Changes are also logged (`ready` / `not ready`).
+    pub fn health(&self) -> Health {
+        self.shared.health.snapshot()
+    }
+
+    /// Connects to the broker at `amqp_url` and consumes until `shutdown` resolves, reconnecting
+    /// by itself (with backoff and jitter, up to 30 s apart) whenever the connection or channel
+    /// is lost: a broker restart or a forced close is survived without help.
+    ///
+    /// Fails fast only at start — a bad URL, a broker that cannot be reached, a queue declared
+    /// elsewhere with other arguments — with an error that says what to fix.
+    pub async fn serve(
+        &self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AmqpError> {
+        let stop = CancellationToken::new();
+        self.shared.health.set_live(true);
+        let served = {
+            let serve = self.serve_until(amqp_url, &stop);
+            tokio::pin!(serve, shutdown);
+            tokio::select! {
+                served = &mut serve => served,
+                () = &mut shutdown => {
+                    stop.cancel();
+                    serve.await
+                }
+            }
+        };
+        self.shared.health.set_live(false);
+        served
+    }
+
+    async fn serve_until(&self, amqp_url: &str, stop: &CancellationToken) -> Result<(), AmqpError> {
+        let mut connection = crate::connect(amqp_url).await?;
+        let mut first = true;
+        loop {
+            match self.run_until(&connection, stop).await {
+                Ok(()) => return Ok(()),
+                Err(error) if first && connection.status().connected() => {
+                    // Refused on a healthy connection before it ever consumed: a configuration
+                    // problem (say, a queue declared elsewhere with other arguments), which
+                    // reconnecting would only repeat.
+                    return Err(error);
+                }
+                Err(error) => tracing::warn!(%error, "lost the broker; reconnecting"),
+            }
+            first = false;
+            if connection.status().connected() {
+                let _ = connection.close(200, "idem reconnecting".into()).await;
+            }
+            let mut wait = Duration::from_millis(250);
+            connection = loop {
+                // Jitter: consumers that lost the broker together should not return together.
+                let jittered = wait.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(jittered) => {}
+                }
+                match crate::connect(amqp_url).await {
+                    Ok(connection) => break connection,
+                    Err(error) => {
+                        wait = (wait * 2).min(MAX_BACKOFF);
+                        tracing::warn!(%error, retry_in = ?wait, "broker still unreachable");
+                    }
+                }
+            };
+            self.shared
+                .counters
+                .reconnects
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!("reconnected to the broker");
         }
     }
 
@@ -219,7 +366,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             .create_channel()
             .await
             .map_err(AmqpError::broker("open a channel"))?;
-        declare_topology(&channel, &self.shared.queue).await?;
+        declare_topology(&channel, &self.shared.queue, &self.shared.policy.retry).await?;
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
     }
@@ -234,14 +381,37 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         connection: &Connection,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AmqpError> {
+        let stop = CancellationToken::new();
+        self.shared.health.set_live(true);
+        let ran = {
+            let run = self.run_until(connection, &stop);
+            tokio::pin!(run, shutdown);
+            tokio::select! {
+                ran = &mut run => ran,
+                () = &mut shutdown => {
+                    stop.cancel();
+                    run.await
+                }
+            }
+        };
+        self.shared.health.set_live(false);
+        ran
+    }
+
+    /// [`Consumer::run`] on one connection until `stop` is cancelled or the connection is lost.
+    async fn run_until(
+        &self,
+        connection: &Connection,
+        stop: &CancellationToken,
+    ) -> Result<(), AmqpError> {
         let queue = self.shared.queue.as_str();
         let channel = connection
             .create_channel()
             .await
             .map_err(AmqpError::broker("open the consume channel"))?;
-        declare_topology(&channel, queue).await?;
-        // Dead letters go out on their own channel in confirm mode: the confirm is what makes it
-        // safe to ack the original.
+        declare_topology(&channel, queue, &self.shared.policy.retry).await?;
+        // Dead letters and retries go out on their own channel in confirm mode: the confirm is
+        // what makes it safe to ack the original.
         let publisher = connection
             .create_channel()
             .await
@@ -275,21 +445,24 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             concurrency = self.concurrency,
             "consuming"
         );
+        self.shared.health.set_broker(true);
+        // Cancelled when this run ends, however it ends: deliveries waiting for the database
+        // give up and go back to the broker.
+        let run_over = stop.child_token();
 
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut in_flight = JoinSet::new();
-        tokio::pin!(shutdown);
         let ended = loop {
             // Take a slot first, so at most `concurrency` deliveries are being processed.
             let slot = tokio::select! {
-                () = &mut shutdown => break Ok(()),
+                () = stop.cancelled() => break Ok(()),
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break Ok(()),
                 },
             };
             let next = tokio::select! {
-                () = &mut shutdown => break Ok(()),
+                () = stop.cancelled() => break Ok(()),
                 next = deliveries.next() => next,
             };
             let delivery = match next {
@@ -309,14 +482,17 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             };
             let shared = Arc::clone(&self.shared);
             let publisher = publisher.clone();
+            let run_over = run_over.clone();
             in_flight.spawn(async move {
-                handle_delivery(&shared, &publisher, delivery).await;
+                handle_delivery(&shared, &publisher, delivery, &run_over).await;
                 drop(slot);
             });
             // Reap finished tasks so the set does not grow with the message count.
             while in_flight.try_join_next().is_some() {}
         };
 
+        self.shared.health.set_broker(false);
+        run_over.cancel();
         // Stop the broker from pushing more, then let what is in flight finish and ack.
         if channel.status().connected() {
             if let Err(error) = channel
@@ -349,19 +525,48 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     }
 }
 
-async fn declare_topology(channel: &Channel, queue: &str) -> Result<(), AmqpError> {
-    let dlq = dead_letter_queue(queue);
-    for name in [queue, dlq.as_str()] {
+/// Every queue a consumer of `queue` uses, with its declare arguments: the queue, its
+/// dead-letter queue, and one delay queue per retry delay, whose TTL expires messages back into
+/// `queue` through the default exchange.
+fn topology(queue: &str, retry: &RetryPolicy) -> Vec<(String, FieldTable)> {
+    let mut queues = vec![
+        (queue.to_owned(), FieldTable::default()),
+        (dead_letter_queue(queue), FieldTable::default()),
+    ];
+    for tier in retry.tiers() {
+        let mut arguments = FieldTable::default();
+        let ttl = u32::try_from(tier.as_millis()).unwrap_or(u32::MAX);
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(ttl));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        queues.push((retry_queue(queue, tier), arguments));
+    }
+    queues
+}
+
+async fn declare_topology(
+    channel: &Channel,
+    queue: &str,
+    retry: &RetryPolicy,
+) -> Result<(), AmqpError> {
+    for (name, arguments) in topology(queue, retry) {
         channel
             .queue_declare(
-                name.into(),
+                name.as_str().into(),
                 QueueDeclareOptions::durable(),
-                FieldTable::default(),
+                arguments,
             )
             .await
-            .map_err(AmqpError::broker(format!(
-                "declare queue {name:?} (durable, no arguments)"
-            )))?;
+            .map_err(|source| AmqpError::Topology {
+                queue: name.clone(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -371,13 +576,47 @@ async fn handle_delivery<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     publisher: &Channel,
     delivery: AmqpDelivery,
+    run_over: &CancellationToken,
 ) {
     let metadata = metadata_of(&delivery);
     let span = delivery_span(shared.handler.consumer(), &metadata);
     async {
-        let processed = process(&shared.pool, &shared.handler, Delivery { body: &delivery.data, metadata: &metadata }).await;
+        let (_alone, _beside) = if metadata.redelivered {
+            (Some(shared.suspects_alone.write().await), None)
+        } else {
+            (None, Some(shared.suspects_alone.read().await))
+        };
+        let mut tries_in_place = 0;
+        let outcome = loop {
+            let unit = Delivery {
+                body: &delivery.data,
+                metadata: &metadata,
+                tries_in_place,
+            };
+            let outcome = process(&shared.pool, &shared.handler, unit, &shared.policy)
+                .await
+                .outcome;
+            let Outcome::Unavailable { error } = &outcome else {
+                if !matches!(outcome, Outcome::DeadLetter { .. }) {
+                    shared.health.set_database(true, None);
+                }
+                break outcome;
+            };
+            // Not the message's fault and not an attempt: hold it and try again in place.
+            shared.health.set_database(false, Some(error));
+            let wait = backoff(shared.database_backoff, tries_in_place);
+            tracing::warn!(outcome = "unavailable", %error, retry_in = ?wait, "database unavailable; holding the delivery");
+            tries_in_place += 1;
+            tokio::select! {
+                () = run_over.cancelled() => {
+                    redeliver(shared, &delivery).await;
+                    return;
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        };
         let counters = &shared.counters;
-        match processed.outcome {
+        match outcome {
             Outcome::Applied => {
                 if ack(&delivery, counters).await {
                     counters.applied.fetch_add(1, Ordering::Relaxed);
@@ -392,7 +631,7 @@ async fn handle_delivery<DB: Backend, H: Handler<DB>>(
             }
             Outcome::DeadLetter { reason, error } => {
                 let letter = DeadLetter { reason, error: &error, consumer: shared.handler.consumer(), queue: &shared.queue };
-                match dead_letter::publish(publisher, &delivery.data, &delivery.properties, letter).await {
+                match dead_letter::publish_dead_letter(publisher, &delivery.data, &delivery.properties, &metadata, letter).await {
                     Ok(()) => {
                         if ack(&delivery, counters).await {
                             counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -402,18 +641,36 @@ async fn handle_delivery<DB: Backend, H: Handler<DB>>(
                     Err(publish_error) => {
                         // Not acked, so not lost: it comes back and is dead-lettered then.
                         tracing::error!(%reason, %error, %publish_error, "dead letter not confirmed; handing the message back");
-                        redeliver_later(shared, &delivery).await;
+                        redeliver_later(shared, &delivery, run_over).await;
                     }
                 }
             }
-            Outcome::Retry { error } => {
-                tracing::warn!(outcome = "retry", %error, delay = ?shared.retry_delay, "not applied; handing the message back to try again");
-                redeliver_later(shared, &delivery).await;
+            Outcome::Retry { error, attempts, delay, tier } => {
+                match dead_letter::publish_retry(publisher, &shared.queue, &delivery.data, &delivery.properties, &metadata, &error, attempts, (delay, tier)).await {
+                    Ok(()) => {
+                        if ack(&delivery, counters).await {
+                            counters.retried.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(outcome = "retry", %error, attempts, retry_in = ?delay, "failed; retrying later");
+                        }
+                    }
+                    Err(publish_error) => {
+                        tracing::error!(%error, %publish_error, "retry not confirmed; handing the message back");
+                        redeliver_later(shared, &delivery, run_over).await;
+                    }
+                }
             }
+            Outcome::Unavailable { .. } => {}
         }
     }
     .instrument(span)
     .await;
+}
+
+/// `initial`, doubled per try, at most [`MAX_BACKOFF`].
+fn backoff(initial: Duration, tries: u32) -> Duration {
+    initial
+        .saturating_mul(1u32 << tries.min(16))
+        .min(MAX_BACKOFF)
 }
 
 /// Acks, and says whether the broker got it. A lost ack is never ignored: it is counted and
@@ -434,9 +691,22 @@ async fn ack(delivery: &AmqpDelivery, counters: &Counters) -> bool {
     }
 }
 
-/// Waits `retry_delay`, then nacks with requeue so the broker delivers the message again.
-async fn redeliver_later<DB: Backend, H>(shared: &Shared<DB, H>, delivery: &AmqpDelivery) {
-    tokio::time::sleep(shared.retry_delay).await;
+/// Waits a little (so a broker-side problem does not become a hot loop), then hands the
+/// delivery back.
+async fn redeliver_later<DB: Backend, H>(
+    shared: &Shared<DB, H>,
+    delivery: &AmqpDelivery,
+    run_over: &CancellationToken,
+) {
+    tokio::select! {
+        () = run_over.cancelled() => {}
+        () = tokio::time::sleep(shared.database_backoff) => {}
+    }
+    redeliver(shared, delivery).await;
+}
+
+/// Nacks with requeue: the broker delivers the message again, to this consumer or another.
+async fn redeliver<DB: Backend, H>(shared: &Shared<DB, H>, delivery: &AmqpDelivery) {
     match delivery
         .acker
         .nack(BasicNackOptions {
@@ -454,7 +724,7 @@ async fn redeliver_later<DB: Backend, H>(shared: &Shared<DB, H>, delivery: &Amqp
         Ok(false) | Err(_) => {
             // The channel is gone: the broker requeues every unacked delivery by itself.
             shared.counters.ack_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
+            tracing::warn!(
                 "nack not sent: the channel is closed; the broker will redeliver the message"
             );
         }
@@ -474,6 +744,12 @@ fn metadata_of(delivery: &AmqpDelivery) -> Metadata {
             .map(|id| id.as_str().to_owned()),
         causation_id: None,
         redelivered: delivery.redelivered,
+        kind: properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.as_str().to_owned()),
+        previous_attempts: 0,
+        first_failure: None,
         headers: Default::default(),
     };
     if let Some(headers) = properties.headers() {
@@ -486,11 +762,25 @@ fn metadata_of(delivery: &AmqpDelivery) -> Metadata {
                 AMQPValue::LongInt(n) => n.to_string(),
                 AMQPValue::ShortInt(n) => n.to_string(),
                 AMQPValue::Timestamp(n) => n.to_string(),
+                AMQPValue::LongUInt(n) => n.to_string(),
+                AMQPValue::ShortShortInt(n) => n.to_string(),
+                AMQPValue::ShortShortUInt(n) => n.to_string(),
+                AMQPValue::ShortUInt(n) => n.to_string(),
                 _ => continue,
             };
             metadata.headers.insert(name.as_str().to_owned(), text);
         }
         metadata.causation_id = metadata.headers.get(CAUSATION_HEADER).cloned();
+        // idem's own retry bookkeeping; a value that does not parse counts as none.
+        metadata.previous_attempts = metadata
+            .headers
+            .get(ATTEMPTS_HEADER)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        metadata.first_failure = metadata
+            .headers
+            .get(FIRST_FAILURE_HEADER)
+            .and_then(|n| n.parse().ok());
     }
     metadata
 }

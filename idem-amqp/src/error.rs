@@ -37,6 +37,16 @@ pub enum AmqpError {
         source: lapin::Error,
     },
 
+    /// A queue could not be declared.
+    #[error("cannot declare queue {queue:?}: {source}. If it already exists with other arguments (say, a delay queue with another TTL), delete it or pick another queue name")]
+    Topology {
+        /// The queue.
+        queue: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+
     /// The consumer stream ended because the channel or connection closed under it.
     #[error("the RabbitMQ consumer on queue {queue:?} stopped: {reason}. Unacknowledged deliveries return to the queue and are deduplicated on redelivery")]
     ConsumerLost {

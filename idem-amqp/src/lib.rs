@@ -7,22 +7,27 @@
 //! | outcome | what the adapter does |
 //! | --- | --- |
 //! | applied / duplicate | ack (the result is checked; a failed ack is logged and counted) |
-//! | malformed, missing key, handler error | publish to `<queue>.dlq` with `x-idem-reason`, wait for the broker's confirm, then ack |
-//! | database unreachable, commit outcome unknown | wait `retry_delay`, then nack with requeue |
+//! | transient handler failure, attempts left | publish to the delay queue `<queue>.retry.<delay>` with `x-idem-attempts`, wait for the confirm, then ack; the queue's TTL routes it back |
+//! | malformed, missing key, permanent failure, retries exhausted, key conflict, crash loop | publish to `<queue>.dlq` with `x-idem-reason`, wait for the broker's confirm, then ack |
+//! | database unreachable, commit outcome unknown | hold the delivery and run it again with backoff (1 s doubling to 30 s); not an attempt |
 //!
-//! The stop is graceful: on the shutdown future it cancels the consumer, lets in-flight
-//! deliveries finish and ack, and closes its channels.
+//! [`Consumer::serve`] reconnects by itself after a broker restart or a forced close. The stop
+//! is graceful: on the shutdown future it cancels the consumer, lets in-flight deliveries finish
+//! and ack, and closes its channels.
 
 mod connect;
 mod consumer;
 mod dead_letter;
 mod error;
+mod health;
 
 pub use connect::{connect, shutdown_signal};
 pub use consumer::{Consumer, ConsumerBuilder, Stats, CAUSATION_HEADER};
 pub use dead_letter::{
-    dead_letter_queue, CONSUMER_HEADER, ERROR_HEADER, FAILED_AT_HEADER, QUEUE_HEADER, REASON_HEADER,
+    dead_letter_queue, retry_queue, ATTEMPTS_HEADER, CONSUMER_HEADER, ERROR_HEADER,
+    FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER, QUEUE_HEADER, REASON_HEADER,
 };
 pub use error::AmqpError;
+pub use health::Health;
 /// The lapin version idem is built on.
 pub use lapin;

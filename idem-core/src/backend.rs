@@ -18,15 +18,46 @@ pub trait Backend: sqlx::Database + Sized {
     /// Begins the transaction of one unit of work.
     async fn begin(pool: &Pool<Self>) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error>;
 
-    /// Claims `(consumer, key)` in the ledger. `Ok(true)`: first time, go on; `Ok(false)`: already
-    /// processed (committed by someone else), skip. On PostgreSQL a concurrent claim of the same
-    /// key waits here until the other transaction ends.
+    /// Claims `(consumer, key)` in the ledger, remembering the payload's fingerprint. On
+    /// PostgreSQL a concurrent claim of the same key waits here until the other transaction ends.
     async fn claim(
         conn: &mut Self::Connection,
         consumer: &str,
         key: &str,
         payload_hash: &[u8],
-    ) -> Result<bool, sqlx::Error>;
+    ) -> Result<Claim, sqlx::Error>;
+
+    /// Counts one more redelivery of `(consumer, key)` whose processing is starting, in its own
+    /// short transaction (so the count survives the process dying during the handler), and
+    /// returns the count so far.
+    async fn count_redelivery(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<u32, sqlx::Error>;
+
+    /// Drops the redelivery count of `(consumer, key)`, inside the unit of work's transaction:
+    /// the message got through.
+    async fn forget_redeliveries(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        key: &str,
+    ) -> Result<(), sqlx::Error>;
+}
+
+/// What the ledger said to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// First time for this key: go on with the handler.
+    Claimed,
+    /// Already processed with the same payload: skip, acknowledge.
+    Duplicate,
+    /// Already processed with a different payload: the first effect stands, this one is
+    /// dead-lettered `key-conflict`.
+    Conflict {
+        /// The fingerprint the ledger holds.
+        stored: Vec<u8>,
+    },
 }
 
 /// One step of idem's own schema, tracked in `idem_migrations` (not `_sqlx_migrations`, which
@@ -38,24 +69,46 @@ struct Migration {
     sqlite: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "dedup ledger",
-    postgres: "CREATE TABLE IF NOT EXISTS idem_ledger (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "dedup ledger",
+        postgres: "CREATE TABLE IF NOT EXISTS idem_ledger (
         consumer     TEXT        NOT NULL,
         key          TEXT        NOT NULL,
         payload_hash BYTEA       NOT NULL,
         processed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (consumer, key)
     )",
-    sqlite: "CREATE TABLE IF NOT EXISTS idem_ledger (
+        sqlite: "CREATE TABLE IF NOT EXISTS idem_ledger (
         consumer     TEXT NOT NULL,
         key          TEXT NOT NULL,
         payload_hash BLOB NOT NULL,
         processed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
         PRIMARY KEY (consumer, key)
     ) WITHOUT ROWID",
-}];
+    },
+    Migration {
+        version: 2,
+        description: "crash-loop redelivery counts",
+        postgres: "CREATE TABLE IF NOT EXISTS idem_redeliveries (
+            consumer TEXT        NOT NULL,
+            key      TEXT        NOT NULL,
+            count    BIGINT      NOT NULL,
+            first_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            last_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (consumer, key)
+        )",
+        sqlite: "CREATE TABLE IF NOT EXISTS idem_redeliveries (
+            consumer TEXT    NOT NULL,
+            key      TEXT    NOT NULL,
+            count    INTEGER NOT NULL,
+            first_at TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+            last_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+            PRIMARY KEY (consumer, key)
+        ) WITHOUT ROWID",
+    },
+];
 
 impl Migration {
     fn failed(&self, backend: &'static str, source: sqlx::Error) -> Error {
@@ -129,18 +182,62 @@ macro_rules! migrate_in {
     }};
 }
 
-/// `INSERT .. ON CONFLICT DO NOTHING`: one round trip, and the row count says who won.
+/// `INSERT .. ON CONFLICT DO NOTHING`: one round trip, and the row count says who won. Only a
+/// loser reads the stored fingerprint (a second round trip, off the hot path).
 macro_rules! claim_in {
     ($conn:expr, $consumer:expr, $key:expr, $payload_hash:expr) => {{
+        let conn = $conn;
         let done = sqlx::query(
             "INSERT INTO idem_ledger (consumer, key, payload_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
         .bind($consumer)
         .bind($key)
         .bind($payload_hash)
-        .execute($conn)
+        .execute(&mut *conn)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() == 1 {
+            return Ok(Claim::Claimed);
+        }
+        let stored: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT payload_hash FROM idem_ledger WHERE consumer = $1 AND key = $2",
+        )
+        .bind($consumer)
+        .bind($key)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(match stored {
+            Some(stored) if stored != $payload_hash => Claim::Conflict { stored },
+            _ => Claim::Duplicate,
+        })
+    }};
+}
+
+/// An upsert that returns the new count; autocommitted, so it is its own transaction.
+macro_rules! count_redelivery_in {
+    ($pool:expr, $consumer:expr, $key:expr, $now:literal) => {{
+        let count: i64 = sqlx::query_scalar(concat!(
+            "INSERT INTO idem_redeliveries (consumer, key, count) VALUES ($1, $2, 1)
+             ON CONFLICT (consumer, key) DO UPDATE
+             SET count = idem_redeliveries.count + 1, last_at = ",
+            $now,
+            " RETURNING CAST(count AS BIGINT)"
+        ))
+        .bind($consumer)
+        .bind($key)
+        .fetch_one($pool)
+        .await?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }};
+}
+
+macro_rules! forget_redeliveries_in {
+    ($conn:expr, $consumer:expr, $key:expr) => {{
+        sqlx::query("DELETE FROM idem_redeliveries WHERE consumer = $1 AND key = $2")
+            .bind($consumer)
+            .bind($key)
+            .execute($conn)
+            .await?;
+        Ok(())
     }};
 }
 
@@ -198,8 +295,24 @@ impl Backend for sqlx::Postgres {
         consumer: &str,
         key: &str,
         payload_hash: &[u8],
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Claim, sqlx::Error> {
         claim_in!(conn, consumer, key, payload_hash)
+    }
+
+    async fn count_redelivery(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<u32, sqlx::Error> {
+        count_redelivery_in!(pool, consumer, key, "now()")
+    }
+
+    async fn forget_redeliveries(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        key: &str,
+    ) -> Result<(), sqlx::Error> {
+        forget_redeliveries_in!(conn, consumer, key)
     }
 }
 
@@ -265,7 +378,23 @@ impl Backend for sqlx::Sqlite {
         consumer: &str,
         key: &str,
         payload_hash: &[u8],
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Claim, sqlx::Error> {
         claim_in!(conn, consumer, key, payload_hash)
+    }
+
+    async fn count_redelivery(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<u32, sqlx::Error> {
+        count_redelivery_in!(pool, consumer, key, "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')")
+    }
+
+    async fn forget_redeliveries(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        key: &str,
+    ) -> Result<(), sqlx::Error> {
+        forget_redeliveries_in!(conn, consumer, key)
     }
 }

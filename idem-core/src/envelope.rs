@@ -16,6 +16,14 @@ pub struct Metadata {
     pub causation_id: Option<String>,
     /// The broker's redelivery flag: an earlier delivery of this message was not acknowledged.
     pub redelivered: bool,
+    /// The message kind the producer declared (AMQP `type`). When present it must be the
+    /// handler's [`Message::KIND`](crate::Message::KIND); a message of another kind is dead-lettered.
+    pub kind: Option<String>,
+    /// Attempts already made at this message that failed transiently (idem's own header
+    /// `x-idem-attempts`, not the broker's redelivery count); 0 on first delivery.
+    pub previous_attempts: u32,
+    /// When the first of those attempts failed, in seconds since the Unix epoch.
+    pub first_failure: Option<u64>,
     /// Application headers whose values are text or numbers, rendered as text.
     pub headers: BTreeMap<String, String>,
 }
@@ -27,4 +35,7 @@ pub struct Delivery<'a> {
     pub body: &'a [u8],
     /// What the transport said about it.
     pub metadata: &'a Metadata,
+    /// How many times this very delivery was already tried in place, while the database was
+    /// unreachable. Only the first try counts a redelivery toward the crash-loop limit.
+    pub tries_in_place: u32,
 }

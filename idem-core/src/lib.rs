@@ -10,23 +10,27 @@
 #![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(unused))]
 
 mod backend;
+mod classify;
 mod envelope;
 mod error;
 mod handler;
 mod key;
 mod message;
+mod policy;
 mod tx;
 mod unit;
 
 pub use async_trait::async_trait;
-pub use backend::Backend;
+pub use backend::{Backend, Claim};
 pub use envelope::{Delivery, Metadata};
 pub use error::{redact_url, Error};
-pub use handler::{BoxError, Handler, HandlerError};
+pub use handler::{BoxError, ErrorClass, ErrorClassExt, Handler, HandlerError};
 pub use key::{Key, KeyError, KeyField};
 pub use message::{
-    decode_json, json_value_parses_as, DecodeError, DecodeErrorKind, JsonKeyField, Message,
+    decode_json, json_fingerprint, json_value_parses_as, DecodeError, DecodeErrorKind,
+    JsonKeyField, Message,
 };
+pub use policy::{Policy, RetryPolicy};
 /// The sqlx crate idem-core is built on.
 pub use sqlx;
 pub use tx::Tx;

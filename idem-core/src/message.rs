@@ -2,6 +2,7 @@
 
 use crate::key::{Key, KeyError};
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
 
 /// A message a handler consumes.
 ///
@@ -24,6 +25,58 @@ pub trait Message: Sized + Send + 'static {
     /// The idempotency key carried in the message itself, or `Ok(None)` to use the transport's
     /// message id.
     fn key(&self) -> Result<Option<Key>, KeyError>;
+
+    /// What the ledger remembers of a body to tell a duplicate (same key, same payload: a silent
+    /// no-op) from a key conflict (same key, different payload: dead-lettered). The default
+    /// hashes the bytes; `#[derive(Message)]` hashes canonical JSON, so that key order and
+    /// whitespace do not make a conflict.
+    fn fingerprint(body: &[u8]) -> [u8; 32] {
+        Sha256::digest(body).into()
+    }
+}
+
+/// SHA-256 of the body's canonical JSON (object keys sorted, no whitespace); of the bytes when
+/// the body is not JSON. What `#[derive(Message)]` uses for [`Message::fingerprint`].
+pub fn json_fingerprint(body: &[u8]) -> [u8; 32] {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Sha256::digest(body).into();
+    };
+    let mut hasher = Sha256::new();
+    canonical_json(&value, &mut hasher);
+    hasher.finalize().into()
+}
+
+fn canonical_json(value: &serde_json::Value, out: &mut Sha256) {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => {
+            // Sorted here rather than trusting the map's order: another crate in the build may
+            // turn on serde_json's `preserve_order`.
+            let mut fields: Vec<_> = object.iter().collect();
+            fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.update(b"{");
+            for (i, (name, value)) in fields.into_iter().enumerate() {
+                if i > 0 {
+                    out.update(b",");
+                }
+                out.update(Value::String(name.clone()).to_string().as_bytes());
+                out.update(b":");
+                canonical_json(value, out);
+            }
+            out.update(b"}");
+        }
+        Value::Array(items) => {
+            out.update(b"[");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.update(b",");
+                }
+                canonical_json(item, out);
+            }
+            out.update(b"]");
+        }
+        scalar => out.update(scalar.to_string().as_bytes()),
+    }
 }
 
 /// Why a body did not become a message.
@@ -86,6 +139,37 @@ pub fn json_value_parses_as<F: DeserializeOwned>(value: &serde_json::Value) -> b
     F::deserialize(value).is_ok()
 }
 
+/// The deepest JSON nesting of arrays and objects a message may have.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// `Some(depth)` once the nesting of `[`/`{` outside strings passes `limit`.
+fn nesting_over(body: &[u8], limit: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Some(depth);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Decodes a JSON body into `T`; what `#[derive(Message)]` calls.
 ///
 /// When decoding fails, the body is looked at once more (only on this error path) so that a
@@ -99,6 +183,13 @@ pub fn decode_json<T: DeserializeOwned>(
         return Err(DecodeError::malformed(
             "the body is empty; expected a JSON object",
         ));
+    }
+    // serde_json skips unknown fields without a depth limit; a message nested this deep is an
+    // attack or a bug, not a payment.
+    if let Some(depth) = nesting_over(body, MAX_JSON_DEPTH) {
+        return Err(DecodeError::malformed(format!(
+            "the JSON is nested more than {MAX_JSON_DEPTH} levels deep (at least {depth})"
+        )));
     }
     let error = match serde_json::from_slice::<T>(body) {
         Ok(message) => return Ok(message),
@@ -159,6 +250,20 @@ mod tests {
     }
 
     #[test]
+    fn fingerprint_ignores_key_order_and_whitespace_not_values() {
+        let a =
+            json_fingerprint(br#"{"payment_id":"p1","amount_cents":5,"meta":{"b":1,"a":[1,2]}}"#);
+        let b = json_fingerprint(
+            br#"{ "meta": {"a": [1, 2], "b": 1}, "amount_cents": 5, "payment_id": "p1" }"#,
+        );
+        let c =
+            json_fingerprint(br#"{"payment_id":"p1","amount_cents":6,"meta":{"b":1,"a":[1,2]}}"#);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(json_fingerprint(b"not json"), json_fingerprint(b"not json"));
+    }
+
+    #[test]
     fn classifies_bad_bodies() {
         let id = "7b0c2a4e-8a3e-4a53-9a52-1f7f2d8a0c11";
         assert_eq!(
@@ -183,6 +288,18 @@ mod tests {
             kind(&format!(r#"{{"payment_id":"{id}","amount_cents":"5"}}"#)),
             Some(DecodeErrorKind::Malformed)
         );
+        let deep = format!(
+            r#"{{"payment_id":"{id}","amount_cents":5,"x":{}{}}}"#,
+            "[".repeat(65),
+            "]".repeat(65)
+        );
+        assert_eq!(kind(&deep), Some(DecodeErrorKind::Malformed));
+        let brackets_in_strings = format!(
+            r#"{{"payment_id":"{id}","amount_cents":5,"note":"{}\\\"{}"}}"#,
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert_eq!(kind(&brackets_in_strings), None);
         let invalid_utf8 = decode_json::<Payment>(&[0x7b, 0xff, 0xfe], KEY)
             .err()
             .map(|e| e.kind);

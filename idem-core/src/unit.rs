@@ -3,36 +3,49 @@
 //! The transport adapter acts on the returned [`Outcome`] (ack, dead-letter, deliver again); it
 //! never opens, commits or rolls back a transaction itself.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Claim};
+use crate::classify::is_unavailable;
 use crate::envelope::{Delivery, Metadata};
-use crate::handler::Handler;
+use crate::handler::{ErrorClass, Handler};
 use crate::key::{Key, KeyError};
 use crate::message::{DecodeErrorKind, Message};
+use crate::policy::Policy;
 use crate::tx::Tx;
 use futures_util::FutureExt;
-use sha2::{Digest, Sha256};
 use sqlx::Pool;
 use std::panic::AssertUnwindSafe;
+use std::time::Duration;
 
 /// Why a message was dead-lettered; the `x-idem-reason` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Reason {
-    /// The body did not decode into the message type.
+    /// The body did not decode into the message type: empty, not UTF-8, not JSON, wrong shape or
+    /// values, too deeply nested, over the size limit, or of another message kind.
     Malformed,
-    /// The message has no usable idempotency key.
+    /// The message has no usable idempotency key: absent, null, not parsable, too long.
     MissingKey,
-    /// The handler returned an error (or panicked); everything was rolled back.
+    /// The handler failed permanently; everything was rolled back.
     Rejected,
+    /// The handler failed transiently on every attempt the retry policy allows.
+    RetriesExhausted,
+    /// The key was already applied with a different payload; the first effect stands.
+    KeyConflict,
+    /// The message kept coming back after its handling was cut short (the process died).
+    CrashLoop,
 }
 
 impl Reason {
-    /// The header value: `malformed`, `missing-key`, `rejected`.
+    /// The header value: `malformed`, `missing-key`, `rejected`, `retries-exhausted`,
+    /// `key-conflict`, `crash-loop`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
             Self::MissingKey => "missing-key",
             Self::Rejected => "rejected",
+            Self::RetriesExhausted => "retries-exhausted",
+            Self::KeyConflict => "key-conflict",
+            Self::CrashLoop => "crash-loop",
         }
     }
 }
@@ -48,7 +61,8 @@ impl std::fmt::Display for Reason {
 pub enum Outcome {
     /// Ledger claim and effect committed together: acknowledge.
     Applied,
-    /// The key was already in the ledger: the handler did not run; acknowledge.
+    /// The key was already in the ledger with the same payload: the handler did not run;
+    /// acknowledge.
     Duplicate,
     /// Nothing was applied and trying again cannot help: publish to the dead-letter queue, then
     /// acknowledge.
@@ -58,10 +72,22 @@ pub enum Outcome {
         /// What went wrong, for the `x-idem-error` header.
         error: String,
     },
-    /// Nothing is known to be applied and the cause is outside the message (database
-    /// unreachable, commit outcome unknown): deliver it again later. The ledger makes a retry of
-    /// something that did commit a no-op.
+    /// The handler failed transiently and the retry policy allows another attempt: publish the
+    /// message to the delay queue of `tier` (with `attempts` in idem's header), then acknowledge.
     Retry {
+        /// What went wrong.
+        error: String,
+        /// Attempts made so far, this one included.
+        attempts: u32,
+        /// How long to wait, jitter applied (at most `tier`).
+        delay: Duration,
+        /// Which delay queue: one of [`RetryPolicy::tiers`](crate::RetryPolicy::tiers).
+        tier: Duration,
+    },
+    /// The database is unreachable, or a commit's outcome is unknown: nothing to blame the
+    /// message for and no attempt counted. Hold the delivery and run it again later; the ledger
+    /// makes a second run of something that did commit a no-op.
+    Unavailable {
         /// What went wrong.
         error: String,
     },
@@ -91,15 +117,46 @@ pub fn delivery_span(consumer: &str, metadata: &Metadata) -> tracing::Span {
 
 /// Runs one delivery through `handler` as a single transaction.
 ///
-/// decode → BEGIN → claim `(consumer, key)` → handler → COMMIT. A key already claimed rolls back
-/// without running the handler; a handler error or panic rolls back everything, the claim
-/// included. The caller acknowledges only after this returns [`Outcome::Applied`] or
-/// [`Outcome::Duplicate`] (or after the dead letter is confirmed).
+/// check size and kind → decode → (redelivered: count it toward the crash-loop limit, in its own
+/// transaction) → BEGIN → claim `(consumer, key)` → handler → COMMIT. A key already claimed with
+/// the same payload rolls back without running the handler; with another payload it is a key
+/// conflict. A handler error or panic rolls back everything, the claim included, and the error's
+/// class and `policy` decide between a retry and the dead-letter queue. The caller acknowledges
+/// only after [`Outcome::Applied`] or [`Outcome::Duplicate`], or once the dead letter or retry it
+/// published is confirmed.
 pub async fn process<DB: Backend, H: Handler<DB>>(
     pool: &Pool<DB>,
     handler: &H,
     delivery: Delivery<'_>,
+    policy: &Policy,
 ) -> Processed {
+    let metadata = delivery.metadata;
+    let dead = |reason, error: String| Processed {
+        key: None,
+        outcome: Outcome::DeadLetter { reason, error },
+    };
+    if delivery.body.len() > policy.max_body_bytes {
+        return dead(
+            Reason::Malformed,
+            format!(
+                "the body is {} bytes, over the limit of {} (max_body_bytes)",
+                delivery.body.len(),
+                policy.max_body_bytes
+            ),
+        );
+    }
+    if let Some(kind) = metadata.kind.as_deref() {
+        if kind != H::Message::KIND {
+            return dead(
+                Reason::Malformed,
+                format!(
+                    "the message kind (AMQP type) is {kind:?}, but consumer {:?} handles {:?}: it was published to the wrong queue",
+                    handler.consumer(),
+                    H::Message::KIND
+                ),
+            );
+        }
+    }
     let message = match H::Message::decode(delivery.body) {
         Ok(message) => message,
         Err(error) => {
@@ -107,27 +164,24 @@ pub async fn process<DB: Backend, H: Handler<DB>>(
                 DecodeErrorKind::Malformed => Reason::Malformed,
                 DecodeErrorKind::MissingKey => Reason::MissingKey,
             };
-            return Processed {
-                key: None,
-                outcome: Outcome::DeadLetter {
-                    reason,
-                    error: error.detail,
-                },
-            };
+            return dead(reason, error.detail);
         }
     };
-    let key = match key_of(&message, delivery.metadata) {
+    let key = match key_of(&message, metadata) {
         Ok(key) => key,
-        Err(error) => {
-            let outcome = Outcome::DeadLetter {
-                reason: Reason::MissingKey,
-                error: error.to_string(),
-            };
-            return Processed { key: None, outcome };
-        }
+        Err(error) => return dead(Reason::MissingKey, error.to_string()),
     };
-    tracing::Span::current().record("key", key.as_str());
-    let outcome = run_transaction(pool, handler, &key, message, delivery).await;
+    if delivery.tries_in_place == 0 {
+        tracing::Span::current().record("key", key.as_str());
+    }
+    let outcome =
+        match crash_loop_check::<DB>(pool, handler.consumer(), &key, delivery, policy).await {
+            Ok(counted) => {
+                let result = run_transaction(pool, handler, &key, message, delivery, counted).await;
+                outcome_of(result, metadata, policy)
+            }
+            Err(outcome) => outcome,
+        };
     Processed {
         key: Some(key),
         outcome,
@@ -141,33 +195,136 @@ fn key_of<M: Message>(message: &M, metadata: &Metadata) -> Result<Key, KeyError>
     }
 }
 
+/// A redelivered message may be the one whose handling killed the process last time. Counting
+/// it in a transaction of its own, before the handler runs, is what survives the next crash.
+/// `Ok(true)`: counted (the unit of work clears the count when it gets through).
+async fn crash_loop_check<DB: Backend>(
+    pool: &Pool<DB>,
+    consumer: &str,
+    key: &Key,
+    delivery: Delivery<'_>,
+    policy: &Policy,
+) -> Result<bool, Outcome> {
+    if !delivery.metadata.redelivered || delivery.tries_in_place > 0 {
+        return Ok(false);
+    }
+    match DB::count_redelivery(pool, consumer, key.as_str()).await {
+        Ok(count) if count > policy.crash_loop_limit => Err(Outcome::DeadLetter {
+            reason: Reason::CrashLoop,
+            error: format!(
+                "redelivered {count} times after its handling was cut short (the process died or lost its connection mid-message), over the limit of {} (crash_loop_limit); the last run may have crashed the consumer",
+                policy.crash_loop_limit
+            ),
+        }),
+        Ok(_) => Ok(true),
+        Err(error) => Err(Outcome::Unavailable {
+            error: format!("cannot count the redelivery: {error}"),
+        }),
+    }
+}
+
+/// How the transaction ended, before the retry policy has its say.
+enum Ended {
+    Applied,
+    Duplicate,
+    Conflict(String),
+    Unavailable(String),
+    Failed { class: ErrorClass, error: String },
+}
+
+fn outcome_of(ended: Ended, metadata: &Metadata, policy: &Policy) -> Outcome {
+    match ended {
+        Ended::Applied => Outcome::Applied,
+        Ended::Duplicate => Outcome::Duplicate,
+        Ended::Conflict(error) => Outcome::DeadLetter {
+            reason: Reason::KeyConflict,
+            error,
+        },
+        Ended::Unavailable(error) => Outcome::Unavailable { error },
+        Ended::Failed {
+            class: ErrorClass::Permanent,
+            error,
+        } => Outcome::DeadLetter {
+            reason: Reason::Rejected,
+            error,
+        },
+        Ended::Failed {
+            class: ErrorClass::Transient,
+            error,
+        } => {
+            let attempts = metadata.previous_attempts.saturating_add(1);
+            let retry = &policy.retry;
+            if attempts >= retry.attempts() {
+                return Outcome::DeadLetter {
+                    reason: Reason::RetriesExhausted,
+                    error: format!("attempt {attempts} of {}: {error}", retry.attempts()),
+                };
+            }
+            Outcome::Retry {
+                error,
+                attempts,
+                delay: retry.jittered(attempts, rand::random::<f64>()),
+                tier: retry.delay_after(attempts),
+            }
+        }
+    }
+}
+
 async fn run_transaction<DB: Backend, H: Handler<DB>>(
     pool: &Pool<DB>,
     handler: &H,
     key: &Key,
     message: H::Message,
     delivery: Delivery<'_>,
-) -> Outcome {
+    crash_counted: bool,
+) -> Ended {
     let consumer = handler.consumer();
     let mut transaction = match DB::begin(pool).await {
         Ok(transaction) => transaction,
         Err(error) => {
-            return Outcome::Retry {
-                error: format!("cannot begin a transaction: {error}"),
-            }
+            return Ended::Unavailable(format!("cannot begin a transaction: {error}"));
         }
     };
-    let payload_hash = Sha256::digest(delivery.body);
-    match DB::claim(&mut transaction, consumer, key.as_str(), &payload_hash).await {
-        Ok(true) => {}
-        Ok(false) => {
-            rollback(transaction).await;
-            return Outcome::Duplicate;
-        }
+    // Errors in idem's own statements are never the message's fault: the database is away,
+    // or not what idem expects; either way, wait for it rather than blame the message.
+    let fingerprint = H::Message::fingerprint(delivery.body);
+    let claim = match DB::claim(&mut transaction, consumer, key.as_str(), &fingerprint).await {
+        Ok(claim) => claim,
         Err(error) => {
             rollback(transaction).await;
-            return Outcome::Retry {
-                error: format!("cannot claim the key in the ledger: {error}"),
+            return Ended::Unavailable(format!("cannot claim the key in the ledger: {error}"));
+        }
+    };
+    if crash_counted {
+        // In this transaction: if it commits, the message got through and the count goes with it.
+        if let Err(error) = DB::forget_redeliveries(&mut transaction, consumer, key.as_str()).await
+        {
+            rollback(transaction).await;
+            return Ended::Unavailable(format!("cannot clear the redelivery count: {error}"));
+        }
+    }
+    match claim {
+        Claim::Claimed => {}
+        Claim::Duplicate | Claim::Conflict { .. } => {
+            let committed = if crash_counted {
+                transaction
+                    .commit()
+                    .await
+                    .map_err(|error| error.to_string())
+            } else {
+                rollback(transaction).await;
+                Ok(())
+            };
+            if let Err(error) = committed {
+                return Ended::Unavailable(format!("cannot clear the redelivery count: {error}"));
+            }
+            return match claim {
+                Claim::Conflict { stored } => Ended::Conflict(format!(
+                    "key {key} was already applied with a different payload (ledger fingerprint {}, this message {}); the first effect stands",
+                    hex(&stored),
+                    hex(&fingerprint)
+                )),
+                _ => Ended::Duplicate,
             };
         }
     }
@@ -179,29 +336,30 @@ async fn run_transaction<DB: Backend, H: Handler<DB>>(
     };
     match handled {
         Ok(Ok(())) => match transaction.commit().await {
-            Ok(()) => Outcome::Applied,
-            // The commit may or may not have landed; redelivery will find the claim if it did.
-            Err(error) => Outcome::Retry {
-                error: format!("commit failed, outcome unknown: {error}"),
-            },
+            Ok(()) => Ended::Applied,
+            // The commit may or may not have landed; the next run will find the claim if it did.
+            Err(error) => Ended::Unavailable(format!("commit failed, outcome unknown: {error}")),
         },
         Ok(Err(error)) => {
             rollback(transaction).await;
-            if is_connection_failure(error.source_error()) {
-                Outcome::Retry {
-                    error: format!("the database connection failed in the handler: {error}"),
-                }
+            let text = error.to_string();
+            if error.explicit_class().is_none() && is_unavailable(error.source_error()) {
+                Ended::Unavailable(format!(
+                    "the database connection failed in the handler: {text}"
+                ))
             } else {
-                Outcome::DeadLetter {
-                    reason: Reason::Rejected,
-                    error: error.to_string(),
+                Ended::Failed {
+                    class: error.class(),
+                    error: text,
                 }
             }
         }
         Err(panic) => {
             rollback(transaction).await;
-            Outcome::DeadLetter {
-                reason: Reason::Rejected,
+            // A panic is a bug or a broken assumption, not a verdict on the message: retry it,
+            // and let the retry policy dead-letter it if it keeps panicking.
+            Ended::Failed {
+                class: ErrorClass::Transient,
                 error: format!("the handler panicked: {}", panic_text(&*panic)),
             }
         }
@@ -216,19 +374,13 @@ async fn rollback<DB: Backend>(transaction: sqlx::Transaction<'static, DB>) {
     }
 }
 
-/// Errors that say the database is away, not that this message is bad.
-fn is_connection_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    matches!(
-        error.downcast_ref::<sqlx::Error>(),
-        Some(
-            sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-                | sqlx::Error::Protocol(_)
-        )
-    )
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        + "…"
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {

@@ -178,6 +178,10 @@ fn implement(
             > {
                 #key_of
             }
+
+            fn fingerprint(body: &[::core::primitive::u8]) -> [::core::primitive::u8; 32] {
+                ::idem::__private::json_fingerprint(body)
+            }
         }
     }
 }

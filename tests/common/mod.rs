@@ -6,6 +6,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proxy;
+
 use futures_util::FutureExt;
 use idem::amqp::lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -13,8 +15,8 @@ use idem::amqp::lapin::options::{
 };
 use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::lapin::{BasicProperties, Connection};
-use idem::amqp::{AmqpError, Consumer};
-use idem::{async_trait, Backend, Handler, HandlerError, Postgres, Sqlite, Tx};
+use idem::amqp::{AmqpError, Consumer, ConsumerBuilder};
+use idem::{async_trait, Backend, Handler, HandlerError, Postgres, RetryPolicy, Sqlite, Tx};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,6 +75,8 @@ pub trait TestDb: Backend {
     async fn effects(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64;
     /// Whether the ledger holds `(consumer, key)`.
     async fn claimed(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> bool;
+    /// The amount of the (first) effect row `consumer` wrote for `key`.
+    async fn amount(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64;
 }
 
 macro_rules! test_db {
@@ -114,6 +118,14 @@ macro_rules! test_db {
                     .await
                     .unwrap()
             }
+            async fn amount(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64 {
+                sqlx::query_scalar("SELECT amount FROM test_effects WHERE consumer = $1 AND key = $2 ORDER BY id LIMIT 1")
+                    .bind(consumer)
+                    .bind(key)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            }
             async fn claimed(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> bool {
                 let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM idem_ledger WHERE consumer = $1 AND key = $2")
                     .bind(consumer)
@@ -143,12 +155,17 @@ test_db!(
     ""
 );
 
-/// A hand-written handler (no macro) with instruments: how often its body ran, and an optional
-/// pause inside the transaction to hold two copies of one message in flight at once.
+/// A hand-written handler (no macro) with instruments: how often its body ran, an optional
+/// pause inside the transaction to hold two copies of one message in flight at once, and
+/// failures to inject (after its write, so a rollback is what keeps it from counting).
 pub struct Recorder<DB> {
     pub consumer: String,
     pub runs: Arc<AtomicUsize>,
     pub pause: Duration,
+    /// Runs left that fail with an error of no particular class (so: transient).
+    pub flaky: Arc<AtomicUsize>,
+    /// Runs left that panic.
+    pub panics: Arc<AtomicUsize>,
     pub _db: std::marker::PhantomData<fn() -> DB>,
 }
 
@@ -158,6 +175,8 @@ impl<DB> Recorder<DB> {
             consumer: consumer.to_owned(),
             runs: Arc::default(),
             pause: Duration::ZERO,
+            flaky: Arc::default(),
+            panics: Arc::default(),
             _db: Default::default(),
         }
     }
@@ -165,6 +184,22 @@ impl<DB> Recorder<DB> {
         self.pause = pause;
         self
     }
+    /// The next `n` runs fail transiently (a deadlock, a timeout: something a retry cures).
+    pub fn failing_transiently(self, n: usize) -> Self {
+        self.flaky.store(n, Ordering::SeqCst);
+        self
+    }
+    /// The next `n` runs panic.
+    pub fn panicking(self, n: usize) -> Self {
+        self.panics.store(n, Ordering::SeqCst);
+        self
+    }
+}
+
+/// Takes one from `left` if it is above zero.
+fn take_one(left: &AtomicUsize) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 #[async_trait]
@@ -178,7 +213,18 @@ impl<DB: TestDb> Handler<DB> for Recorder<DB> {
         DB::insert_effect(tx.conn(), &self.consumer, &transfer).await?;
         tokio::time::sleep(self.pause).await;
         if transfer.fail {
-            return Err(format!("account {} is frozen", transfer.account).into());
+            return Err(HandlerError::permanent(format!(
+                "account {} is frozen",
+                transfer.account
+            )));
+        }
+        if take_one(&self.flaky) {
+            return Err(
+                format!("account {} is locked by another transfer", transfer.account).into(),
+            );
+        }
+        if take_one(&self.panics) {
+            panic!("the ledger service is in an impossible state");
         }
         Ok(())
     }
@@ -191,6 +237,8 @@ pub struct Story<DB: TestDb> {
     pub connection: Connection,
     pub queue: String,
     pub consumer: String,
+    /// The retry policy of the consumers this story runs (fast: 4 attempts, 50 ms doubling).
+    pub retry: RetryPolicy,
 }
 
 impl<DB: TestDb> Story<DB> {
@@ -200,6 +248,8 @@ impl<DB: TestDb> Story<DB> {
             connection: connection().await,
             queue: fresh_queue(story),
             consumer: format!("{story}-{}", &Uuid::new_v4().simple().to_string()[..8]),
+            retry: RetryPolicy::exponential(Duration::from_millis(50), Duration::from_millis(400))
+                .max_attempts(4),
         }
     }
 
@@ -210,13 +260,19 @@ impl<DB: TestDb> Story<DB> {
 
     /// Starts `handler` on this story's queue with default settings.
     pub async fn run<H: Handler<DB>>(&self, handler: H) -> Running<DB, H> {
-        start(
-            Consumer::builder(self.pool.clone(), handler)
-                .queue(&self.queue)
-                .build()
-                .unwrap(),
-        )
-        .await
+        self.run_with(handler, |builder| builder).await
+    }
+
+    /// Starts `handler` on this story's queue with settings changed by `configure`.
+    pub async fn run_with<H: Handler<DB>>(
+        &self,
+        handler: H,
+        configure: impl FnOnce(ConsumerBuilder<DB, H>) -> ConsumerBuilder<DB, H>,
+    ) -> Running<DB, H> {
+        let builder = Consumer::builder(self.pool.clone(), handler)
+            .queue(&self.queue)
+            .retry(self.retry);
+        start(configure(builder).build().unwrap()).await
     }
 
     pub async fn publish(&self, body: &[u8], message_id: Option<&str>) {
@@ -234,7 +290,14 @@ impl<DB: TestDb> Story<DB> {
             0,
             "messages left in the queue"
         );
-        delete_queues(&self.connection, &self.queue).await;
+        for tier in self.retry.tiers() {
+            let delay_queue = idem::amqp::retry_queue(&self.queue, tier);
+            // Absent when this story's consumers ran on other queues.
+            if let Some(left) = queue_depth(&self.connection, &delay_queue).await {
+                assert_eq!(left, 0, "messages left in {delay_queue}");
+            }
+        }
+        delete_queues(&self.connection, &self.queue, &self.retry).await;
     }
 }
 
@@ -262,12 +325,16 @@ pub async fn start<DB: Backend, H: Handler<DB>>(consumer: Consumer<DB, H>) -> Ru
 impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
     /// Waits (30 s at most) until the consumer's counters satisfy `condition`.
     pub async fn wait_until(&self, what: &str, condition: impl Fn(idem::amqp::Stats) -> bool) {
-        let consumer = Arc::clone(&self.consumer);
-        eventually(what, || {
-            let met = condition(consumer.stats());
-            async move { met }
-        })
-        .await
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !condition(self.consumer.stats()) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}; the consumer's stats: {:?}, health: {:?}",
+                self.consumer.stats(),
+                self.consumer.health()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     pub async fn stop(mut self) -> idem::amqp::Stats {
@@ -281,17 +348,28 @@ impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
 
 /// Publishes `body` persistently with publisher confirms.
 pub async fn publish(connection: &Connection, queue: &str, body: &[u8], message_id: Option<&str>) {
+    publish_with(connection, queue, body, message_id, |p| p).await
+}
+
+/// Publishes like [`publish`], with properties changed by `properties`.
+pub async fn publish_with(
+    connection: &Connection,
+    queue: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+    properties: impl FnOnce(BasicProperties) -> BasicProperties,
+) {
     let channel = connection.create_channel().await.unwrap();
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let mut properties = BasicProperties::default()
+    let mut standard = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_correlation_id("test-correlation".into());
     if let Some(id) = message_id {
-        properties = properties.with_message_id(id.into());
+        standard = standard.with_message_id(id.into());
     }
     let confirm = channel
         .basic_publish(
@@ -299,7 +377,7 @@ pub async fn publish(connection: &Connection, queue: &str, body: &[u8], message_
             queue.into(),
             BasicPublishOptions::default(),
             body,
-            properties,
+            properties(standard),
         )
         .await
         .unwrap()
@@ -363,6 +441,7 @@ pub async fn drain_dead_letters(connection: &Connection, queue: &str) -> Vec<Dea
             .filter_map(|(k, v)| match v {
                 AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
                 AMQPValue::Timestamp(t) => Some((k.to_string(), t.to_string())),
+                AMQPValue::LongLongInt(n) => Some((k.to_string(), n.to_string())),
                 _ => None,
             })
             .collect();
@@ -379,8 +458,15 @@ pub async fn drain_dead_letters(connection: &Connection, queue: &str) -> Vec<Dea
 
 /// How many messages are ready in `queue` (passive declare).
 pub async fn ready_messages(connection: &Connection, queue: &str) -> u32 {
+    queue_depth(connection, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+}
+
+/// How many messages are ready in `queue`, or `None` if there is no such queue.
+pub async fn queue_depth(connection: &Connection, queue: &str) -> Option<u32> {
     let channel = connection.create_channel().await.unwrap();
-    let q = channel
+    let declared = channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -389,15 +475,21 @@ pub async fn ready_messages(connection: &Connection, queue: &str) -> u32 {
             },
             FieldTable::default(),
         )
-        .await
-        .unwrap();
+        .await;
+    // A failed passive declare closes the channel itself.
+    let q = declared.ok()?;
     let _ = channel.close(200, "counted".into()).await;
-    q.message_count()
+    Some(q.message_count())
 }
 
-pub async fn delete_queues(connection: &Connection, queue: &str) {
+pub async fn delete_queues(connection: &Connection, queue: &str, retry: &RetryPolicy) {
     let channel = connection.create_channel().await.unwrap();
-    for name in [queue.to_owned(), idem::amqp::dead_letter_queue(queue)] {
+    let delay_queues = retry
+        .tiers()
+        .into_iter()
+        .map(|tier| idem::amqp::retry_queue(queue, tier));
+    let queues = [queue.to_owned(), idem::amqp::dead_letter_queue(queue)];
+    for name in queues.into_iter().chain(delay_queues) {
         let _ = channel
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
             .await;

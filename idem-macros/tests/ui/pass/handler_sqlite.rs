@@ -1,9 +1,9 @@
 //! A handler on SQLite, run through idem's unit of work on an in-memory database: applied once,
-//! then a duplicate; a handler error rolls back and dead-letters with its text.
+//! then a duplicate; a handler error rolls back and is retried, then dead-lettered with its text.
 #![deny(warnings)]
 
 use idem::sqlx;
-use idem::{process, Backend, Delivery, Metadata, Outcome, Reason, Sqlite, Tx};
+use idem::{process, Backend, Delivery, Metadata, Outcome, Policy, Reason, RetryPolicy, Sqlite, Tx};
 
 #[derive(Debug, serde::Deserialize, idem::Message)]
 struct Deposit {
@@ -36,11 +36,22 @@ async fn main() {
     sqlx::query("INSERT INTO balance VALUES (0)").execute(&pool).await.unwrap();
 
     let metadata = Metadata::default();
-    let delivery = Delivery { body: br#"{"deposit_id":1,"cents":5}"#, metadata: &metadata };
-    assert_eq!(process(&pool, &deposit, delivery).await.outcome, Outcome::Applied);
-    assert_eq!(process(&pool, &deposit, delivery).await.outcome, Outcome::Duplicate);
-    match process(&pool, &refuse, delivery).await.outcome {
-        Outcome::DeadLetter { reason: Reason::Rejected, error } => assert_eq!(error, "deposit 1 refused"),
+    let delivery = Delivery { body: br#"{"deposit_id":1,"cents":5}"#, metadata: &metadata, tries_in_place: 0 };
+    let policy = Policy::default();
+    assert_eq!(process(&pool, &deposit, delivery, &policy).await.outcome, Outcome::Applied);
+    assert_eq!(process(&pool, &deposit, delivery, &policy).await.outcome, Outcome::Duplicate);
+    // An error that does not say its class is retried...
+    match process(&pool, &refuse, delivery, &policy).await.outcome {
+        Outcome::Retry { attempts: 1, error, .. } => assert_eq!(error, "deposit 1 refused"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    // ...until the policy's attempts are used up.
+    let mut once = Policy::default();
+    once.retry = RetryPolicy::no_retries();
+    match process(&pool, &refuse, delivery, &once).await.outcome {
+        Outcome::DeadLetter { reason: Reason::RetriesExhausted, error } => {
+            assert_eq!(error, "attempt 1 of 1: deposit 1 refused")
+        }
         other => panic!("expected a dead letter, got {other:?}"),
     }
     let cents: i64 = sqlx::query_scalar("SELECT cents FROM balance").fetch_one(&pool).await.unwrap();

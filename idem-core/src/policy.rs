@@ -1,0 +1,242 @@
+//! What the unit of work does with failing, oversized and crashing deliveries.
+
+use crate::error::Error;
+use std::time::Duration;
+
+/// When and how often a transiently failing message is tried again.
+///
+/// Attempt `n` (1-based) that fails transiently is tried again after
+/// `min(initial_delay * 2^(n-1), max_delay)`, shortened by up to `jitter` of itself so that
+/// messages that failed together do not come back together. After `max_attempts` attempts the
+/// message is dead-lettered with reason `retries-exhausted`.
+///
+/// The transport keeps one delay queue per distinct delay ([`RetryPolicy::tiers`]): a message
+/// waiting 1 s never queues behind one waiting a minute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    initial_delay: Duration,
+    max_delay: Duration,
+    jitter: f64,
+}
+
+/// RabbitMQ's per-queue TTL is a 32-bit count of milliseconds.
+const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
+/// Distinct delays (and so delay queues) a policy may use.
+const MAX_TIERS: usize = 16;
+
+impl Default for RetryPolicy {
+    /// 8 attempts, 1 s doubling to at most 5 min (1, 2, 4 … 64 s: about two minutes in all),
+    /// 20 % jitter.
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Doubling delays from `initial` up to `max`; 8 attempts and 20 % jitter unless set.
+    pub fn exponential(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial_delay: initial,
+            max_delay: max,
+            ..Self::default()
+        }
+    }
+
+    /// No retries: the first transient failure dead-letters the message (`retries-exhausted`).
+    pub fn no_retries() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Attempts in all, the first one included (at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// The share (0 to < 1) by which each delay is randomly shortened.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction;
+        self
+    }
+
+    /// Attempts in all, the first one included.
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// Checks the numbers; the error says what to change.
+    pub fn validate(&self) -> Result<(), Error> {
+        let fail = |what: String| Err(Error::Config(format!("retry policy: {what}")));
+        if self.max_attempts == 0 {
+            return fail("max_attempts must be at least 1 (1 means no retries)".into());
+        }
+        if self.initial_delay < Duration::from_millis(1) {
+            return fail(format!(
+                "the initial delay {:?} must be at least 1 ms",
+                self.initial_delay
+            ));
+        }
+        if self.max_delay < self.initial_delay {
+            return fail(format!(
+                "the maximum delay {:?} is below the initial delay {:?}",
+                self.max_delay, self.initial_delay
+            ));
+        }
+        if self.max_delay > MAX_DELAY {
+            return fail(format!(
+                "the maximum delay {:?} is over RabbitMQ's limit for a queue TTL, {MAX_DELAY:?}",
+                self.max_delay
+            ));
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return fail(format!(
+                "jitter {} must be at least 0 and below 1 (0.2 shortens each delay by up to 20 %)",
+                self.jitter
+            ));
+        }
+        let tiers = self.tiers().len();
+        if tiers > MAX_TIERS {
+            return fail(format!(
+                "{tiers} distinct delays need {tiers} delay queues; at most {MAX_TIERS}: lower max_attempts or the maximum delay"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The delay after failed attempt `attempt` (1-based), before jitter.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(63);
+        let factor = 1u64 << doublings;
+        let millis = (self.initial_delay.as_millis() as u64).saturating_mul(factor);
+        Duration::from_millis(millis).min(self.max_delay)
+    }
+
+    /// Every distinct delay the policy uses, shortest first: one delay queue each.
+    pub fn tiers(&self) -> Vec<Duration> {
+        let mut tiers: Vec<Duration> = (1..self.max_attempts)
+            .map(|attempt| self.delay_after(attempt))
+            .collect();
+        tiers.dedup();
+        tiers
+    }
+
+    /// The delay after failed attempt `attempt`, jittered by `random` (0 to 1).
+    pub(crate) fn jittered(&self, attempt: u32, random: f64) -> Duration {
+        self.delay_after(attempt)
+            .mul_f64(1.0 - self.jitter * random.clamp(0.0, 1.0))
+    }
+}
+
+/// The limits the unit of work applies to every delivery of one consumer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Policy {
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// Bodies over this many bytes are dead-lettered `malformed` without being decoded
+    /// (default 1 MiB).
+    pub max_body_bytes: usize,
+    /// How many times a message may come back redelivered after its handling was cut short
+    /// (the process died, the connection dropped) before it is dead-lettered `crash-loop`
+    /// (default 5).
+    pub crash_loop_limit: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy::default(),
+            max_body_bytes: 1024 * 1024,
+            crash_loop_limit: 5,
+        }
+    }
+}
+
+impl Policy {
+    /// Checks every limit; the error says what to change.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.retry.validate()?;
+        if self.max_body_bytes == 0 {
+            return Err(Error::Config(
+                "max_body_bytes must be at least 1 (the default is 1 MiB)".into(),
+            ));
+        }
+        if self.crash_loop_limit == 0 {
+            return Err(Error::Config(
+                "crash_loop_limit must be at least 1: it is how many cut-short redeliveries a message gets (default 5)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_delays_double_and_each_has_a_tier() {
+        let policy = RetryPolicy::default();
+        let secs: Vec<u64> = policy.tiers().iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64]);
+        assert!(policy.validate().is_ok());
+    }
+
+    #[test]
+    fn delays_stop_at_the_maximum() {
+        let policy = RetryPolicy::exponential(Duration::from_secs(10), Duration::from_secs(30))
+            .max_attempts(10);
+        let secs: Vec<u64> = policy.tiers().iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [10, 20, 30]);
+        assert_eq!(policy.delay_after(9), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn jitter_only_shortens() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.jittered(3, 0.0), Duration::from_secs(4));
+        assert_eq!(policy.jittered(3, 1.0), Duration::from_millis(3200));
+    }
+
+    #[test]
+    fn bad_policies_say_what_to_fix() {
+        let cases = [
+            (RetryPolicy::default().max_attempts(0), "max_attempts"),
+            (RetryPolicy::default().jitter(1.5), "jitter"),
+            (
+                RetryPolicy::exponential(Duration::from_secs(9), Duration::from_secs(1)),
+                "below the initial delay",
+            ),
+            (
+                RetryPolicy::exponential(Duration::ZERO, Duration::from_secs(1)),
+                "at least 1 ms",
+            ),
+            (
+                RetryPolicy::exponential(
+                    Duration::from_millis(1),
+                    Duration::from_secs(86_400 * 60),
+                )
+                .max_attempts(40),
+                "RabbitMQ's limit",
+            ),
+            (
+                RetryPolicy::exponential(Duration::from_millis(1), Duration::from_secs(86_400))
+                    .max_attempts(40),
+                "delay queues",
+            ),
+        ];
+        for (policy, expected) in cases {
+            let error = policy.validate().unwrap_err().to_string();
+            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        }
+    }
+}
