@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -14,24 +15,6 @@ use idem::{Delivery, Metadata, Outcome};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use uuid::Uuid;
-
-/// Runs each story once per ledger backend.
-macro_rules! on_both_backends {
-    ($($story:ident),* $(,)?) => {
-        mod postgres {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $story() {
-                super::$story::<idem::Postgres>().await
-            }
-        )*}
-        mod sqlite {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $story() {
-                super::$story::<idem::Sqlite>().await
-            }
-        )*}
-    };
-}
 
 on_both_backends!(
     the_same_message_published_three_times_applies_once,

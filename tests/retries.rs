@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use common::proxy::{upstream_of, Proxy};
@@ -16,24 +17,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
-
-/// Runs each story once per ledger backend.
-macro_rules! on_both_backends {
-    ($($story:ident),* $(,)?) => {
-        mod postgres {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $story() {
-                super::$story::<idem::Postgres>().await
-            }
-        )*}
-        mod sqlite {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $story() {
-                super::$story::<idem::Sqlite>().await
-            }
-        )*}
-    };
-}
 
 on_both_backends!(
     a_transient_failure_comes_back_through_a_delay_queue_and_applies_once,

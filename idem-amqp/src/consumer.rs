@@ -303,17 +303,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ) -> Result<(), AmqpError> {
         let stop = CancellationToken::new();
         self.shared.health.set_live(true);
-        let served = {
-            let serve = self.serve_until(amqp_url, &stop);
-            tokio::pin!(serve, shutdown);
-            tokio::select! {
-                served = &mut serve => served,
-                () = &mut shutdown => {
-                    stop.cancel();
-                    serve.await
-                }
-            }
-        };
+        let served = stop_on(&stop, self.serve_until(amqp_url, &stop), shutdown).await;
         self.shared.health.set_live(false);
         served
     }
@@ -383,17 +373,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ) -> Result<(), AmqpError> {
         let stop = CancellationToken::new();
         self.shared.health.set_live(true);
-        let ran = {
-            let run = self.run_until(connection, &stop);
-            tokio::pin!(run, shutdown);
-            tokio::select! {
-                ran = &mut run => ran,
-                () = &mut shutdown => {
-                    stop.cancel();
-                    run.await
-                }
-            }
-        };
+        let ran = stop_on(&stop, self.run_until(connection, &stop), shutdown).await;
         self.shared.health.set_live(false);
         ran
     }
@@ -491,6 +471,10 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             while in_flight.try_join_next().is_some() {}
         };
 
+        if ended.is_ok() {
+            // A requested stop, not an outage: say "stopped", not "broker connection down".
+            self.shared.health.set_live(false);
+        }
         self.shared.health.set_broker(false);
         run_over.cancel();
         // Stop the broker from pushing more, then let what is in flight finish and ack.
@@ -522,6 +506,23 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         }
         tracing::info!(queue, stats = ?self.stats(), "consumer stopped");
         ended
+    }
+}
+
+/// Runs `work` to its end; when `shutdown` resolves first, cancels `stop` (which `work` watches
+/// to wind down gracefully) and still waits for `work`.
+async fn stop_on<T>(
+    stop: &CancellationToken,
+    work: impl Future<Output = T>,
+    shutdown: impl Future<Output = ()>,
+) -> T {
+    tokio::pin!(work, shutdown);
+    tokio::select! {
+        done = &mut work => done,
+        () = &mut shutdown => {
+            stop.cancel();
+            work.await
+        }
     }
 }
 

@@ -20,7 +20,8 @@
 #   idem_start_rabbitmq PORT [URL_VAR]     exports IDEM_RABBITMQ_NODE, IDEM_RABBITMQCTL, URL_VAR
 #                                          (URL_VAR defaults to IDEM_TEST_AMQP_URL)
 #   idem_rabbitmqctl ARGS...               rabbitmqctl -n "$IDEM_RABBITMQ_NODE" ARGS..., done right
-#   idem_start_postgres PORT [URL_VAR]     exports URL_VAR (defaults to IDEM_TEST_DATABASE_URL)
+#   idem_start_postgres PORT [URL_VAR]     exports IDEM_PGCTL, URL_VAR (URL_VAR defaults to
+#                                          IDEM_TEST_DATABASE_URL)
 #   idem_stop_servers                      stops whatever this shell started; idempotent
 #   idem_stop_servers_on_exit              trap idem_stop_servers on EXIT (and INT/TERM/HUP)
 #
@@ -422,7 +423,11 @@ idem_stop_rabbitmq() {
 # initdb (trust auth, superuser `postgres`) into a temp dir and start the highest installed
 # PostgreSQL on 127.0.0.1:PORT (Unix socket inside the temp dir), then create database idem_test.
 # fsync stays on: the per-message cost measured in tests should match a real deployment.
-# Exports URL_VAR (default IDEM_TEST_DATABASE_URL) = postgres://postgres@127.0.0.1:PORT/idem_test
+# Exports:
+#   IDEM_PGCTL  path to an executable that runs pg_ctl against this server (as the postgres
+#               user, with the data dir, options, port, socket dir and log of the start, and
+#               `-m fast -w -t 60`) — for tests: "$IDEM_PGCTL" restart (or status, stop, start)
+#   URL_VAR     (default IDEM_TEST_DATABASE_URL) = postgres://postgres@127.0.0.1:PORT/idem_test
 # ---------------------------------------------------------------------------------------------
 idem_start_postgres() {
     local port=${1:?usage: idem_start_postgres PORT [URL_VAR]}
@@ -453,11 +458,26 @@ idem_start_postgres() {
         return 1
     fi
 
+    # A tiny executable for tests (Rust's Command can't call a shell function): pg_ctl with the
+    # options of the start below, so `"$IDEM_PGCTL" restart` brings back this very server.
+    local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on -c max_connections=200"
+    local ctl="$dir/pg_ctl"
+    cat >"$ctl" <<EOF
+#!/bin/sh
+# pg_ctl against the idem test PostgreSQL on 127.0.0.1:$port (as the postgres user, which owns
+# the data directory). Usage: \$0 restart|status|stop|start
+cd "$dir" || exit 1
+as=""
+[ "\$(id -un)" = postgres ] || as="runuser -u postgres --"
+exec \$as "$bin/pg_ctl" -D "$data" -o "$opts" -l "$dir/postgres.log" -m fast -w -t 60 "\$@"
+EOF
+    chmod 755 "$ctl"
+    chmod 711 "$dir"   # so a non-root test process could still exec $dir/pg_ctl
+
     idem__log "starting PostgreSQL on 127.0.0.1:$port"
     # pg_ctl -w waits until the server accepts connections; the postmaster runs in its own
     # session (pg_ctl calls setsid), detached from our terminal.
-    if ! (cd "$dir" && idem__as postgres "$bin/pg_ctl" -D "$data" \
-            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on -c max_connections=200" \
+    if ! (cd "$dir" && idem__as postgres "$bin/pg_ctl" -D "$data" -o "$opts" \
             -l "$dir/postgres.log" -w -t 60 start) >"$dir/pg_ctl.log" 2>&1; then
         idem__log "PostgreSQL failed to start"
         idem__tail_logs "$dir/pg_ctl.log" "$dir/postgres.log"
@@ -474,6 +494,7 @@ idem_start_postgres() {
     fi
     idem__log "PostgreSQL is up after $((SECONDS - started))s (postmaster pid ${IDEM__PG_PID:-?}, dir $dir)"
 
+    export IDEM_PGCTL="$ctl"
     printf -v "$url_var" '%s' "postgres://postgres@127.0.0.1:$port/idem_test"
     export "${url_var?}"
 }
@@ -482,6 +503,14 @@ idem_start_postgres() {
 idem_stop_postgres() {
     [[ -n "$IDEM__PG_DIR" ]] || return 0
     local dir=$IDEM__PG_DIR pid=$IDEM__PG_PID
+    # After a "$IDEM_PGCTL" restart the PID recorded at start is stale: postmaster.pid names the
+    # current postmaster.
+    if [[ -f "$dir/data/postmaster.pid" ]]; then
+        pid=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null || true)
+        [[ -n "$pid" ]] || pid=$IDEM__PG_PID
+    fi
+    # Only trust the PID while it still names a postgres process (PIDs get reused).
+    if [[ -n "$pid" && "$(cat "/proc/$pid/comm" 2>/dev/null)" != postgres ]]; then pid=""; fi
     if [[ -f "$dir/data/postmaster.pid" ]]; then
         idem__log "stopping PostgreSQL ($dir)"
         (cd "$dir" && idem__as postgres "$IDEM__PG_BIN/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop) \
@@ -500,6 +529,7 @@ idem_stop_postgres() {
         rm -rf "$dir"
     fi
     IDEM__PG_DIR="" IDEM__PG_BIN="" IDEM__PG_PID=""
+    unset IDEM_PGCTL
 }
 
 # ---------------------------------------------------------------------------------------------

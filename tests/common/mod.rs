@@ -8,6 +8,25 @@
 
 pub mod proxy;
 
+/// Runs each story (an async fn generic over [`TestDb`]) once per ledger backend.
+#[allow(unused_macros)] // not every test binary runs stories on both backends
+macro_rules! on_both_backends {
+    ($($story:ident),* $(,)?) => {
+        mod postgres {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $story() {
+                super::$story::<idem::Postgres>().await
+            }
+        )*}
+        mod sqlite {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $story() {
+                super::$story::<idem::Sqlite>().await
+            }
+        )*}
+    };
+}
+
 use futures_util::FutureExt;
 use idem::amqp::lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
