@@ -426,16 +426,26 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             "consuming"
         );
         self.shared.health.set_broker(true);
-        // Cancelled when this run ends, however it ends: deliveries waiting for the database
-        // give up and go back to the broker.
-        let run_over = stop.child_token();
+        // Cancelled when the connection or a channel is found dead: every broker wait of a
+        // delivery task gives up then (a confirm or ack that can no longer come must not hold a
+        // slot), and nothing is acked.
+        let lost = CancellationToken::new();
+        let exits = Exits {
+            stop: stop.clone(),
+            lost: lost.clone(),
+        };
 
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut in_flight = JoinSet::new();
+        let lost_reason = |reason: String| AmqpError::ConsumerLost {
+            queue: queue.to_owned(),
+            reason,
+        };
         let ended = loop {
             // Take a slot first, so at most `concurrency` deliveries are being processed.
             let slot = tokio::select! {
                 () = stop.cancelled() => break Ok(()),
+                () = channel_closed(&channel, &publisher) => break Err(lost_reason("a channel closed".into())),
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break Ok(()),
@@ -443,60 +453,55 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             };
             let next = tokio::select! {
                 () = stop.cancelled() => break Ok(()),
+                () = channel_closed(&channel, &publisher) => break Err(lost_reason("a channel closed".into())),
                 next = deliveries.next() => next,
             };
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => {
-                    break Err(AmqpError::ConsumerLost {
-                        queue: queue.to_owned(),
-                        reason: error.to_string(),
-                    })
-                }
-                None => {
-                    break Err(AmqpError::ConsumerLost {
-                        queue: queue.to_owned(),
-                        reason: "the broker cancelled the consumer".into(),
-                    })
-                }
+                Some(Err(error)) => break Err(lost_reason(error.to_string())),
+                None => break Err(lost_reason("the broker cancelled the consumer".into())),
             };
             let shared = Arc::clone(&self.shared);
             let publisher = publisher.clone();
-            let run_over = run_over.clone();
+            let exits = exits.clone();
             in_flight.spawn(async move {
-                handle_delivery(&shared, &publisher, delivery, &run_over).await;
+                handle_delivery(&shared, &publisher, delivery, &exits).await;
                 drop(slot);
             });
             // Reap finished tasks so the set does not grow with the message count.
             while in_flight.try_join_next().is_some() {}
         };
 
-        if ended.is_ok() {
+        let deadline = if ended.is_ok() {
             // A requested stop, not an outage: say "stopped", not "broker connection down".
             self.shared.health.set_live(false);
-        }
-        self.shared.health.set_broker(false);
-        run_over.cancel();
-        // Stop the broker from pushing more, then let what is in flight finish and ack.
-        if channel.status().connected() {
+            self.shared.health.set_broker(false);
+            // Stop the broker from pushing more, then let what is in flight finish and ack.
             if let Err(error) = channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await
             {
                 tracing::warn!(%error, "basic.cancel failed; the channel close below stops the consumer");
             }
-        }
-        let drained = tokio::time::timeout(self.shutdown_deadline, async {
+            self.shutdown_deadline
+        } else {
+            self.shared.health.set_broker(false);
+            lost.cancel();
+            // Nothing can be acked any more: let transactions in flight end, briefly.
+            LOST_GRACE
+        };
+        let drained = tokio::time::timeout(deadline, async {
             while in_flight.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             tracing::warn!(
                 unfinished = in_flight.len(),
-                deadline = ?self.shutdown_deadline,
-                "shutdown deadline passed; unfinished deliveries are left to redelivery"
+                ?deadline,
+                "deliveries still in flight after the deadline are left to redelivery"
             );
             in_flight.abort_all();
+            while in_flight.join_next().await.is_some() {}
         }
         // Deliveries prefetched but never started go back to the queue when the channel closes.
         for ch in [&channel, &publisher] {
@@ -506,6 +511,39 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         }
         tracing::info!(queue, stats = ?self.stats(), "consumer stopped");
         ended
+    }
+}
+
+/// How long deliveries in flight get to end after the connection was lost.
+const LOST_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a delivery task may have to give up waiting.
+#[derive(Clone)]
+struct Exits {
+    /// The consumer is stopping: stop waiting for the database (in-flight work still acks).
+    stop: CancellationToken,
+    /// The connection is gone: stop waiting for anything from the broker.
+    lost: CancellationToken,
+}
+
+impl Exits {
+    /// Resolves when the delivery should stop waiting for the database.
+    async fn give_up(&self) {
+        tokio::select! {
+            () = self.stop.cancelled() => {}
+            () = self.lost.cancelled() => {}
+        }
+    }
+}
+
+/// Resolves once either channel is no longer open (checked twice a second): a consumer stream
+/// does not always end when the broker closes the connection under it.
+async fn channel_closed(consume: &Channel, publish: &Channel) {
+    loop {
+        if !consume.status().connected() || !publish.status().connected() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -577,7 +615,7 @@ async fn handle_delivery<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     publisher: &Channel,
     delivery: AmqpDelivery,
-    run_over: &CancellationToken,
+    exits: &Exits,
 ) {
     let metadata = metadata_of(&delivery);
     let span = delivery_span(shared.handler.consumer(), &metadata);
@@ -609,62 +647,114 @@ async fn handle_delivery<DB: Backend, H: Handler<DB>>(
             tracing::warn!(outcome = "unavailable", %error, retry_in = ?wait, "database unavailable; holding the delivery");
             tries_in_place += 1;
             tokio::select! {
-                () = run_over.cancelled() => {
-                    redeliver(shared, &delivery).await;
+                () = exits.give_up() => {
+                    redeliver(shared, &delivery, exits).await;
                     return;
                 }
                 () = tokio::time::sleep(wait) => {}
             }
         };
-        let counters = &shared.counters;
-        match outcome {
-            Outcome::Applied => {
-                if ack(&delivery, counters).await {
-                    counters.applied.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(outcome = "applied", "applied");
-                }
+        // Every wait on the broker from here on ends when the connection is found lost: then
+        // nothing is acked and the broker redelivers.
+        tokio::select! {
+            () = settle(shared, publisher, &delivery, &metadata, outcome, exits) => {}
+            () = exits.lost.cancelled() => {
+                tracing::warn!("the connection was lost before the broker answered; the message will be redelivered");
             }
-            Outcome::Duplicate => {
-                if ack(&delivery, counters).await {
-                    counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(outcome = "duplicate", "duplicate: already in the ledger, handler not run");
-                }
-            }
-            Outcome::DeadLetter { reason, error } => {
-                let letter = DeadLetter { reason, error: &error, consumer: shared.handler.consumer(), queue: &shared.queue };
-                match dead_letter::publish_dead_letter(publisher, &delivery.data, &delivery.properties, &metadata, letter).await {
-                    Ok(()) => {
-                        if ack(&delivery, counters).await {
-                            counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(outcome = "dead-lettered", %reason, %error, "dead-lettered");
-                        }
-                    }
-                    Err(publish_error) => {
-                        // Not acked, so not lost: it comes back and is dead-lettered then.
-                        tracing::error!(%reason, %error, %publish_error, "dead letter not confirmed; handing the message back");
-                        redeliver_later(shared, &delivery, run_over).await;
-                    }
-                }
-            }
-            Outcome::Retry { error, attempts, delay, tier } => {
-                match dead_letter::publish_retry(publisher, &shared.queue, &delivery.data, &delivery.properties, &metadata, &error, attempts, (delay, tier)).await {
-                    Ok(()) => {
-                        if ack(&delivery, counters).await {
-                            counters.retried.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(outcome = "retry", %error, attempts, retry_in = ?delay, "failed; retrying later");
-                        }
-                    }
-                    Err(publish_error) => {
-                        tracing::error!(%error, %publish_error, "retry not confirmed; handing the message back");
-                        redeliver_later(shared, &delivery, run_over).await;
-                    }
-                }
-            }
-            Outcome::Unavailable { .. } => {}
         }
     }
     .instrument(span)
     .await;
+}
+
+/// Acts on the outcome: ack, or publish the retry or dead letter and then ack.
+async fn settle<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    publisher: &Channel,
+    delivery: &AmqpDelivery,
+    metadata: &Metadata,
+    outcome: Outcome,
+    exits: &Exits,
+) {
+    let counters = &shared.counters;
+    match outcome {
+        Outcome::Applied => {
+            if ack(delivery, counters).await {
+                counters.applied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(outcome = "applied", "applied");
+            }
+        }
+        Outcome::Duplicate => {
+            if ack(delivery, counters).await {
+                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    outcome = "duplicate",
+                    "duplicate: already in the ledger, handler not run"
+                );
+            }
+        }
+        Outcome::DeadLetter { reason, error } => {
+            let letter = DeadLetter {
+                reason,
+                error: &error,
+                consumer: shared.handler.consumer(),
+                queue: &shared.queue,
+            };
+            let published = dead_letter::publish_dead_letter(
+                publisher,
+                &delivery.data,
+                &delivery.properties,
+                metadata,
+                letter,
+            )
+            .await;
+            match published {
+                Ok(()) => {
+                    if ack(delivery, counters).await {
+                        counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(outcome = "dead-lettered", %reason, %error, "dead-lettered");
+                    }
+                }
+                Err(publish_error) => {
+                    // Not acked, so not lost: it comes back and is dead-lettered then.
+                    tracing::error!(%reason, %error, %publish_error, "dead letter not confirmed; handing the message back");
+                    redeliver_later(shared, delivery, exits).await;
+                }
+            }
+        }
+        Outcome::Retry {
+            error,
+            attempts,
+            delay,
+            tier,
+        } => {
+            let published = dead_letter::publish_retry(
+                publisher,
+                &shared.queue,
+                &delivery.data,
+                &delivery.properties,
+                metadata,
+                &error,
+                attempts,
+                (delay, tier),
+            )
+            .await;
+            match published {
+                Ok(()) => {
+                    if ack(delivery, counters).await {
+                        counters.retried.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(outcome = "retry", %error, attempts, retry_in = ?delay, "failed; retrying later");
+                    }
+                }
+                Err(publish_error) => {
+                    tracing::error!(%error, %publish_error, "retry not confirmed; handing the message back");
+                    redeliver_later(shared, delivery, exits).await;
+                }
+            }
+        }
+        // Handled by the caller's loop.
+        Outcome::Unavailable { .. } => {}
+    }
 }
 
 /// `initial`, doubled per try, at most [`MAX_BACKOFF`].
@@ -697,17 +787,21 @@ async fn ack(delivery: &AmqpDelivery, counters: &Counters) -> bool {
 async fn redeliver_later<DB: Backend, H>(
     shared: &Shared<DB, H>,
     delivery: &AmqpDelivery,
-    run_over: &CancellationToken,
+    exits: &Exits,
 ) {
     tokio::select! {
-        () = run_over.cancelled() => {}
+        () = exits.give_up() => {}
         () = tokio::time::sleep(shared.database_backoff) => {}
     }
-    redeliver(shared, delivery).await;
+    redeliver(shared, delivery, exits).await;
 }
 
 /// Nacks with requeue: the broker delivers the message again, to this consumer or another.
-async fn redeliver<DB: Backend, H>(shared: &Shared<DB, H>, delivery: &AmqpDelivery) {
+/// Once the connection is lost there is no one to tell: the broker requeues it by itself.
+async fn redeliver<DB: Backend, H>(shared: &Shared<DB, H>, delivery: &AmqpDelivery, exits: &Exits) {
+    if exits.lost.is_cancelled() {
+        return;
+    }
     match delivery
         .acker
         .nack(BasicNackOptions {

@@ -20,6 +20,7 @@ mod consumer;
 mod dead_letter;
 mod error;
 mod health;
+mod relay;
 
 pub use connect::{connect, shutdown_signal};
 pub use consumer::{Consumer, ConsumerBuilder, Stats, CAUSATION_HEADER};
@@ -31,3 +32,4 @@ pub use error::AmqpError;
 pub use health::Health;
 /// The lapin version idem is built on.
 pub use lapin;
+pub use relay::{Relay, RelayBuilder, RelayStats};

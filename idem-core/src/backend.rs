@@ -4,7 +4,9 @@
 //! is written once against [`Backend`].
 
 use crate::error::{redact_url, Error};
+use crate::outbox::{OutboxRow, Outgoing, Route, Settled};
 use sqlx::Pool;
+use std::time::Duration;
 
 /// A database idem can keep its ledger in: PostgreSQL or SQLite (cargo features `postgres`, `sqlite`).
 #[async_trait::async_trait]
@@ -43,6 +45,49 @@ pub trait Backend: sqlx::Database + Sized {
         consumer: &str,
         key: &str,
     ) -> Result<(), sqlx::Error>;
+
+    /// Writes an outbox row on `conn`, inside the caller's transaction. `Ok(false)`: a row with
+    /// this message id exists already.
+    async fn enqueue(conn: &mut Self::Connection, message: &Outgoing) -> Result<bool, sqlx::Error>;
+
+    /// Takes up to `limit` unpublished rows that are due, oldest first.
+    async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error>;
+
+    /// Marks what the broker confirmed as published and schedules the rest for another try.
+    async fn outbox_settle(
+        batch: OutboxBatch<Self>,
+        settled: &[Settled],
+    ) -> Result<(), sqlx::Error>;
+
+    /// Deletes rows published more than `older_than` ago; returns how many.
+    async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error>;
+
+    /// Unpublished rows (due or backing off).
+    async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error>;
+
+    /// A signal each time a transaction that wrote outbox rows commits, where the database can
+    /// tell (PostgreSQL LISTEN/NOTIFY); `None` where the relay must poll.
+    async fn outbox_wakeups(pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>>;
+}
+
+/// Rows the relay took from the outbox, to publish and then settle with
+/// [`Backend::outbox_settle`]. On PostgreSQL it holds their row locks (in an open transaction)
+/// until settled, so another relay skips them; dropping it unsettled releases them.
+pub struct OutboxBatch<DB: sqlx::Database> {
+    /// The rows, oldest first.
+    pub rows: Vec<OutboxRow>,
+    /// PostgreSQL: the transaction holding the rows' locks.
+    locks: Option<sqlx::Transaction<'static, DB>>,
+    /// Where to settle when there are no locks.
+    pool: Pool<DB>,
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for OutboxBatch<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxBatch")
+            .field("rows", &self.rows.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the ledger said to a claim.
@@ -108,6 +153,58 @@ const MIGRATIONS: &[Migration] = &[
             PRIMARY KEY (consumer, key)
         ) WITHOUT ROWID",
     },
+    Migration {
+        version: 3,
+        description: "transactional outbox",
+        postgres: "CREATE TABLE IF NOT EXISTS idem_outbox (
+            id              BIGSERIAL   PRIMARY KEY,
+            message_id      TEXT        NOT NULL UNIQUE,
+            exchange        TEXT        NOT NULL,
+            routing_key     TEXT        NOT NULL,
+            kind            TEXT        NOT NULL,
+            headers         TEXT        NOT NULL DEFAULT '{}',
+            correlation_id  TEXT,
+            causation_id    TEXT,
+            body            BYTEA       NOT NULL,
+            created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+            attempts        INTEGER     NOT NULL DEFAULT 0,
+            last_error      TEXT,
+            next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            published_at    TIMESTAMPTZ
+        );
+        CREATE INDEX IF NOT EXISTS idem_outbox_due ON idem_outbox (id)
+            WHERE published_at IS NULL;
+        CREATE INDEX IF NOT EXISTS idem_outbox_published ON idem_outbox (published_at)
+            WHERE published_at IS NOT NULL;
+        CREATE OR REPLACE FUNCTION idem_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('idem_outbox', '');
+            RETURN NULL;
+        END $$;
+        DROP TRIGGER IF EXISTS idem_outbox_notify ON idem_outbox;
+        CREATE TRIGGER idem_outbox_notify AFTER INSERT ON idem_outbox
+            FOR EACH STATEMENT EXECUTE FUNCTION idem_outbox_notify();",
+        sqlite: "CREATE TABLE IF NOT EXISTS idem_outbox (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            message_id      TEXT    NOT NULL UNIQUE,
+            exchange        TEXT    NOT NULL,
+            routing_key     TEXT    NOT NULL,
+            kind            TEXT    NOT NULL,
+            headers         TEXT    NOT NULL DEFAULT '{}',
+            correlation_id  TEXT,
+            causation_id    TEXT,
+            body            BLOB    NOT NULL,
+            created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            last_error      TEXT,
+            next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+            published_ms    INTEGER
+        );
+        CREATE INDEX IF NOT EXISTS idem_outbox_due ON idem_outbox (id)
+            WHERE published_ms IS NULL;
+        CREATE INDEX IF NOT EXISTS idem_outbox_published ON idem_outbox (published_ms)
+            WHERE published_ms IS NOT NULL;",
+    },
 ];
 
 impl Migration {
@@ -154,6 +251,8 @@ macro_rules! migrate_in {
             .filter(|m| !applied.contains(&m.version))
             .collect();
         for migration in pending {
+            // A query without arguments goes as a simple query: a migration may hold several
+            // statements.
             let applied = match sqlx::Executor::execute(&mut *tx, migration.$sql).await {
                 Ok(_) => {
                     sqlx::query(
@@ -230,6 +329,80 @@ macro_rules! count_redelivery_in {
     }};
 }
 
+/// `INSERT .. ON CONFLICT (message_id) DO NOTHING`: a producer repeating a step keeps one row.
+macro_rules! enqueue_in {
+    ($conn:expr, $message:expr) => {{
+        let message: &Outgoing = $message;
+        let done = sqlx::query(
+            "INSERT INTO idem_outbox (message_id, exchange, routing_key, kind, headers, correlation_id, causation_id, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(message.message_id.to_string())
+        .bind(&message.route.exchange)
+        .bind(&message.route.routing_key)
+        .bind(&message.kind)
+        .bind(message.headers_json())
+        .bind(message.correlation_id.as_deref())
+        .bind(message.causation_id.as_deref())
+        .bind(&message.body)
+        .execute($conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }};
+}
+
+const OUTBOX_COLUMNS: &str = "id, message_id, exchange, routing_key, kind, headers, correlation_id, causation_id, body, attempts";
+
+/// An outbox row from its columns (in [`OUTBOX_COLUMNS`] order).
+fn outbox_row<R: sqlx::Row>(row: &R) -> Result<OutboxRow, sqlx::Error>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let message_id: String = row.try_get(1)?;
+    let message_id = uuid::Uuid::parse_str(&message_id).map_err(|e| sqlx::Error::ColumnDecode {
+        index: "message_id".into(),
+        source: Box::new(e),
+    })?;
+    let headers: String = row.try_get(5)?;
+    let headers = serde_json::from_str(&headers).map_err(|e| sqlx::Error::ColumnDecode {
+        index: "headers".into(),
+        source: Box::new(e),
+    })?;
+    Ok(OutboxRow {
+        id: row.try_get(0)?,
+        message: Outgoing {
+            message_id,
+            route: Route {
+                exchange: row.try_get(2)?,
+                routing_key: row.try_get(3)?,
+                headers,
+            },
+            kind: row.try_get(4)?,
+            body: row.try_get(8)?,
+            correlation_id: row.try_get(6)?,
+            causation_id: row.try_get(7)?,
+        },
+        attempts: row.try_get(9)?,
+    })
+}
+
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    millis(since)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 macro_rules! forget_redeliveries_in {
     ($conn:expr, $consumer:expr, $key:expr) => {{
         sqlx::query("DELETE FROM idem_redeliveries WHERE consumer = $1 AND key = $2")
@@ -254,7 +427,7 @@ impl Backend for sqlx::Postgres {
         }
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10))
             .connect(url)
             .await
             .map_err(|source| Error::Connect {
@@ -314,6 +487,123 @@ impl Backend for sqlx::Postgres {
     ) -> Result<(), sqlx::Error> {
         forget_redeliveries_in!(conn, consumer, key)
     }
+    async fn enqueue(conn: &mut Self::Connection, message: &Outgoing) -> Result<bool, sqlx::Error> {
+        enqueue_in!(conn, message)
+    }
+
+    /// `FOR UPDATE SKIP LOCKED` in a transaction held until settled: several relays share the
+    /// outbox without publishing a row twice.
+    async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM idem_outbox
+             WHERE published_at IS NULL AND next_attempt_at <= now()
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+        Ok(OutboxBatch {
+            rows,
+            locks: Some(tx),
+            pool: pool.clone(),
+        })
+    }
+
+    async fn outbox_settle(
+        batch: OutboxBatch<Self>,
+        settled: &[Settled],
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = match batch.locks {
+            Some(tx) => tx,
+            None => batch.pool.begin().await?,
+        };
+        let published: Vec<i64> = settled
+            .iter()
+            .filter_map(|s| match s {
+                Settled::Published(id) => Some(*id),
+                Settled::Failed { .. } => None,
+            })
+            .collect();
+        if !published.is_empty() {
+            sqlx::query("UPDATE idem_outbox SET published_at = now() WHERE id = ANY($1)")
+                .bind(&published)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for s in settled {
+            if let Settled::Failed {
+                id,
+                error,
+                retry_in,
+            } = s
+            {
+                sqlx::query(
+                    "UPDATE idem_outbox SET attempts = attempts + 1, last_error = $2,
+                     next_attempt_at = now() + $3 * interval '1 millisecond' WHERE id = $1",
+                )
+                .bind(id)
+                .bind(error)
+                .bind(millis(*retry_in) as f64)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await
+    }
+
+    async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "DELETE FROM idem_outbox WHERE published_at < now() - $1 * interval '1 millisecond'",
+        )
+        .bind(millis(older_than) as f64)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE published_at IS NULL")
+            .fetch_one(pool)
+            .await
+    }
+
+    /// LISTEN idem_outbox: a trigger notifies on every insert, delivered at commit.
+    async fn outbox_wakeups(pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for outbox commits; polling only");
+                return None;
+            }
+        };
+        if let Err(error) = listener.listen("idem_outbox").await {
+            tracing::warn!(%error, "cannot LISTEN for outbox commits; polling only");
+            return None;
+        }
+        let (wake, wakeups) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    // Full means a wake-up is already pending: one drain serves both.
+                    Ok(_) => match wake.try_send(()) {
+                        Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return,
+                    },
+                    Err(error) => {
+                        // PgListener reconnects on the next recv; polling covers the gap.
+                        tracing::debug!(%error, "outbox LISTEN connection lost; reconnecting");
+                        if wake.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Some(wakeups)
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -341,7 +631,7 @@ impl Backend for sqlx::Sqlite {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(30));
+            .busy_timeout(Duration::from_secs(30));
         SqlitePoolOptions::new()
             .max_connections(max_connections)
             .connect_with(options)
@@ -396,5 +686,80 @@ impl Backend for sqlx::Sqlite {
         key: &str,
     ) -> Result<(), sqlx::Error> {
         forget_redeliveries_in!(conn, consumer, key)
+    }
+    async fn enqueue(conn: &mut Self::Connection, message: &Outgoing) -> Result<bool, sqlx::Error> {
+        enqueue_in!(conn, message)
+    }
+
+    /// No row locks on SQLite: run one relay per database.
+    async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM idem_outbox
+             WHERE published_ms IS NULL AND next_attempt_ms <= $1
+             ORDER BY id LIMIT $2"
+        ))
+        .bind(now_ms())
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+        let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+        Ok(OutboxBatch {
+            rows,
+            locks: None,
+            pool: pool.clone(),
+        })
+    }
+
+    async fn outbox_settle(
+        batch: OutboxBatch<Self>,
+        settled: &[Settled],
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = batch.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        for s in settled {
+            match s {
+                Settled::Published(id) => {
+                    sqlx::query("UPDATE idem_outbox SET published_ms = $2 WHERE id = $1")
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Settled::Failed {
+                    id,
+                    error,
+                    retry_in,
+                } => {
+                    sqlx::query(
+                        "UPDATE idem_outbox SET attempts = attempts + 1, last_error = $2,
+                         next_attempt_ms = $3 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(error)
+                    .bind(now + millis(*retry_in))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await
+    }
+
+    async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query("DELETE FROM idem_outbox WHERE published_ms < $1")
+            .bind(now_ms() - millis(older_than))
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE published_ms IS NULL")
+            .fetch_one(pool)
+            .await
+    }
+
+    async fn outbox_wakeups(_pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
     }
 }

@@ -16,12 +16,13 @@ mod error;
 mod handler;
 mod key;
 mod message;
+pub mod outbox;
 mod policy;
 mod tx;
 mod unit;
 
 pub use async_trait::async_trait;
-pub use backend::{Backend, Claim};
+pub use backend::{Backend, Claim, OutboxBatch};
 pub use envelope::{Delivery, Metadata};
 pub use error::{redact_url, Error};
 pub use handler::{BoxError, ErrorClass, ErrorClassExt, Handler, HandlerError};

@@ -2,7 +2,11 @@
 
 use crate::backend::Backend;
 use crate::envelope::Metadata;
+use crate::handler::HandlerError;
 use crate::key::Key;
+use crate::message::Message;
+use crate::outbox::{handler_message_id, Outgoing, Route};
+use uuid::Uuid;
 
 /// The handler's only door to the database: the open transaction in which idem has already
 /// claimed this message's key.
@@ -17,6 +21,8 @@ pub struct Tx<'t, DB: Backend> {
     consumer: &'t str,
     key: &'t Key,
     metadata: &'t Metadata,
+    /// Messages published so far: the ordinal in the next message id.
+    published: u32,
 }
 
 impl<'t, DB: Backend> Tx<'t, DB> {
@@ -31,6 +37,7 @@ impl<'t, DB: Backend> Tx<'t, DB> {
             consumer,
             key,
             metadata,
+            published: 0,
         }
     }
 
@@ -52,6 +59,43 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// The delivery's transport metadata (message id, correlation id, headers, ...).
     pub fn metadata(&self) -> &Metadata {
         self.metadata
+    }
+
+    /// Publishes `message` (as JSON) to the queue named after its kind, through the outbox:
+    /// the row is written in this transaction, so the message goes out if and only if the
+    /// handler's effect commits. See [`Tx::publish_to`].
+    pub async fn publish<M: Message + serde::Serialize>(
+        &mut self,
+        message: &M,
+    ) -> Result<Uuid, HandlerError> {
+        self.publish_to(Route::queue(M::KIND), message).await
+    }
+
+    /// Publishes `message` along `route` through the outbox, in this transaction.
+    ///
+    /// The message id is UUIDv5 of (consumer, inbound key, how many this handler published
+    /// before): a run of the handler after a crash emits the same ids, and the next consumer
+    /// deduplicates them. The correlation id is the inbound one (or, when the inbound message
+    /// had none, its message id: the flow starts here); the causation id is the inbound message
+    /// id. Returns the message id.
+    pub async fn publish_to<M: Message + serde::Serialize>(
+        &mut self,
+        route: Route,
+        message: &M,
+    ) -> Result<Uuid, HandlerError> {
+        let id = handler_message_id(self.consumer, self.key.as_str(), self.published);
+        self.published += 1;
+        let mut outgoing = Outgoing::json(message, id)
+            .map_err(HandlerError::permanent)?
+            .route(route);
+        let inbound = &self.metadata;
+        outgoing.correlation_id = inbound
+            .correlation_id
+            .clone()
+            .or_else(|| inbound.message_id.clone());
+        outgoing.causation_id = inbound.message_id.clone();
+        DB::enqueue(self.conn, &outgoing).await?;
+        Ok(id)
     }
 }
 

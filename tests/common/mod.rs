@@ -96,10 +96,19 @@ pub trait TestDb: Backend {
     async fn claimed(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> bool;
     /// The amount of the (first) effect row `consumer` wrote for `key`.
     async fn amount(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64;
+    /// Creates the effect table in `pool`'s database.
+    async fn create_effects(pool: &sqlx::Pool<Self>);
+    /// Outbox rows, published or not.
+    async fn outbox_rows(pool: &sqlx::Pool<Self>) -> i64;
+    /// Makes every published outbox row due again: what a relay that died between the broker's
+    /// confirm and its own mark leaves behind.
+    async fn forget_published(pool: &sqlx::Pool<Self>);
+    /// The last publish error recorded in the outbox.
+    async fn last_outbox_error(pool: &sqlx::Pool<Self>) -> String;
 }
 
 macro_rules! test_db {
-    ($db:ty, $pool:expr, $id:literal, $lock:literal) => {
+    ($db:ty, $pool:expr, $id:literal, $lock:literal, $published:literal) => {
         #[async_trait]
         impl TestDb for $db {
             async fn pool() -> sqlx::Pool<Self> {
@@ -137,6 +146,34 @@ macro_rules! test_db {
                     .await
                     .unwrap()
             }
+            async fn create_effects(pool: &sqlx::Pool<Self>) {
+                sqlx::query(concat!(
+                    "CREATE TABLE IF NOT EXISTS test_effects (id ", $id,
+                    ", consumer TEXT NOT NULL, key TEXT NOT NULL, account TEXT NOT NULL, amount BIGINT NOT NULL)"
+                ))
+                .execute(pool)
+                .await
+                .unwrap();
+            }
+            async fn outbox_rows(pool: &sqlx::Pool<Self>) -> i64 {
+                sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox").fetch_one(pool).await.unwrap()
+            }
+            async fn forget_published(pool: &sqlx::Pool<Self>) {
+                sqlx::query(concat!("UPDATE idem_outbox SET ", $published, " = NULL"))
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            async fn last_outbox_error(pool: &sqlx::Pool<Self>) -> String {
+                sqlx::query_scalar::<_, Option<String>>(
+                    "SELECT last_error FROM idem_outbox WHERE last_error IS NOT NULL ORDER BY id DESC LIMIT 1",
+                )
+                .fetch_optional(pool)
+                .await
+                .unwrap()
+                .flatten()
+                .unwrap_or_default()
+            }
             async fn amount(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64 {
                 sqlx::query_scalar("SELECT amount FROM test_effects WHERE consumer = $1 AND key = $2 ORDER BY id LIMIT 1")
                     .bind(consumer)
@@ -161,7 +198,8 @@ test_db!(
     Postgres,
     pg_url(),
     "BIGSERIAL PRIMARY KEY",
-    "SELECT pg_advisory_xact_lock(77001)"
+    "SELECT pg_advisory_xact_lock(77001)",
+    "published_at"
 );
 test_db!(
     Sqlite,
@@ -171,7 +209,8 @@ test_db!(
         Uuid::new_v4()
     ),
     "INTEGER PRIMARY KEY AUTOINCREMENT",
-    ""
+    "",
+    "published_ms"
 );
 
 /// A hand-written handler (no macro) with instruments: how often its body ran, an optional

@@ -1,0 +1,204 @@
+//! The transactional outbox: a message to publish is written in the same transaction as the
+//! effect that caused it, and a relay publishes it after the commit. Either both the effect and
+//! the message happen or neither does — no dual write.
+//!
+//! Two ways in:
+//!
+//! - inside a handler, [`Tx::publish`](crate::Tx::publish) / [`Tx::publish_to`](crate::Tx::publish_to):
+//!   the message id is derived from (consumer, inbound key, ordinal), so a handler that runs
+//!   again after a crash emits the same ids and the next consumer deduplicates them;
+//! - from service code, [`enqueue`] on the caller's own sqlx transaction, with an id from
+//!   [`stable_id`] of a business key, so a producer that restarts re-creates the same id and
+//!   the outbox keeps one row.
+//!
+//! ```no_run
+//! # async fn place(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use idem_core::outbox::{self, Outgoing, Route};
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct PaymentRequested { order_id: String }
+//! # impl idem_core::Message for PaymentRequested {
+//! #     const KIND: &'static str = "payment.requested";
+//! #     fn decode(b: &[u8]) -> Result<Self, idem_core::DecodeError> { idem_core::decode_json(b, None) }
+//! #     fn key(&self) -> Result<Option<idem_core::Key>, idem_core::KeyError> { Ok(None) }
+//! # }
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("INSERT INTO orders (order_id) VALUES ($1)").bind("o-1").execute(&mut *tx).await?;
+//! let request = PaymentRequested { order_id: "o-1".into() };
+//! let id = outbox::stable_id("orders", "o-1/payment");
+//! outbox::enqueue::<sqlx::Postgres>(&mut tx, &Outgoing::json(&request, id)?.route(Route::queue("payments"))).await?;
+//! tx.commit().await?; // the order and its payment request, together
+//! # Ok(()) }
+//! ```
+
+use crate::backend::Backend;
+use crate::message::Message;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// The UUIDv5 namespace of idem's outbox message ids.
+pub const NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_2b55_9a0c_4e7e_8d3a_3c1b_71e0_5a42);
+
+/// A message id that is the same every time for the same `producer` and `business_key`
+/// (UUIDv5): a producer that crashes after its commit and does the step again re-creates the
+/// same id, which the outbox keeps once and the next consumer deduplicates.
+pub fn stable_id(producer: &str, business_key: &str) -> Uuid {
+    let mut name = Vec::with_capacity(producer.len() + 1 + business_key.len());
+    name.extend_from_slice(producer.as_bytes());
+    name.push(0);
+    name.extend_from_slice(business_key.as_bytes());
+    Uuid::new_v5(&NAMESPACE, &name)
+}
+
+/// The id of the `ordinal`-th message a handler publishes while handling `key` as `consumer`.
+pub(crate) fn handler_message_id(consumer: &str, key: &str, ordinal: u32) -> Uuid {
+    stable_id(consumer, &format!("{key}\0{ordinal}"))
+}
+
+/// Where a message goes: an exchange and a routing key, plus extra headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The exchange; `""` is RabbitMQ's default exchange, which routes to the queue named by
+    /// the routing key.
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+    /// Application headers added to the message.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Route {
+    /// Straight to queue `queue` (default exchange).
+    pub fn queue(queue: impl Into<String>) -> Self {
+        Self::exchange("", queue)
+    }
+
+    /// To `exchange` with `routing_key`.
+    pub fn exchange(exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        Self {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// A message for the outbox: what the relay will publish, byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The AMQP message_id; unique in the outbox.
+    pub message_id: Uuid,
+    /// Where it goes.
+    pub route: Route,
+    /// The AMQP `type`: the message kind.
+    pub kind: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// The correlation id of the business flow.
+    pub correlation_id: Option<String>,
+    /// The id of the message whose handling produced this one (header `x-idem-causation-id`).
+    pub causation_id: Option<String>,
+}
+
+impl Outgoing {
+    /// `message` as JSON, of kind `M::KIND`, with id `message_id`; routed to the queue named
+    /// after the kind unless [`Outgoing::route`] says otherwise.
+    pub fn json<M: Message + serde::Serialize>(
+        message: &M,
+        message_id: Uuid,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            message_id,
+            route: Route::queue(M::KIND),
+            kind: M::KIND.to_owned(),
+            body: serde_json::to_vec(message)?,
+            correlation_id: None,
+            causation_id: None,
+        })
+    }
+
+    /// Sends it along `route`.
+    pub fn route(mut self, route: Route) -> Self {
+        self.route = route;
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// The route's headers as the JSON text the outbox stores.
+    pub(crate) fn headers_json(&self) -> String {
+        serde_json::to_string(&self.route.headers).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// Writes `message` into the outbox on the caller's open transaction (`&mut *tx`): it is
+/// published once that transaction commits, and never if it rolls back. `Ok(false)`: a row with
+/// this message id is already there (a producer doing the same step again); nothing changed.
+pub async fn enqueue<DB: Backend>(
+    conn: &mut DB::Connection,
+    message: &Outgoing,
+) -> Result<bool, sqlx::Error> {
+    DB::enqueue(conn, message).await
+}
+
+/// A row the relay took from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The row id (publish order).
+    pub id: i64,
+    /// The message.
+    pub message: Outgoing,
+    /// Publish attempts that failed so far.
+    pub attempts: i32,
+}
+
+/// What happened to one row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// The broker confirmed it: mark it published.
+    Published(i64),
+    /// Not confirmed: try again after `retry_in`.
+    Failed {
+        /// The row.
+        id: i64,
+        /// Why.
+        error: String,
+        /// The backoff before the next attempt.
+        retry_in: std::time::Duration,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        assert_eq!(stable_id("orders", "o-1"), stable_id("orders", "o-1"));
+        assert_ne!(stable_id("orders", "o-1"), stable_id("orders", "o-2"));
+        assert_ne!(stable_id("orders", "o-1"), stable_id("order", "so-1"));
+        assert_eq!(
+            handler_message_id("payments", "k", 0),
+            handler_message_id("payments", "k", 0)
+        );
+        assert_ne!(
+            handler_message_id("payments", "k", 0),
+            handler_message_id("payments", "k", 1)
+        );
+        assert_eq!(stable_id("orders", "o-1").get_version_num(), 5);
+    }
+}
