@@ -490,10 +490,19 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             // Nothing can be acked any more: let transactions in flight end, briefly.
             LOST_GRACE
         };
+        // Should the connection die while in-flight work drains, their broker waits end too.
+        let watcher = {
+            let (consume, publish, lost) = (channel.clone(), publisher.clone(), lost.clone());
+            tokio::spawn(async move {
+                channel_closed(&consume, &publish).await;
+                lost.cancel();
+            })
+        };
         let drained = tokio::time::timeout(deadline, async {
             while in_flight.join_next().await.is_some() {}
         })
         .await;
+        watcher.abort();
         if drained.is_err() {
             tracing::warn!(
                 unfinished = in_flight.len(),

@@ -72,6 +72,10 @@ impl HealthState {
     fn log_change(&self, error: Option<&str>) {
         let health = self.snapshot();
         let state = if health.ready { 1 } else { 2 };
+        // Starting up is not an outage: the first line is "ready".
+        if state == 2 && self.logged.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         if self.logged.swap(state, Ordering::Relaxed) == state {
             return;
         }
