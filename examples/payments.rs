@@ -5,19 +5,35 @@
 //! cargo run --release --example payments -- --demo  # publish a batch with duplicates and garbage, consume it, verify
 //! ```
 //!
+//! A payment that names an order (`"order_id": "…"`, as the orders example sends them) is also
+//! announced as `payment.captured` to the orders queue, through the outbox, in the capture's
+//! transaction; the outbox relay runs in this process (a spawned task) unless `IDEM_RELAY=off`.
+//! Without `order_id` nothing is announced and no outbox row is written.
+//!
 //! Environment: `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `DATABASE_URL`
 //! (default `sqlite://payments.db` in the working directory; a `postgres://` URL selects
 //! PostgreSQL), `IDEM_QUEUE` (default `payments`), `IDEM_PREFETCH` (default 200),
-//! `IDEM_CONCURRENCY` (default 8).
+//! `IDEM_CONCURRENCY` (default 8), `IDEM_ORDERS_QUEUE` (default `orders`: where captures of
+//! order payments are announced), `IDEM_RELAY` (default `on`; `off` when another process relays
+//! this database's outbox — on SQLite only one relay may run per database).
 
+#[path = "shared/payments.rs"]
+mod service;
+
+use clap::builder::BoolishValueParser;
 use clap::Parser;
-use idem::amqp::lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use idem::amqp::lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use idem::amqp::lapin::types::FieldTable;
 use idem::amqp::lapin::{BasicProperties, Connection};
-use idem::amqp::{Consumer, REASON_HEADER};
-use idem::{Backend, Handler, Postgres, Sqlite, Tx};
-use serde::Deserialize;
+use idem::amqp::{Consumer, Relay, REASON_HEADER};
+use idem::{Backend, Handler, Postgres, Sqlite};
+use service::{Capture, PaymentRequested, PaymentsStore};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -48,169 +64,14 @@ struct Config {
     /// if that is smaller].
     #[arg(long, env = "IDEM_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=256))]
     concurrency: Option<u32>,
+    /// The queue `payment.captured` goes to, for payments that name an order.
+    #[arg(long, env = "IDEM_ORDERS_QUEUE", default_value = "orders")]
+    orders_queue: String,
+    /// Run the outbox relay in this process (`on`/`off`). Off when another process relays this
+    /// database's outbox: on SQLite only one relay may run per database.
+    #[arg(long, env = "IDEM_RELAY", default_value = "on", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    relay: bool,
 }
-
-/// A request to capture a payment. Every field is validated while decoding: anything else is
-/// dead-lettered as `malformed` (or `missing-key`) before a transaction is even opened.
-#[derive(Debug, Deserialize, idem::Message)]
-#[idem(kind = "payment.requested")]
-struct PaymentRequested {
-    #[idem(key)]
-    payment_id: Uuid,
-    account_id: AccountId,
-    amount_cents: PositiveCents,
-    currency: Currency,
-}
-
-/// 1 to 64 characters.
-#[derive(Debug, Deserialize)]
-#[serde(try_from = "String")]
-struct AccountId(String);
-
-impl TryFrom<String> for AccountId {
-    type Error = String;
-    fn try_from(id: String) -> Result<Self, String> {
-        match id.chars().count() {
-            1..=64 => Ok(Self(id)),
-            n => Err(format!("account_id must be 1 to 64 characters, got {n}")),
-        }
-    }
-}
-
-/// An amount in cents, greater than zero.
-#[derive(Debug, Deserialize)]
-#[serde(try_from = "i64")]
-struct PositiveCents(i64);
-
-impl TryFrom<i64> for PositiveCents {
-    type Error = String;
-    fn try_from(cents: i64) -> Result<Self, String> {
-        if cents > 0 {
-            Ok(Self(cents))
-        } else {
-            Err(format!("amount_cents must be greater than 0, got {cents}"))
-        }
-    }
-}
-
-/// An ISO 4217-shaped code: three capital letters.
-#[derive(Debug, Deserialize)]
-#[serde(try_from = "String")]
-struct Currency(String);
-
-impl TryFrom<String> for Currency {
-    type Error = String;
-    fn try_from(code: String) -> Result<Self, String> {
-        if code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
-            Ok(Self(code))
-        } else {
-            Err(format!(
-                "currency must be three capital letters like \"EUR\", got {code:?}"
-            ))
-        }
-    }
-}
-
-// `captures` deliberately has no unique constraint on payment_id: the ledger alone stops
-// duplicates, and the tests count these rows to prove it.
-const CREATE_TABLES: [&str; 2] = [
-    "CREATE TABLE IF NOT EXISTS accounts (
-        account_id    TEXT   PRIMARY KEY,
-        balance_cents BIGINT NOT NULL DEFAULT 0
-    )",
-    "CREATE TABLE IF NOT EXISTS captures (
-        id           INTEGER_ID,
-        payment_id   TEXT   NOT NULL,
-        account_id   TEXT   NOT NULL,
-        amount_cents BIGINT NOT NULL,
-        currency     TEXT   NOT NULL
-    )",
-];
-const INSERT_CAPTURE: &str =
-    "INSERT INTO captures (payment_id, account_id, amount_cents, currency) VALUES ($1, $2, $3, $4)";
-const CREDIT_ACCOUNT: &str = "INSERT INTO accounts (account_id, balance_cents) VALUES ($1, $2)
-     ON CONFLICT (account_id) DO UPDATE SET balance_cents = accounts.balance_cents + excluded.balance_cents";
-
-// One handler body, stamped for both backends because this binary picks its database at run
-// time from DATABASE_URL. A service with one database writes the `#[idem::handler]` fn once.
-macro_rules! capture_handler {
-    ($name:ident, $db:ty) => {
-        /// Captures a payment: one `captures` row, and the amount credited to the account (the
-        /// account row is created at 0 if missing). idem commits this with the ledger claim.
-        #[idem::handler(consumer = "payments")]
-        async fn $name(tx: &mut Tx<'_, $db>, payment: PaymentRequested) -> Result<(), sqlx::Error> {
-            sqlx::query(INSERT_CAPTURE)
-                .bind(payment.payment_id.to_string())
-                .bind(&payment.account_id.0)
-                .bind(payment.amount_cents.0)
-                .bind(&payment.currency.0)
-                .execute(tx.conn())
-                .await?;
-            sqlx::query(CREDIT_ACCOUNT)
-                .bind(&payment.account_id.0)
-                .bind(payment.amount_cents.0)
-                .execute(tx.conn())
-                .await?;
-            Ok(())
-        }
-    };
-}
-capture_handler!(capture_on_postgres, Postgres);
-capture_handler!(capture_on_sqlite, Sqlite);
-
-/// The example's own tables and the demo's read-back queries, per backend.
-trait PaymentsStore: Backend {
-    async fn create_tables(pool: &sqlx::Pool<Self>) -> Result<(), sqlx::Error>;
-    async fn balances(
-        pool: &sqlx::Pool<Self>,
-        prefix: &str,
-    ) -> Result<HashMap<String, i64>, sqlx::Error>;
-    async fn captures(
-        pool: &sqlx::Pool<Self>,
-        prefix: &str,
-    ) -> Result<HashMap<String, i64>, sqlx::Error>;
-}
-
-macro_rules! payments_store {
-    ($db:ty, $id_column:literal, $lock:literal) => {
-        impl PaymentsStore for $db {
-            async fn create_tables(pool: &sqlx::Pool<Self>) -> Result<(), sqlx::Error> {
-                let mut tx = pool.begin().await?;
-                // Two consumers starting at once must not race on CREATE TABLE.
-                if !$lock.is_empty() {
-                    sqlx::query($lock).execute(&mut *tx).await?;
-                }
-                for sql in CREATE_TABLES {
-                    sqlx::query(&sql.replace("INTEGER_ID", $id_column)).execute(&mut *tx).await?;
-                }
-                tx.commit().await
-            }
-            async fn balances(pool: &sqlx::Pool<Self>, prefix: &str) -> Result<HashMap<String, i64>, sqlx::Error> {
-                let rows: Vec<(String, i64)> =
-                    sqlx::query_as("SELECT account_id, balance_cents FROM accounts WHERE account_id LIKE $1")
-                        .bind(format!("{prefix}%"))
-                        .fetch_all(pool)
-                        .await?;
-                Ok(rows.into_iter().collect())
-            }
-            async fn captures(pool: &sqlx::Pool<Self>, prefix: &str) -> Result<HashMap<String, i64>, sqlx::Error> {
-                let rows: Vec<(String, i64)> = sqlx::query_as(
-                    "SELECT payment_id, COUNT(*) FROM captures WHERE account_id LIKE $1 GROUP BY payment_id",
-                )
-                .bind(format!("{prefix}%"))
-                .fetch_all(pool)
-                .await?;
-                Ok(rows.into_iter().collect())
-            }
-        }
-    };
-}
-payments_store!(
-    Postgres,
-    "BIGSERIAL PRIMARY KEY",
-    "SELECT pg_advisory_xact_lock(4931402250211918)"
-);
-payments_store!(Sqlite, "INTEGER PRIMARY KEY AUTOINCREMENT", "");
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -225,9 +86,9 @@ async fn main() -> std::process::ExitCode {
         .init();
     let url = config.database_url.as_str();
     let result = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        run::<Postgres, _>(&config, capture_on_postgres).await
+        run::<Postgres>(&config).await
     } else if url.starts_with("sqlite:") {
-        run::<Sqlite, _>(&config, capture_on_sqlite).await
+        run::<Sqlite>(&config).await
     } else {
         Err(format!(
             "DATABASE_URL {:?} is neither postgres://… nor sqlite:…; set it to e.g. postgres://user@127.0.0.1/payments or sqlite://payments.db",
@@ -246,22 +107,31 @@ async fn main() -> std::process::ExitCode {
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
-    config: &Config,
-    handler: H,
-) -> Result<(), AnyError> {
+async fn run<DB: PaymentsStore>(config: &Config) -> Result<(), AnyError>
+where
+    Capture: Handler<DB, Message = PaymentRequested>,
+{
     let concurrency = config
         .concurrency
         .unwrap_or_else(|| 8.min(u32::from(config.prefetch)));
-    let pool = DB::connect(&config.database_url, concurrency).await?;
+    let relay = config.relay && !config.demo;
+    // The relay holds one connection while it publishes a batch.
+    let connections = concurrency + u32::from(relay);
+    let pool = DB::connect(&config.database_url, connections).await?;
     DB::migrate(&pool).await?;
     DB::create_tables(&pool).await?;
-    let consumer = Consumer::builder(pool.clone(), handler)
+    let consumer = Consumer::builder(pool.clone(), Capture::new(&config.orders_queue))
         .queue(&config.queue)
         .prefetch(config.prefetch)
         .concurrency(concurrency as usize)
         .build()?;
-    if !config.demo {
+    if config.demo {
+        // The demo's payments name no order: nothing goes through the outbox, no relay needed.
+        let connection = idem::amqp::connect(&config.amqp_url).await?;
+        consumer.declare(&connection).await?;
+        return demo(config, &connection, &consumer, &pool).await;
+    }
+    if !relay {
         // Reconnects by itself after a broker restart; waits (without dead-lettering) while the
         // database is away; fails fast only on what a restart cannot fix.
         consumer
@@ -269,9 +139,81 @@ async fn run<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
             .await?;
         return Ok(());
     }
+    declare_orders_queue(config).await?;
+    // One signal stops both: the consumer finishes and acks what is in flight, the relay
+    // finishes its batch. A relay that fails stops the consumer too, rather than leave it
+    // capturing payments whose announcements nobody sends.
+    let (stop, stopped) = watch::channel(false);
+    let stop = Arc::new(stop);
+    tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            idem::amqp::shutdown_signal().await;
+            stop.send_replace(true);
+        }
+    });
+    let relay = Arc::new(
+        Relay::builder(pool.clone())
+            .poll_interval(relay_poll_interval::<DB>())
+            .build()?,
+    );
+    // On its own task: the relay's publishing loop stays off the consumer's path.
+    let relaying = tokio::spawn({
+        let (relay, url, stop) = (
+            Arc::clone(&relay),
+            config.amqp_url.clone(),
+            Arc::clone(&stop),
+        );
+        let stopped = stopped.clone();
+        async move {
+            let relayed = relay.run(&url, until(stopped)).await;
+            if relayed.is_err() {
+                stop.send_replace(true);
+            }
+            relayed
+        }
+    });
+    let consumed = consumer.serve(&config.amqp_url, until(stopped)).await;
+    // However the consumer ended, the relay ends with it.
+    stop.send_replace(true);
+    let relayed = relaying.await;
+    consumed?;
+    relayed??;
+    Ok(())
+}
+
+/// Resolves once `stopped` turns true (or its sender is gone).
+async fn until(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// How long the relay sleeps when it has no wake-up: on PostgreSQL LISTEN/NOTIFY wakes it right
+/// after each commit and polling only covers a lost notification; SQLite has no notifications,
+/// so a short poll keeps the captures' announcements prompt.
+fn relay_poll_interval<DB: Backend>() -> Duration {
+    if DB::NAME == "PostgreSQL" {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(100)
+    }
+}
+
+/// Declares the orders queue this process's relay publishes `payment.captured` to, as its
+/// consumer declares it (durable, no arguments): the relay publishes with `mandatory`, so
+/// before the queue exists an announcement is refused and retried with a growing backoff.
+async fn declare_orders_queue(config: &Config) -> Result<(), AnyError> {
     let connection = idem::amqp::connect(&config.amqp_url).await?;
-    consumer.declare(&connection).await?;
-    demo(config, &connection, &consumer, &pool).await
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            config.orders_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("declaring the orders queue {:?}: {e}", config.orders_queue))?;
+    let _ = connection.close(200, "orders queue declared".into()).await;
+    Ok(())
 }
 
 /// What the demo sent, to check the database against.

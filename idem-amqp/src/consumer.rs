@@ -441,11 +441,14 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             queue: queue.to_owned(),
             reason,
         };
+        // One watch for the whole run (not a new timer per delivery).
+        let closed = channel_closed(&channel, &publisher);
+        tokio::pin!(closed);
         let ended = loop {
             // Take a slot first, so at most `concurrency` deliveries are being processed.
             let slot = tokio::select! {
                 () = stop.cancelled() => break Ok(()),
-                () = channel_closed(&channel, &publisher) => break Err(lost_reason("a channel closed".into())),
+                () = &mut closed => break Err(lost_reason("a channel closed".into())),
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break Ok(()),
@@ -453,7 +456,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             };
             let next = tokio::select! {
                 () = stop.cancelled() => break Ok(()),
-                () = channel_closed(&channel, &publisher) => break Err(lost_reason("a channel closed".into())),
+                () = &mut closed => break Err(lost_reason("a channel closed".into())),
                 next = deliveries.next() => next,
             };
             let delivery = match next {
