@@ -4,7 +4,9 @@
 //! idem runs every delivery as **one database transaction** — claim the message's idempotency
 //! key in a dedup ledger, run your handler's side effect, commit — and acknowledges RabbitMQ
 //! only after the commit. A redelivered copy finds its key in the ledger and is acknowledged
-//! without running the handler again.
+//! without running the handler again. Transient failures come back through delay queues with
+//! backoff; bad input, reused keys and messages that crash the process are dead-lettered with a
+//! reason; what a handler publishes goes through a transactional outbox.
 //!
 //! ## Quick start
 //!
@@ -32,22 +34,25 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let pool = Sqlite::connect("sqlite://payments.db", 4).await?;
 //! Sqlite::migrate(&pool).await?;
-//! let connection = idem::amqp::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
 //! Consumer::builder(pool, capture)
-//!     .queue("payments")
+//!     .queue("payments") // and payments.dlq, payments.retry.1s, .2s, ...
 //!     .build()?
-//!     .run(&connection, idem::amqp::shutdown_signal())
+//!     // Reconnects by itself; SIGTERM/SIGINT finishes what is in flight, then returns.
+//!     .serve("amqp://guest:guest@127.0.0.1:5672/%2f", idem::amqp::shutdown_signal())
 //!     .await?;
 //! # Ok(()) }
 //! ```
 //!
 //! ## What is where
 //!
-//! - [`idem_core`] (re-exported here): [`Message`], [`Key`], [`Handler`], [`Tx`], the ledger
-//!   ([`Backend`] for PostgreSQL and SQLite) and [`process`], the unit of work.
+//! - [`idem_core`] (re-exported here): [`Message`], [`Key`], [`Handler`], [`Tx`] (with
+//!   [`Tx::publish`]), [`HandlerError`] and its [`ErrorClass`], [`RetryPolicy`] and [`Policy`],
+//!   the ledger ([`Backend`] for PostgreSQL and SQLite), [`outbox`] and [`process`], the unit of
+//!   work.
 //! - `#[derive(Message)]` and `#[handler]` (feature `macros`): shorthand for those traits.
-//! - [`amqp`] (feature `amqp`): the RabbitMQ adapter — topology, consume loop, ack after commit,
-//!   dead letters with reasons.
+//! - [`amqp`] (feature `amqp`): the RabbitMQ adapter — topology (queue, dead-letter queue, delay
+//!   queues), consume loop, ack after commit, retries and dead letters with confirms, reconnect,
+//!   health, and the outbox [`amqp::Relay`].
 //!
 //! Features `postgres` and `sqlite` select the ledger backends; all four are on by default.
 
