@@ -69,7 +69,7 @@ struct Config {
     orders_queue: String,
     /// Run the outbox relay in this process (`on`/`off`). Off when another process relays this
     /// database's outbox: on SQLite only one relay may run per database.
-    #[arg(long, env = "IDEM_RELAY", default_value = "on", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    #[arg(long, env = "IDEM_RELAY", default_value = "on", value_parser = BoolishValueParser::new(), hide_possible_values = true, action = clap::ArgAction::Set)]
     relay: bool,
 }
 

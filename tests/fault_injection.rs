@@ -93,7 +93,7 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
     let mut story = Story {
         fleet: Fleet::start(
             CONSUMERS,
-            payments_binary(),
+            common::example_binary("payments"),
             run.consumer_env(),
             &run.dir,
             t0,
@@ -174,20 +174,6 @@ fn seed() -> u64 {
     }
 }
 
-/// The example binary cargo built next to this test (`target/<profile>/examples/payments`).
-fn payments_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("examples").join("payments");
-    assert!(
-        binary.exists(),
-        "{} is missing: a plain `cargo test` builds the examples first (with `--test \
-         fault_injection` alone, run `cargo build --all-features --examples` before)",
-        binary.display()
-    );
-    binary
-}
-
 /// What one run owns: a database of its own (the example creates `accounts` and `captures` in
 /// whatever database it is given), a queue of its own, and a directory for the consumers' logs.
 struct Run {
@@ -201,16 +187,8 @@ struct Run {
 impl Run {
     async fn create(seed: u64) -> Self {
         let database = format!("fault_{seed}");
-        let admin = PgPool::connect(&common::pg_url()).await.unwrap();
         // A replay of the same seed starts from scratch.
-        for sql in [
-            format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
-            format!("CREATE DATABASE {database}"),
-        ] {
-            sqlx::query(&sql).execute(&admin).await.unwrap();
-        }
-        admin.close().await;
-        let url = with_database(&common::pg_url(), &database);
+        let url = common::fresh_pg_database(&database).await;
         let queue = format!("fault-{seed}-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let dir = std::env::temp_dir().join(format!("idem-{queue}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -254,23 +232,6 @@ async fn applied(pool: &PgPool, payment_ids: &[String]) -> Option<usize> {
     .await
     .ok()
     .map(|n| n as usize)
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let authority = base.find("://").map_or(0, |i| i + 3);
-    let path = base[authority..]
-        .find('/')
-        .map_or(base.len(), |i| authority + i);
-    let mut url = format!("{}/{database}", &base[..path]);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    url
 }
 
 /// The three producers: the main stream, the second connection that sends copies at the same

@@ -175,16 +175,8 @@ async fn own_outbox<DB: TestDb>() -> sqlx::Pool<DB> {
     if DB::NAME != "PostgreSQL" {
         return DB::pool().await;
     }
-    let admin = sqlx::PgPool::connect(&pg_url()).await.unwrap();
-    let name = format!("outbox_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let url = pg_url();
-    let (base, _) = url.rsplit_once('/').unwrap();
-    let pool = DB::connect(&format!("{base}/{name}"), 8).await.unwrap();
+    let url = fresh_pg_database(&format!("outbox_{}", Uuid::new_v4().simple())).await;
+    let pool = DB::connect(&url, 8).await.unwrap();
     DB::migrate(&pool).await.unwrap();
     pool
 }

@@ -8,23 +8,9 @@ mod common;
 use common::*;
 use idem::amqp::lapin::options::QueueDeclareOptions;
 use idem::amqp::lapin::types::FieldTable;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-/// The example binary cargo built next to this test (`target/<profile>/examples/payments`).
-fn payments_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("examples").join("payments");
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo test` builds the examples first",
-        binary.display()
-    );
-    binary
-}
 
 fn payment(id: Uuid, account: &str, cents: i64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -46,7 +32,7 @@ async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_clea
         .await
         .unwrap();
 
-    let mut child = Command::new(payments_binary())
+    let mut child = Command::new(example_binary("payments"))
         .env("AMQP_URL", amqp_url())
         .env("DATABASE_URL", pg_url())
         .env("IDEM_QUEUE", &queue)

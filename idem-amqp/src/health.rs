@@ -81,6 +81,9 @@ impl HealthState {
         }
         if health.ready {
             tracing::info!(health = "ready", "ready: consuming, database reachable");
+        } else if !health.live {
+            // A requested stop is not a warning.
+            tracing::info!(health = "not ready", why = "stopped", "not ready: stopped");
         } else {
             let why = match (
                 health.live,

@@ -150,9 +150,12 @@ impl<DB: Backend> Relay<DB> {
         tokio::pin!(shutdown);
         let mut last_purge: Option<Instant> = None;
         let mut db_backoff = Duration::from_millis(250);
+        // Kept out here so the stop can close it before the connection (lapin logs an error
+        // for a channel still open when its connection closes).
+        let mut open_channel: Option<Channel> = None;
         'connected: loop {
             let channel = match confirm_channel(&connection).await {
-                Ok(channel) => channel,
+                Ok(channel) => open_channel.insert(channel).clone(),
                 Err(error) => {
                     tracing::warn!(%error, "relay cannot open its channel; reconnecting");
                     connection = match self.reconnect(amqp_url, &mut shutdown).await {
@@ -226,6 +229,9 @@ impl<DB: Backend> Relay<DB> {
                     () = tokio::time::sleep(self.poll_interval) => {}
                 }
             }
+        }
+        if let Some(channel) = open_channel.filter(|c| c.status().connected()) {
+            let _ = channel.close(200, "relay stopped".into()).await;
         }
         let _ = connection.close(200, "relay stopped".into()).await;
         tracing::info!(stats = ?self.stats(), "outbox relay stopped");

@@ -54,6 +54,51 @@ pub fn pg_url() -> String {
         .expect("IDEM_TEST_DATABASE_URL is not set: run the tests through scripts/test, which starts RabbitMQ and PostgreSQL")
 }
 
+/// An example binary cargo built next to this test (`target/<profile>/examples/<name>`).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let binary = profile_dir.join("examples").join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: a plain `cargo test` builds the examples first (with `--test <name>` \
+         alone, run `cargo build --all-features --examples` before)",
+        binary.display()
+    );
+    binary
+}
+
+/// `url` (a PostgreSQL URL) pointing at `database` instead, query string kept.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    let mut url = format!("{}/{database}", &base[..path]);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    url
+}
+
+/// Creates (or re-creates, for a replayed seed) `database` on the test PostgreSQL server and
+/// returns its URL: a run's rows never meet another run's.
+pub async fn fresh_pg_database(database: &str) -> String {
+    let admin = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
+        format!("CREATE DATABASE {database}"),
+    ] {
+        sqlx::query(&sql).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+    with_database(&pg_url(), database)
+}
+
 pub async fn connection() -> Connection {
     idem::amqp::connect(&amqp_url())
         .await
