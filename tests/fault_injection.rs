@@ -19,7 +19,7 @@
 mod common;
 mod fault;
 
-use fault::fleet::Fleet;
+use common::fleet::{seed, Fleet, Process, Scratch};
 use fault::levers::{Levers, Probe};
 use fault::publisher::{Publisher, PublisherStats};
 use fault::workload::{Bad, Msg, Sizes, Workload};
@@ -27,16 +27,13 @@ use lapin::options::QueueDeleteOptions;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use uuid::Uuid;
 
 /// Consumer processes of the payments example.
 const CONSUMERS: usize = 3;
@@ -84,20 +81,19 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
             return;
         }
     };
-    let seed = seed();
+    let seed = seed("IDEM_FAULT_SEED");
     println!("fault-injection seed: {seed} (replay with IDEM_FAULT_SEED={seed})");
     let t0 = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
     let workload = Arc::new(Workload::generate(&mut rng, SIZES));
     let run = Run::create(seed).await;
+    let mut fleet = Fleet::new(&run.scratch.dir, t0);
+    let payments = common::example_binary("payments");
+    for i in 0..CONSUMERS {
+        fleet.start(Process::new("consumer", i, &payments).env(run.consumer_env()));
+    }
     let mut story = Story {
-        fleet: Fleet::start(
-            CONSUMERS,
-            common::example_binary("payments"),
-            run.consumer_env(),
-            &run.dir,
-            t0,
-        ),
+        fleet,
         probe: Probe::new(&common::amqp_url()),
         problems: Vec::new(),
         run,
@@ -127,7 +123,7 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
     }
     let stop_problems = story.fleet.terminate(SIGTERM_DEADLINE).await;
     story.problems.extend(stop_problems);
-    for exit in &story.fleet.self_exits {
+    for exit in story.fleet.self_exits() {
         story.problems.push(format!(
             "a consumer exited without being asked to (it must reconnect or wait): {exit}"
         ));
@@ -150,11 +146,11 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
         sent.conflicts,
         sent.stats.republished,
         sent.stats.reconnects,
-        story.fleet.kills,
+        story.fleet.kills(),
         faults.connection_closes,
         faults.broker_down.as_secs_f64(),
         faults.postgres_down.as_secs_f64(),
-        story.fleet.self_exits.len(),
+        story.fleet.self_exits().len(),
         story.fleet.count_in_logs("redelivered=true"),
         dead_letters.total,
         dead_letters.extra_copies,
@@ -164,61 +160,26 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
     story.finish().await;
 }
 
-fn seed() -> u64 {
-    match std::env::var("IDEM_FAULT_SEED") {
-        Ok(seed) if !seed.trim().is_empty() => seed
-            .trim()
-            .parse()
-            .expect("IDEM_FAULT_SEED must be an unsigned integer"),
-        _ => rand::rng().random_range(1..=u64::from(u32::MAX)),
-    }
-}
-
 /// What one run owns: a database of its own (the example creates `accounts` and `captures` in
-/// whatever database it is given), a queue of its own, and a directory for the consumers' logs.
+/// whatever database it is given), a directory for the consumers' logs, and a queue of its own,
+/// named by the run's tag.
 struct Run {
-    database: String,
-    url: String,
+    scratch: Scratch,
     queue: String,
-    dir: PathBuf,
-    pool: PgPool,
 }
 
 impl Run {
     async fn create(seed: u64) -> Self {
-        let database = format!("fault_{seed}");
-        // A replay of the same seed starts from scratch.
-        let url = common::fresh_pg_database(&database).await;
-        let queue = format!("fault-{seed}-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let dir = std::env::temp_dir().join(format!("idem-{queue}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(&url)
-            .unwrap();
+        let scratch = Scratch::create(&format!("fault_{seed}"), &format!("fault-{seed}")).await;
         Self {
-            database,
-            url,
-            queue,
-            dir,
-            pool,
+            queue: scratch.tag.clone(),
+            scratch,
         }
     }
 
     fn consumer_env(&self) -> Vec<(String, String)> {
-        [
-            ("AMQP_URL", common::amqp_url()),
-            ("DATABASE_URL", self.url.clone()),
-            ("IDEM_QUEUE", self.queue.clone()),
-            ("IDEM_PREFETCH", PREFETCH.to_owned()),
-            ("RUST_LOG", "info".to_owned()),
-            ("RUST_BACKTRACE", "1".to_owned()),
-            ("NO_COLOR", "1".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        self.scratch
+            .env(&[("IDEM_QUEUE", &self.queue), ("IDEM_PREFETCH", PREFETCH)])
     }
 }
 
@@ -272,7 +233,7 @@ impl Publishers {
             late: tokio::spawn(publish_late(
                 Publisher::new(&url, &run.queue, "fault-publisher-late"),
                 Arc::clone(workload),
-                run.pool.clone(),
+                run.scratch.pool.clone(),
             )),
         }
     }
@@ -538,11 +499,7 @@ impl Story {
             }
             if now >= next_kill && !publishers.done() {
                 if let Some(&victim) = self.fleet.running().choose(rng) {
-                    println!(
-                        "t={:.1}s: SIGKILL consumer {victim}",
-                        self.t0.elapsed().as_secs_f64()
-                    );
-                    self.fleet.kill_and_restart(victim).await;
+                    self.fleet.kill_and_restart(victim, "").await;
                 }
                 next_kill = now + Duration::from_secs_f64(rng.random_range(KILL_INTERVAL_SECS));
                 continue;
@@ -598,7 +555,7 @@ impl Story {
         let mut empty_listings = 0;
         while start.elapsed() < SETTLE_DEADLINE {
             self.fleet.reap();
-            let captured = applied(&self.run.pool, &ids).await;
+            let captured = applied(&self.run.scratch.pool, &ids).await;
             let main = self.probe.counts(&self.run.queue).await;
             let dead = self.probe.counts(&dlq).await;
             state = format!(
@@ -643,7 +600,7 @@ impl Story {
     /// once with the amount first sent, every balance the sum of its unique payments, every bad
     /// message dead-lettered with its reason — none missing, none unexpected.
     async fn verify(&mut self, workload: &Workload, conflicts: usize) -> DeadLetters {
-        let pool = &self.run.pool;
+        let pool = &self.run.scratch.pool;
         let twice: Vec<(String, i64)> = sqlx::query_as(
             "SELECT payment_id, count(*) FROM captures GROUP BY payment_id HAVING count(*) <> 1",
         )
@@ -796,8 +753,8 @@ impl Story {
             "fault injection failed (seed {seed}; replay with IDEM_FAULT_SEED={seed}):\n- {}\n\n\
              Left for inspection: database {} ({}), queue {} and its DLQ, consumer logs:\n  {}\n\n{}",
             problems.join("\n- "),
-            self.run.database,
-            self.run.url,
+            self.run.scratch.database,
+            self.run.scratch.url,
             self.run.queue,
             self.fleet
                 .logs()
@@ -834,16 +791,7 @@ impl Story {
                     .await;
             }
         }
-        self.run.pool.close().await;
-        let admin = PgPool::connect(&common::pg_url()).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.run.database
-        ))
-        .execute(&admin)
-        .await
-        .unwrap();
-        let _ = std::fs::remove_dir_all(&self.run.dir);
+        self.run.scratch.remove().await;
     }
 }
 

@@ -14,6 +14,7 @@
 
 mod common;
 
+use common::fleet::{seed, Fleet, Process, Scratch};
 use idem::amqp::lapin::options::QueueDeclareOptions;
 use idem::amqp::lapin::types::FieldTable;
 use idem::amqp::lapin::Connection;
@@ -21,16 +22,13 @@ use idem::RetryPolicy;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::fs::OpenOptions;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use uuid::Uuid;
 
 /// Orders placed, in chunks of [`CHUNK`], one `orders place` process per chunk. `place` writes
@@ -61,7 +59,7 @@ fn payment_id(order_id: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_order_is_paid_once_and_every_payment_captured_once_through_consumer_and_relay_kills()
 {
-    let seed = seed();
+    let seed = seed("IDEM_CHAIN_SEED");
     println!("orders chain seed: {seed} (replay with IDEM_CHAIN_SEED={seed})");
     let t0 = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
@@ -74,11 +72,20 @@ async fn every_order_is_paid_once_and_every_payment_captured_once_through_consum
 
     // Two of each: orders consumers, payments consumers (each with its relay in-process), and
     // stand-alone relays — four relays on one PostgreSQL outbox.
-    let mut fleet = Fleet::new(run.env(), &run.dir, t0);
+    let mut fleet = Fleet::new(&run.scratch.dir, t0);
     for i in 0..2 {
-        fleet.add(Role::OrdersConsumer, i, &orders_bin, &["consume"]);
-        fleet.add(Role::Payments, i, &payments_bin, &[]);
-        fleet.add(Role::Relay, i, &orders_bin, &["relay"]);
+        let env = run.env();
+        fleet.start(
+            Process::new("orders consumer", i, &orders_bin)
+                .args(&["consume"])
+                .env(env.clone()),
+        );
+        fleet.start(Process::new("payments consumer", i, &payments_bin).env(env.clone()));
+        fleet.start(
+            Process::new("orders relay", i, &orders_bin)
+                .args(&["relay"])
+                .env(env),
+        );
     }
     let mut problems = Vec::new();
     // Consumers migrate, create their tables and declare their queues; wait until they consume
@@ -92,17 +99,18 @@ async fn every_order_is_paid_once_and_every_payment_captured_once_through_consum
         }
         fleet.reap();
         if Instant::now() > deadline {
-            fleet.fail(&format!(
+            let what = format!(
                 "the consumers did not start within {STARTUP_DEADLINE:?} (consumers on the orders queue: \
                  {orders:?}, on the payments queue: {payments:?})"
-            ));
+            );
+            fail(&fleet, &what);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
         "t={:.1}s: {} processes running",
         t0.elapsed().as_secs_f64(),
-        fleet.slots.len()
+        fleet.len()
     );
 
     // Chunks of orders, one `place` process each, while the kills go on; the first chunk is
@@ -133,7 +141,7 @@ async fn every_order_is_paid_once_and_every_payment_captured_once_through_consum
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let paid = scalar(
-            &run.pool,
+            &run.scratch.pool,
             "SELECT COUNT(*) FROM orders WHERE status = 'paid'",
         )
         .await
@@ -144,13 +152,15 @@ async fn every_order_is_paid_once_and_every_payment_captured_once_through_consum
         }
         let running = fleet.running();
         if let Some(&victim) = running.choose(&mut rng) {
-            fleet.kill_and_restart(victim, paid).await;
+            fleet
+                .kill_and_restart(victim, &format!("{paid} of {ORDERS} orders paid"))
+                .await;
         }
     }
     let placed = match placing.await {
         Ok(Ok(placed)) => placed,
-        Ok(Err(e)) => fleet.fail(&format!("placing the orders failed: {e}")),
-        Err(e) => fleet.fail(&format!("the placing task failed: {e}")),
+        Ok(Err(e)) => fail(&fleet, &format!("placing the orders failed: {e}")),
+        Err(e) => fail(&fleet, &format!("the placing task failed: {e}")),
     };
     // Every chunk new; the repeated first chunk nothing new.
     let (repeat, chunks) = placed.split_last().unwrap();
@@ -177,12 +187,12 @@ async fn every_order_is_paid_once_and_every_payment_captured_once_through_consum
     let (settled, last) = loop {
         fleet.reap();
         let paid = scalar(
-            &run.pool,
+            &run.scratch.pool,
             "SELECT COUNT(*) FROM orders WHERE status = 'paid'",
         )
         .await;
         let pending = scalar(
-            &run.pool,
+            &run.scratch.pool,
             "SELECT COUNT(*) FROM idem_outbox WHERE published_at IS NULL",
         )
         .await;
@@ -212,7 +222,7 @@ async fn every_order_is_paid_once_and_every_payment_captured_once_through_consum
 
     // SIGTERM: every process stops by itself and exits 0.
     problems.extend(fleet.terminate(SIGTERM_DEADLINE).await);
-    problems.extend(fleet.self_exits.iter().map(|exit| {
+    problems.extend(fleet.self_exits().iter().map(|exit| {
         format!("a process exited without being asked to (it must reconnect or wait): {exit}")
     }));
 
@@ -229,7 +239,7 @@ async fn every_order_is_paid_once_and_every_payment_captured_once_through_consum
         t0.elapsed().as_secs_f64()
     );
     if !problems.is_empty() {
-        fleet.fail(&problems.join("\n  "));
+        fail(&fleet, &problems.join("\n  "));
     }
     run.clean_up(&connection).await;
 }
@@ -240,7 +250,7 @@ async fn verify(run: &Run, connection: &Connection) -> Vec<String> {
     let orders: Vec<(String, String, String, i64, i32)> = sqlx::query_as(
         "SELECT order_id, account_id, status, amount_cents, paid_count FROM orders ORDER BY order_id",
     )
-    .fetch_all(&run.pool)
+    .fetch_all(&run.scratch.pool)
     .await
     .unwrap();
     if orders.len() as u64 != ORDERS {
@@ -260,7 +270,7 @@ async fn verify(run: &Run, connection: &Connection) -> Vec<String> {
 
     let captures: HashMap<String, i64> =
         sqlx::query_as::<_, (String, i64)>("SELECT payment_id, COUNT(*) FROM captures GROUP BY 1")
-            .fetch_all(&run.pool)
+            .fetch_all(&run.scratch.pool)
             .await
             .unwrap()
             .into_iter()
@@ -286,7 +296,7 @@ async fn verify(run: &Run, connection: &Connection) -> Vec<String> {
     }
     let balances: BTreeMap<String, i64> =
         sqlx::query_as("SELECT account_id, balance_cents FROM accounts")
-            .fetch_all(&run.pool)
+            .fetch_all(&run.scratch.pool)
             .await
             .unwrap()
             .into_iter()
@@ -302,7 +312,7 @@ async fn verify(run: &Run, connection: &Connection) -> Vec<String> {
     let (rows, unpublished): (i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), COUNT(*) FILTER (WHERE published_at IS NULL) FROM idem_outbox",
     )
-    .fetch_one(&run.pool)
+    .fetch_one(&run.scratch.pool)
     .await
     .unwrap();
     if rows as u64 != 2 * ORDERS || unpublished != 0 {
@@ -314,7 +324,7 @@ async fn verify(run: &Run, connection: &Connection) -> Vec<String> {
     }
     let ledger: BTreeMap<String, i64> =
         sqlx::query_as("SELECT consumer, COUNT(*) FROM idem_ledger GROUP BY 1")
-            .fetch_all(&run.pool)
+            .fetch_all(&run.scratch.pool)
             .await
             .unwrap()
             .into_iter()
@@ -430,66 +440,33 @@ async fn demo_pays_twenty_orders_exactly_once_on_sqlite_and_prints_its_summary()
     }
 }
 
-fn seed() -> u64 {
-    match std::env::var("IDEM_CHAIN_SEED") {
-        Ok(seed) if !seed.trim().is_empty() => seed
-            .trim()
-            .parse()
-            .expect("IDEM_CHAIN_SEED must be an unsigned integer"),
-        _ => rand::rng().random_range(1..=u64::from(u32::MAX)),
-    }
-}
-
 /// What one run owns: a database (the examples create their tables in whatever database they
-/// are given), two queues, and a directory for the processes' logs.
+/// are given), a directory for the processes' logs, and two queues named by the run's tag.
 struct Run {
-    database: String,
-    url: String,
+    scratch: Scratch,
     orders_queue: String,
     payments_queue: String,
-    dir: PathBuf,
-    pool: PgPool,
 }
 
 impl Run {
     async fn create(seed: u64) -> Self {
-        let database = format!("orders_chain_{seed}");
-        // A replay of the same seed starts from scratch.
-        let url = common::fresh_pg_database(&database).await;
-        let tag = format!("chain-{seed}-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let dir = std::env::temp_dir().join(format!("idem-{tag}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(&url)
-            .unwrap();
+        let scratch =
+            Scratch::create(&format!("orders_chain_{seed}"), &format!("chain-{seed}")).await;
         Self {
-            database,
-            url,
-            orders_queue: format!("{tag}-orders"),
-            payments_queue: format!("{tag}-payments"),
-            dir,
-            pool,
+            orders_queue: format!("{}-orders", scratch.tag),
+            payments_queue: format!("{}-payments", scratch.tag),
+            scratch,
         }
     }
 
     /// The environment of every process: both examples read their own names from it.
     fn env(&self) -> Vec<(String, String)> {
-        [
-            ("AMQP_URL", common::amqp_url()),
-            ("DATABASE_URL", self.url.clone()),
-            ("IDEM_QUEUE", self.payments_queue.clone()),
-            ("IDEM_PAYMENTS_QUEUE", self.payments_queue.clone()),
-            ("IDEM_ORDERS_QUEUE", self.orders_queue.clone()),
-            ("IDEM_PREFETCH", PREFETCH.to_owned()),
-            ("RUST_LOG", "info".to_owned()),
-            ("RUST_BACKTRACE", "1".to_owned()),
-            ("NO_COLOR", "1".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        self.scratch.env(&[
+            ("IDEM_QUEUE", &self.payments_queue),
+            ("IDEM_PAYMENTS_QUEUE", &self.payments_queue),
+            ("IDEM_ORDERS_QUEUE", &self.orders_queue),
+            ("IDEM_PREFETCH", PREFETCH),
+        ])
     }
 
     /// Both queues with their dead-letter and delay queues.
@@ -509,16 +486,7 @@ impl Run {
         for queue in [&self.orders_queue, &self.payments_queue] {
             common::delete_queues(connection, queue, &RetryPolicy::default()).await;
         }
-        self.pool.close().await;
-        let admin = PgPool::connect(&common::pg_url()).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.database
-        ))
-        .execute(&admin)
-        .await
-        .unwrap();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.scratch.remove().await;
     }
 }
 
@@ -549,234 +517,12 @@ fn examples<T: std::fmt::Debug>(items: &[T]) -> String {
     format!("{} in all, e.g. {}", items.len(), shown.join(", "))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Role {
-    OrdersConsumer,
-    Payments,
-    Relay,
-}
-
-/// The processes of the chain, each writing to its own log, killed and restarted on demand,
-/// watched for exits nobody asked for.
-struct Fleet {
-    env: Vec<(String, String)>,
-    dir: PathBuf,
-    t0: Instant,
-    slots: Vec<Slot>,
-    kills: BTreeMap<Role, usize>,
-    /// Exits nobody asked for: when, which, and how.
-    self_exits: Vec<String>,
-}
-
-struct Slot {
-    role: Role,
-    name: String,
-    binary: PathBuf,
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-    starts: usize,
-    restart_at: Option<Instant>,
-}
-
-impl Fleet {
-    fn new(env: Vec<(String, String)>, dir: &Path, t0: Instant) -> Self {
-        Self {
-            env,
-            dir: dir.to_owned(),
-            t0,
-            slots: Vec::new(),
-            kills: BTreeMap::new(),
-            self_exits: Vec::new(),
-        }
+/// Fails the test with `what`, the log paths and the last lines of every log.
+fn fail(fleet: &Fleet, what: &str) -> ! {
+    let mut report = format!("orders chain failed:\n  {what}\nprocess logs:\n");
+    for log in fleet.logs() {
+        let _ = writeln!(report, "  {}", log.display());
     }
-
-    fn add(&mut self, role: Role, i: usize, binary: &Path, args: &[&str]) {
-        let name = format!("{role:?}-{i}");
-        self.slots.push(Slot {
-            role,
-            log: self.dir.join(format!("{name}.log")),
-            name,
-            binary: binary.to_owned(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            child: None,
-            starts: 0,
-            restart_at: None,
-        });
-        self.spawn(self.slots.len() - 1, "first start");
-    }
-
-    fn spawn(&mut self, i: usize, why: &str) {
-        let at = self.t0.elapsed().as_secs_f64();
-        let slot = &mut self.slots[i];
-        slot.starts += 1;
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&slot.log)
-            .unwrap();
-        writeln!(
-            log,
-            "=== t={at:.2}s: start #{} of {} ({why}) ===",
-            slot.starts, slot.name
-        )
-        .unwrap();
-        let child = Command::new(&slot.binary)
-            .args(&slot.args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", slot.binary.display()));
-        slot.child = Some(child);
-        slot.restart_at = None;
-    }
-
-    fn running(&self) -> Vec<usize> {
-        (0..self.slots.len())
-            .filter(|&i| self.slots[i].child.is_some())
-            .collect()
-    }
-
-    /// SIGKILL process `i` — no shutdown, no acks, no rollbacks, no relay bookkeeping — and
-    /// start it again.
-    async fn kill_and_restart(&mut self, i: usize, paid: i64) {
-        self.reap();
-        if let Some(mut child) = self.slots[i].child.take() {
-            println!(
-                "t={:.1}s: SIGKILL {} ({paid} of {ORDERS} orders paid)",
-                self.t0.elapsed().as_secs_f64(),
-                self.slots[i].name
-            );
-            child.start_kill().unwrap();
-            child.wait().await.unwrap();
-            *self.kills.entry(self.slots[i].role).or_default() += 1;
-            self.spawn(i, "restart after SIGKILL");
-        }
-    }
-
-    fn every_role_killed(&self) -> bool {
-        self.kills.len() == 3
-    }
-
-    fn kill_counts(&self) -> String {
-        let total: usize = self.kills.values().sum();
-        let each: Vec<String> = self
-            .kills
-            .iter()
-            .map(|(role, n)| format!("{role:?} {n}"))
-            .collect();
-        format!("{total} [{}]", each.join(", "))
-    }
-
-    /// Notices processes that exited by themselves (recorded) and starts them again after a
-    /// pause, so that one that cannot start does not become a fork loop.
-    fn reap(&mut self) {
-        let now = Instant::now();
-        for i in 0..self.slots.len() {
-            let slot = &mut self.slots[i];
-            if let Some(child) = &mut slot.child {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.self_exits.push(format!(
-                        "t={:.2}s: {} (start #{}) exited by itself: {status} (log {})",
-                        self.t0.elapsed().as_secs_f64(),
-                        slot.name,
-                        slot.starts,
-                        slot.log.display()
-                    ));
-                    slot.child = None;
-                    slot.restart_at = Some(now + Duration::from_millis(500));
-                }
-            } else if slot.restart_at.is_some_and(|at| at <= now) {
-                self.spawn(i, "restart after it exited by itself");
-            }
-        }
-    }
-
-    fn ensure_running(&mut self) {
-        self.reap();
-        for i in 0..self.slots.len() {
-            if self.slots[i].child.is_none() {
-                self.spawn(i, "restart after it exited by itself");
-            }
-        }
-    }
-
-    /// SIGTERM to every process; each must exit 0 within `deadline`. Returns what went wrong.
-    async fn terminate(&mut self, deadline: Duration) -> Vec<String> {
-        self.reap();
-        let mut problems = Vec::new();
-        for slot in &self.slots {
-            if let Some(pid) = slot.child.as_ref().and_then(Child::id) {
-                let sent = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status()
-                    .unwrap();
-                assert!(sent.success(), "kill -TERM {pid} failed");
-            }
-        }
-        let until = Instant::now() + deadline;
-        for slot in &mut self.slots {
-            let Some(mut child) = slot.child.take() else {
-                problems.push(format!(
-                    "{} was not running when SIGTERM was due",
-                    slot.name
-                ));
-                continue;
-            };
-            let left = until.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, child.wait()).await {
-                Ok(Ok(status)) if status.success() => {}
-                Ok(Ok(status)) => problems.push(format!(
-                    "{} exited with {status} after SIGTERM (log {})",
-                    slot.name,
-                    slot.log.display()
-                )),
-                Ok(Err(e)) => problems.push(format!("{}: wait failed: {e}", slot.name)),
-                Err(_) => {
-                    problems.push(format!(
-                        "{} did not exit within {deadline:?} of SIGTERM (log {})",
-                        slot.name,
-                        slot.log.display()
-                    ));
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                }
-            }
-        }
-        problems
-    }
-
-    /// Lines of all logs that contain `needle`.
-    fn count_in_logs(&self, needle: &str) -> usize {
-        self.slots
-            .iter()
-            .map(|slot| {
-                std::fs::read_to_string(&slot.log)
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|line| line.contains(needle))
-                    .count()
-            })
-            .sum()
-    }
-
-    /// Fails the test with `what`, the log paths and the last lines of every log.
-    fn fail(&self, what: &str) -> ! {
-        let mut report = format!("orders chain failed:\n  {what}\nprocess logs:\n");
-        for slot in &self.slots {
-            let _ = writeln!(report, "  {}", slot.log.display());
-        }
-        for slot in &self.slots {
-            let text = std::fs::read_to_string(&slot.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let _ = writeln!(report, "---- last 15 lines of {} ----", slot.log.display());
-            for line in &lines[lines.len().saturating_sub(15)..] {
-                let _ = writeln!(report, "{line}");
-            }
-        }
-        panic!("{report}");
-    }
+    report.push_str(&fleet.tails(15));
+    panic!("{report}");
 }

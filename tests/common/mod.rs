@@ -6,6 +6,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fleet;
 pub mod proxy;
 
 /// Runs each story (an async fn generic over [`TestDb`]) once per ledger backend.

@@ -1,6 +1,5 @@
 //! Parts of the fault-injection suite (`tests/fault_injection.rs`).
 
-pub mod fleet;
 pub mod levers;
 pub mod publisher;
 pub mod workload;
