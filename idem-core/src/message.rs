@@ -59,7 +59,7 @@ fn canonical_json(value: &serde_json::Value, out: &mut Sha256) {
                 if i > 0 {
                     out.update(b",");
                 }
-                out.update(Value::String(name.clone()).to_string().as_bytes());
+                write_json(name, out);
                 out.update(b":");
                 canonical_json(value, out);
             }
@@ -75,8 +75,14 @@ fn canonical_json(value: &serde_json::Value, out: &mut Sha256) {
             }
             out.update(b"]");
         }
-        scalar => out.update(scalar.to_string().as_bytes()),
+        scalar => write_json(scalar, out),
     }
+}
+
+/// Serializes `value` straight into the hasher, without an intermediate string.
+fn write_json<T: serde::Serialize + ?Sized>(value: &T, out: &mut Sha256) {
+    // Writing a string or a scalar into a hasher cannot fail.
+    let _ = serde_json::to_writer(out, value);
 }
 
 /// Why a body did not become a message.
