@@ -25,8 +25,8 @@
 //! processes must share one database (the same `DATABASE_URL`), and the payments example's
 //! `IDEM_QUEUE` must be this `IDEM_PAYMENTS_QUEUE`. Every process declares the queues it
 //! consumes or publishes to. Relays: on PostgreSQL run as many as you like (the payments process
-//! runs one); on SQLite exactly one per database — `orders relay` or the payments process's, so
-//! run payments with `IDEM_RELAY=off` when you run `orders relay`.
+//! runs one); on SQLite one relay publishes at a time (it holds a lease, a second one stands
+//! by), so with `orders relay` on SQLite run payments with `IDEM_RELAY=off`.
 
 #[path = "shared/payments.rs"]
 mod payments;

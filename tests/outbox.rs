@@ -491,3 +491,46 @@ async fn the_relay_wakes_on_commit_not_on_its_poll() {
     assert_eq!(drain(&connection, &downstream).await.len(), 1);
     delete_queue(&connection, &downstream).await;
 }
+
+/// SQLite has no row locks to share an outbox: a second relay stands by while the first holds
+/// the lease, so nothing is published twice, and takes over when the first is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_sqlite_stands_by_and_takes_over() {
+    let pool = own_outbox::<idem::Sqlite>().await;
+    <idem::Sqlite as TestDb>::create_effects(&pool).await;
+    let connection = connection().await;
+    let downstream = fresh_queue("sqlite-lease");
+    declare_queue(&connection, &downstream).await;
+    let first = start_relay(fast_relay(&pool));
+    tokio::time::sleep(Duration::from_millis(200)).await; // the first takes the lease
+    let second = start_relay(fast_relay(&pool));
+    for i in 0..50 {
+        place(&pool, &downstream, Uuid::new_v4(), i).await;
+    }
+    first
+        .until("the lease holder publishes", |s| s.published == 50)
+        .await;
+    assert_eq!(
+        second.relay.stats().published,
+        0,
+        "two relays published one SQLite outbox"
+    );
+
+    // The holder stops and hands the lease over; the stand-by takes over.
+    first.stop().await;
+    for i in 0..5 {
+        place(&pool, &downstream, Uuid::new_v4(), i).await;
+    }
+    let second_relay = Arc::clone(&second.relay);
+    eventually("the stand-by takes over", || {
+        let published = second_relay.stats().published;
+        async move { published == 5 }
+    })
+    .await;
+    second.stop().await;
+    let received = drain(&connection, &downstream).await;
+    let ids: std::collections::BTreeSet<String> =
+        received.iter().map(Received::message_id).collect();
+    assert_eq!((received.len(), ids.len()), (55, 55));
+    delete_queue(&connection, &downstream).await;
+}

@@ -5,7 +5,8 @@
 //! publishes the row again on its next run, with the same message id, and the consumer's ledger
 //! deduplicates it. Under normal operation nothing is published twice: on PostgreSQL a batch is
 //! taken with `FOR UPDATE SKIP LOCKED` and its locks are held until it is settled, so several
-//! relays can share one outbox; on SQLite run one relay per database.
+//! relays can share one outbox; on SQLite one relay holds a lease (`idem_relay_lease`, renewed
+//! every round) and any other stands by until it lapses.
 
 use crate::consumer::CAUSATION_HEADER;
 use crate::error::AmqpError;
@@ -16,7 +17,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use sqlx::Pool;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Longest backoff between two publish attempts of one row, and between reconnects.
@@ -94,6 +95,8 @@ impl<DB: Backend> RelayBuilder<DB> {
             poll_interval: self.poll_interval,
             retention: self.retention,
             counters: Counters::default(),
+            holder: format!("{}-{}", std::process::id(), rand::random::<u64>()),
+            standing_by: AtomicBool::new(false),
         })
     }
 }
@@ -106,6 +109,10 @@ pub struct Relay<DB: Backend> {
     poll_interval: Duration,
     retention: Duration,
     counters: Counters,
+    /// This relay's name in the SQLite lease.
+    holder: String,
+    /// Whether another relay holds the lease (logged on change).
+    standing_by: AtomicBool,
 }
 
 /// Why a round of publishing stopped.
@@ -230,6 +237,9 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
         }
+        // Hand the SQLite lease over at once rather than when it lapses (a no-op elsewhere,
+        // and for a relay that did not hold it).
+        let _ = DB::outbox_lease(&self.pool, &self.holder, Duration::ZERO).await;
         if let Some(channel) = open_channel.filter(|c| c.status().connected()) {
             let _ = channel.close(200, "relay stopped".into()).await;
         }
@@ -268,6 +278,22 @@ impl<DB: Backend> Relay<DB> {
     /// Takes one batch, publishes it in order on `channel`, waits for every confirm, and
     /// settles it. Returns how many rows it took.
     async fn round(&self, channel: &Channel) -> Result<usize, RoundError> {
+        // SQLite: one relay at a time; the others stand by until its lease lapses (a relay
+        // killed mid-round is replaced within the lease time).
+        let ttl = (self.poll_interval * 3).max(Duration::from_secs(10));
+        let leased = DB::outbox_lease(&self.pool, &self.holder, ttl)
+            .await
+            .map_err(RoundError::Database)?;
+        if self.standing_by.swap(!leased, Ordering::Relaxed) == leased {
+            if leased {
+                tracing::info!("relay took over the outbox lease");
+            } else {
+                tracing::warn!("another relay is publishing this SQLite outbox; standing by");
+            }
+        }
+        if !leased {
+            return Ok(0);
+        }
         let batch: OutboxBatch<DB> = DB::outbox_take(&self.pool, i64::from(self.batch_size))
             .await
             .map_err(RoundError::Database)?;

@@ -68,6 +68,15 @@ pub trait Backend: sqlx::Database + Sized {
     /// A signal each time a transaction that wrote outbox rows commits, where the database can
     /// tell (PostgreSQL LISTEN/NOTIFY); `None` where the relay must poll.
     async fn outbox_wakeups(pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>>;
+
+    /// Takes or renews the right to relay this outbox for `ttl`, as `holder`. On SQLite, which
+    /// has no row locks to share the outbox, one relay holds a lease and any other stands by
+    /// until it expires; on PostgreSQL every relay may publish (`Ok(true)` always).
+    async fn outbox_lease(
+        pool: &Pool<Self>,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, sqlx::Error>;
 }
 
 /// Rows the relay took from the outbox, to publish and then settle with
@@ -204,6 +213,22 @@ const MIGRATIONS: &[Migration] = &[
             WHERE published_ms IS NULL;
         CREATE INDEX IF NOT EXISTS idem_outbox_published ON idem_outbox (published_ms)
             WHERE published_ms IS NOT NULL;",
+    },
+    Migration {
+        version: 4,
+        description: "relay lease (SQLite: one relay at a time)",
+        // PostgreSQL shares the outbox through row locks and needs no lease; the table exists
+        // on both so that the schema versions mean the same everywhere.
+        postgres: "CREATE TABLE IF NOT EXISTS idem_relay_lease (
+            id         INTEGER PRIMARY KEY CHECK (id = 1),
+            holder     TEXT    NOT NULL,
+            expires_ms BIGINT  NOT NULL
+        )",
+        sqlite: "CREATE TABLE IF NOT EXISTS idem_relay_lease (
+            id         INTEGER PRIMARY KEY CHECK (id = 1),
+            holder     TEXT    NOT NULL,
+            expires_ms INTEGER NOT NULL
+        )",
     },
 ];
 
@@ -604,6 +629,14 @@ impl Backend for sqlx::Postgres {
         });
         Some(wakeups)
     }
+
+    async fn outbox_lease(
+        _pool: &Pool<Self>,
+        _holder: &str,
+        _ttl: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        Ok(true)
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -761,5 +794,25 @@ impl Backend for sqlx::Sqlite {
 
     async fn outbox_wakeups(_pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>> {
         None
+    }
+
+    /// One row: taken when free or expired, renewed by its holder.
+    async fn outbox_lease(
+        pool: &Pool<Self>,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "INSERT INTO idem_relay_lease (id, holder, expires_ms) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
+             WHERE idem_relay_lease.holder = excluded.holder OR idem_relay_lease.expires_ms < $3",
+        )
+        .bind(holder)
+        .bind(now + millis(ttl))
+        .bind(now)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
