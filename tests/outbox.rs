@@ -333,16 +333,15 @@ async fn a_relay_that_dies_between_confirm_and_mark_causes_one_effect_downstream
     let running = story.run(story.recorder()).await;
     for id in &ids {
         let mut tx = story.pool.begin().await.unwrap();
-        let transfer = serde_json::json!({ "id": id, "account": "acct-o3", "amount": 3 });
-        let mut outgoing = Outgoing::json(
-            &Forwarded { id: *id, amount: 3 },
-            outbox::stable_id("service", &id.to_string()),
-        )
-        .unwrap()
-        .route(Route::queue(&story.queue));
-        // Downstream expects transfers: send the transfer's JSON under the forwarded kind.
-        outgoing.body = serde_json::to_vec(&transfer).unwrap();
-        outgoing.kind = "Transfer".into();
+        let transfer = Transfer {
+            id: *id,
+            account: "acct-o3".into(),
+            amount: 3,
+            fail: false,
+        };
+        let outgoing = Outgoing::json(&transfer, outbox::stable_id("service", &id.to_string()))
+            .unwrap()
+            .route(Route::queue(&story.queue));
         outbox::enqueue::<DB>(&mut *tx, &outgoing).await.unwrap();
         tx.commit().await.unwrap();
     }

@@ -24,6 +24,34 @@ pub async fn connect(url: &str) -> Result<Connection, AmqpError> {
         })
 }
 
+/// Waits with jittered backoff (0.25 s doubling to 30 s) until the broker at `url` answers
+/// again; `None` once `stopped` resolves. The jitter keeps processes that lost the broker
+/// together from all coming back at once. Shared by the consumer and the relay.
+pub(crate) async fn reconnect(
+    url: &str,
+    stopped: impl std::future::Future<Output = ()>,
+) -> Option<Connection> {
+    tokio::pin!(stopped);
+    let mut wait = std::time::Duration::from_millis(250);
+    loop {
+        let jittered = wait.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        tokio::select! {
+            () = &mut stopped => return None,
+            () = tokio::time::sleep(jittered) => {}
+        }
+        match connect(url).await {
+            Ok(connection) => {
+                tracing::info!("reconnected to the broker");
+                return Some(connection);
+            }
+            Err(error) => {
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                tracing::warn!(%error, retry_in = ?wait, "broker still unreachable");
+            }
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C): pass it to [`crate::Consumer::run`] for a graceful stop.
 pub async fn shutdown_signal() {
     #[cfg(unix)]

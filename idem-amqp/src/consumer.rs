@@ -28,8 +28,7 @@ use tracing::Instrument;
 
 /// Longest queue name RabbitMQ accepts.
 const MAX_QUEUE_NAME: usize = 255;
-/// The longest wait between two tries of a delivery while the database is unreachable, and
-/// between two reconnects to the broker.
+/// The longest wait between two tries of a delivery while the database is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Counters of what a consumer did; read them with [`Consumer::stats`].
@@ -326,31 +325,19 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             if connection.status().connected() {
                 let _ = connection.close(200, "idem reconnecting".into()).await;
             }
-            let mut wait = Duration::from_millis(250);
-            connection = loop {
-                // Jitter: consumers that lost the broker together should not return together.
-                let jittered = wait.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-                tokio::select! {
-                    () = stop.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(jittered) => {}
-                }
-                match crate::connect(amqp_url).await {
-                    Ok(connection) => break connection,
-                    Err(error) => {
-                        wait = (wait * 2).min(MAX_BACKOFF);
-                        tracing::warn!(%error, retry_in = ?wait, "broker still unreachable");
-                    }
-                }
+            connection = match crate::connect::reconnect(amqp_url, stop.cancelled()).await {
+                Some(connection) => connection,
+                None => return Ok(()),
             };
             self.shared
                 .counters
                 .reconnects
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!("reconnected to the broker");
         }
     }
 
-    /// Declares the queue and its dead-letter queue (durable), on a channel of `connection`.
+    /// Declares the queue, its dead-letter queue and its delay queues (all durable), on a
+    /// channel of `connection`.
     pub async fn declare(&self, connection: &Connection) -> Result<(), AmqpError> {
         let channel = connection
             .create_channel()
@@ -747,7 +734,6 @@ async fn settle<DB: Backend, H: Handler<DB>>(
                 &delivery.properties,
                 metadata,
                 &error,
-                attempts,
                 (delay, tier),
             )
             .await;

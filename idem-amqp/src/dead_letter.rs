@@ -75,10 +75,10 @@ pub(crate) async fn publish_dead_letter(
     publish_confirmed(channel, &dead_letter_queue(letter.queue), body, properties).await
 }
 
-/// Publishes the message to the delay queue for `tier`, with `x-idem-attempts` = `attempts` and
-/// a per-message expiration of `delay` (at most the queue's TTL, `tier`); when it expires the
-/// broker routes it back to `queue`. Confirmed before the original may be acknowledged.
-#[allow(clippy::too_many_arguments)]
+/// Publishes the message to the delay queue for `tier`, with `x-idem-attempts` counting this
+/// attempt and a per-message expiration of `delay` (at most the queue's TTL, `tier`); when it
+/// expires the broker routes it back to `queue`. Confirmed before the original may be
+/// acknowledged.
 pub(crate) async fn publish_retry(
     channel: &Channel,
     queue: &str,
@@ -86,14 +86,9 @@ pub(crate) async fn publish_retry(
     properties: &BasicProperties,
     metadata: &Metadata,
     error: &str,
-    attempts: u32,
     (delay, tier): (Duration, Duration),
 ) -> Result<(), AmqpError> {
-    let mut headers = failure_headers(properties, metadata, error);
-    headers.insert(
-        ATTEMPTS_HEADER.into(),
-        AMQPValue::LongLongInt(i64::from(attempts)),
-    );
+    let headers = failure_headers(properties, metadata, error);
     let properties = properties
         .clone()
         .with_headers(headers)

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Longest backoff between two publish attempts of one row, and between reconnects.
+/// Longest backoff between two publish attempts of one row.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Counters of what a relay did.
@@ -248,31 +248,15 @@ impl<DB: Backend> Relay<DB> {
         Ok(())
     }
 
-    /// Waits with backoff until the broker answers again; `None` on shutdown.
+    /// [`crate::connect::reconnect`], counted.
     async fn reconnect(
         &self,
         amqp_url: &str,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Option<Connection> {
-        let mut wait = Duration::from_millis(250);
-        loop {
-            let jittered = wait.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-            tokio::select! {
-                () = shutdown.as_mut() => return None,
-                () = tokio::time::sleep(jittered) => {}
-            }
-            match crate::connect(amqp_url).await {
-                Ok(connection) => {
-                    self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("relay reconnected to the broker");
-                    return Some(connection);
-                }
-                Err(error) => {
-                    wait = (wait * 2).min(Duration::from_secs(30));
-                    tracing::warn!(%error, retry_in = ?wait, "broker still unreachable");
-                }
-            }
-        }
+        let connection = crate::connect::reconnect(amqp_url, shutdown.as_mut()).await?;
+        self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        Some(connection)
     }
 
     /// Takes one batch, publishes it in order on `channel`, waits for every confirm, and

@@ -512,6 +512,7 @@ impl Backend for sqlx::Postgres {
     ) -> Result<(), sqlx::Error> {
         forget_redeliveries_in!(conn, consumer, key)
     }
+
     async fn enqueue(conn: &mut Self::Connection, message: &Outgoing) -> Result<bool, sqlx::Error> {
         enqueue_in!(conn, message)
     }
@@ -720,11 +721,13 @@ impl Backend for sqlx::Sqlite {
     ) -> Result<(), sqlx::Error> {
         forget_redeliveries_in!(conn, consumer, key)
     }
+
     async fn enqueue(conn: &mut Self::Connection, message: &Outgoing) -> Result<bool, sqlx::Error> {
         enqueue_in!(conn, message)
     }
 
-    /// No row locks on SQLite: run one relay per database.
+    /// No row locks on SQLite: the relay lease ([`Backend::outbox_lease`]) keeps it to one
+    /// publishing relay.
     async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
         let rows = sqlx::query(&format!(
             "SELECT {OUTBOX_COLUMNS} FROM idem_outbox
@@ -747,6 +750,10 @@ impl Backend for sqlx::Sqlite {
         batch: OutboxBatch<Self>,
         settled: &[Settled],
     ) -> Result<(), sqlx::Error> {
+        if settled.is_empty() {
+            // An idle poll must not take the write lock every time.
+            return Ok(());
+        }
         let mut tx = batch.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_ms();
         for s in settled {

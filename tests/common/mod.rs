@@ -112,7 +112,7 @@ pub fn fresh_queue(story: &str) -> String {
 }
 
 /// The message the tests send: a transfer with a key, and a switch to make the handler fail.
-#[derive(Debug, serde::Deserialize, idem::Message)]
+#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
 pub struct Transfer {
     #[idem(key)]
     pub id: Uuid,
@@ -495,21 +495,12 @@ pub async fn publish_with(
 }
 
 /// Waits up to 30 s for `condition`, polling.
-pub async fn eventually<F, Fut>(what: &str, condition: F)
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    eventually_for(what, Duration::from_secs(30), condition).await
-}
-
-/// Waits up to `limit` for `condition`, polling.
-pub async fn eventually_for<F, Fut>(what: &str, limit: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
