@@ -10,8 +10,9 @@
 #![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(unused))]
 
 mod backend;
+pub mod backoff;
 mod classify;
-mod envelope;
+mod delivery;
 mod error;
 mod handler;
 mod key;
@@ -19,11 +20,12 @@ mod message;
 pub mod outbox;
 mod policy;
 mod tx;
-mod unit;
+mod process;
 
 pub use async_trait::async_trait;
+pub use backoff::Backoff;
 pub use backend::{Backend, Claim, OutboxBatch};
-pub use envelope::{Delivery, Metadata};
+pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};
 pub use handler::{BoxError, ErrorClass, ErrorClassExt, Handler, HandlerError};
 pub use key::{Key, KeyError, KeyField};
@@ -35,4 +37,4 @@ pub use policy::{Policy, RetryPolicy};
 /// The sqlx crate idem-core is built on.
 pub use sqlx;
 pub use tx::Tx;
-pub use unit::{delivery_span, process, Outcome, Processed, Reason};
+pub use process::{delivery_span, process, Outcome, Processed, Reason};

@@ -1,5 +1,6 @@
 //! What the unit of work does with failing, oversized and crashing deliveries.
 
+use crate::backoff::Backoff;
 use crate::error::Error;
 use std::time::Duration;
 
@@ -112,12 +113,14 @@ impl RetryPolicy {
         Ok(())
     }
 
+    /// The policy's delays as a [`Backoff`]: failure `n` (1-based) waits `backoff().delay(n - 1)`.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(self.initial_delay, self.max_delay).with_jitter(self.jitter)
+    }
+
     /// The delay after failed attempt `attempt` (1-based), before jitter.
     pub fn delay_after(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(63);
-        let factor = 1u64 << doublings;
-        let millis = (self.initial_delay.as_millis() as u64).saturating_mul(factor);
-        Duration::from_millis(millis).min(self.max_delay)
+        self.backoff().delay(attempt.saturating_sub(1))
     }
 
     /// Every distinct delay the policy uses, shortest first: one delay queue each.
@@ -131,8 +134,7 @@ impl RetryPolicy {
 
     /// The delay after failed attempt `attempt`, jittered by `random` (0 to 1).
     pub(crate) fn jittered(&self, attempt: u32, random: f64) -> Duration {
-        self.delay_after(attempt)
-            .mul_f64(1.0 - self.jitter * random.clamp(0.0, 1.0))
+        self.backoff().jittered(attempt.saturating_sub(1), random)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The transaction handle a handler receives.
 
 use crate::backend::Backend;
-use crate::envelope::Metadata;
+use crate::delivery::Metadata;
 use crate::handler::HandlerError;
 use crate::key::Key;
 use crate::message::Message;

@@ -5,7 +5,7 @@
 
 use crate::backend::{Backend, Claim};
 use crate::classify::is_unavailable;
-use crate::envelope::{Delivery, Metadata};
+use crate::delivery::{Delivery, Metadata};
 use crate::handler::{ErrorClass, Handler};
 use crate::key::{Key, KeyError};
 use crate::message::{DecodeErrorKind, Message};
