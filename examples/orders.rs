@@ -535,7 +535,7 @@ where
         }
         // The last captures are consumed; give the relay a moment to mark them published.
         let settle = Instant::now() + Duration::from_secs(2);
-        while DB::outbox_pending(&pool).await.unwrap_or(0) > 0 && Instant::now() < settle {
+        while outbox::pending::<DB>(&pool).await.unwrap_or(0) > 0 && Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         stop.send_replace(true);
@@ -555,7 +555,7 @@ where
     let states = DB::order_states(&pool, &run).await?;
     let captures = DB::captures(&pool, &run).await?;
     let balances = DB::balances(&pool, &run).await?;
-    let unpublished = DB::outbox_pending(&pool).await?;
+    let unpublished = outbox::pending::<DB>(&pool).await?;
     let mut expected_balances: HashMap<String, i64> = HashMap::new();
     for order in &placed.orders {
         *expected_balances

@@ -117,7 +117,9 @@ where
     let relay = config.relay && !config.demo;
     // The relay holds one connection while it publishes a batch.
     let connections = concurrency + u32::from(relay);
-    let pool = DB::connect(&config.database_url, connections).await?;
+    let pool = DB::connect(&config.database_url, connections)
+        .await
+        .map_err(|error| format!("{error} (the URL comes from DATABASE_URL or --database-url)"))?;
     DB::migrate(&pool).await?;
     DB::create_tables(&pool).await?;
     let consumer = Consumer::builder(pool.clone(), Capture::new(&config.orders_queue))

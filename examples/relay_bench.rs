@@ -119,7 +119,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_shipments (order_id TEXT NOT NULL)")
         .execute(&pool)
         .await?;
-    if Postgres::outbox_pending(&pool).await? > 0 {
+    if outbox::pending::<Postgres>(&pool).await? > 0 {
         bail!("the outbox already has unpublished rows; point DATABASE_URL at a bench database");
     }
     let connection = idem::amqp::connect(&config.amqp_url).await?;

@@ -45,40 +45,71 @@
 //!
 //! ## What is where
 //!
-//! - [`idem_core`] (re-exported here): [`Message`], [`Key`], [`Handler`], [`Tx`] (with
-//!   [`Tx::publish`]), [`HandlerError`] and its [`ErrorClass`], [`RetryPolicy`] and [`Policy`],
-//!   the ledger ([`Backend`] for PostgreSQL and SQLite), [`outbox`] and [`process`], the unit of
-//!   work.
-//! - `#[derive(Message)]` and `#[handler]` (feature `macros`): shorthand for those traits.
-//! - [`amqp`] (feature `amqp`): the RabbitMQ adapter — topology (queue, dead-letter queue, delay
-//!   queues), consume loop, ack after commit, retries and dead letters with confirms, reconnect,
-//!   health, and the outbox [`amqp::Relay`].
+//! - Messages: [`Message`] (derive it), its [`Key`], [`DecodeError`].
+//! - Handlers: [`Handler`] (or `#[handler]`), the transaction handle [`Tx`] (with
+//!   [`Tx::publish`]), [`HandlerError`] and its [`ErrorClass`].
+//! - Databases: [`Backend`] for [`Postgres`] and [`Sqlite`] (features `postgres`, `sqlite`):
+//!   connect, migrate.
+//! - Failures: [`RetryPolicy`], the dead-letter [`Reason`]s, idem's own [`Error`].
+//! - [`outbox`]: messages published in the handler's transaction, or by service code in its own.
+//! - [`amqp`] (feature `amqp`): the RabbitMQ adapter — [`amqp::Consumer`] (topology, consume
+//!   loop, ack after commit, retries and dead letters with confirms, reconnect, health) and the
+//!   outbox [`amqp::Relay`].
+//! - [`transport`]: the unit of work itself, for writing an adapter to another transport.
 //!
-//! Features `postgres` and `sqlite` select the ledger backends; all four are on by default.
+//! All four features (`postgres`, `sqlite`, `amqp`, `macros`) are on by default; `amqp-tls`
+//! adds `amqps://`.
 
-pub use idem_core::*;
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(feature = "macros")]
-pub use idem_macros::{handler, Message};
+pub use idem_core::{
+    async_trait, redact_url, Backend, BoxError, DecodeError, DecodeErrorKind, Error, ErrorClass,
+    ErrorClassExt, Handler, HandlerError, Key, KeyError, Message, Metadata, Reason, RetryPolicy,
+    Tx,
+};
 
-#[cfg(feature = "amqp")]
-pub use idem_amqp as amqp;
+pub use idem_core::outbox;
 
 /// The sqlx version idem is built on, for the types handlers use.
 pub use idem_core::sqlx;
 
+/// PostgreSQL: a [`Backend`] for the ledger, and the database of a handler's [`Tx`].
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use idem_core::sqlx::Postgres;
 
+/// SQLite: a [`Backend`] for the ledger, and the database of a handler's [`Tx`].
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use idem_core::sqlx::Sqlite;
+
+#[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
+pub use idem_macros::{handler, Message};
+
+#[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+pub use idem_amqp as amqp;
+
+/// The unit of work, for writing a transport adapter: what [`amqp`] is built on.
+///
+/// An adapter turns each delivery into a [`Delivery`](transport::Delivery), calls
+/// [`process`](transport::process) (decode → BEGIN → claim → handler → COMMIT) and acts on the
+/// [`Outcome`](transport::Outcome): acknowledge after `Applied` / `Duplicate`, publish a retry
+/// or dead letter and acknowledge only once the broker confirmed it, hold and run again after
+/// `Unavailable`. It never opens, commits or rolls back a transaction itself.
+pub mod transport {
+    pub use idem_core::{delivery_span, process, Delivery, Outcome, Policy, Processed};
+}
 
 /// What the macros' generated code names. Not a public API: it changes without notice.
 #[doc(hidden)]
 pub mod __private {
+    pub use idem_core::__private::{
+        decode_json, json_fingerprint, json_value_parses_as, JsonKeyField, KeyField,
+    };
     pub use idem_core::{
-        async_trait, decode_json, json_fingerprint, json_value_parses_as, DecodeError, Handler,
-        HandlerError, JsonKeyField, Key, KeyError, KeyField, Message, Tx,
+        async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Tx,
     };
 }
 

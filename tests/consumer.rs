@@ -11,7 +11,8 @@ use futures_util::StreamExt;
 use idem::amqp::lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use idem::amqp::lapin::types::FieldTable;
 use idem::amqp::Consumer;
-use idem::{Delivery, Metadata, Outcome};
+use idem::transport::{Delivery, Outcome};
+use idem::Metadata;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use uuid::Uuid;
@@ -94,8 +95,8 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>(
         metadata: &metadata,
         tries_in_place: 0,
     };
-    let policy = idem::Policy::default();
-    let processed = idem::process(&story.pool, &first_life, delivered, &policy).await;
+    let policy = idem::transport::Policy::default();
+    let processed = idem::transport::process(&story.pool, &first_life, delivered, &policy).await;
     assert_eq!(processed.outcome, Outcome::Applied);
     channel
         .close(200, "crash after commit, before ack".into())

@@ -278,7 +278,7 @@ async fn what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_ro
     assert_ne!(ids[0], ids[1]);
     let expected_first = outbox::stable_id(&story.consumer, &format!("{kept}\0{}", 0));
     assert_eq!(ids[0], expected_first.to_string());
-    assert_eq!(DB::outbox_pending(&story.pool).await.unwrap(), 0);
+    assert_eq!(outbox::pending::<DB>(&story.pool).await.unwrap(), 0);
     drain_dead_letters(&story.connection, &story.queue).await;
     delete_queue(&story.connection, &downstream).await;
     story.end().await;
@@ -296,7 +296,7 @@ async fn a_crash_after_the_business_commit_delays_the_message_but_does_not_lose_
     for (i, id) in ids.iter().enumerate() {
         place(&pool, &downstream, *id, i as i64 + 1).await;
     }
-    assert_eq!(DB::outbox_pending(&pool).await.unwrap(), 5);
+    assert_eq!(outbox::pending::<DB>(&pool).await.unwrap(), 5);
     assert!(drain(&connection, &downstream).await.is_empty());
 
     // Back up: the relay finds the committed rows and delivers them, in order.
@@ -385,7 +385,7 @@ async fn an_unroutable_message_stays_in_the_outbox_until_its_queue_exists<DB: Te
         .until("the broker returned it", |s| s.failed >= 1)
         .await;
     assert_eq!(
-        DB::outbox_pending(&pool).await.unwrap(),
+        outbox::pending::<DB>(&pool).await.unwrap(),
         1,
         "the row was given up"
     );

@@ -10,8 +10,8 @@
 
 use crate::consumer::CAUSATION_HEADER;
 use crate::error::AmqpError;
-use idem_core::outbox::{OutboxRow, Settled};
-use idem_core::{Backend, OutboxBatch};
+use idem_core::outbox::relay::{OutboxBatch, OutboxRow, Settled};
+use idem_core::Backend;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};

@@ -103,7 +103,8 @@ mod tests {
 
     #[test]
     fn jitter_only_shortens() {
-        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300)).with_jitter(0.2);
+        let backoff =
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(300)).with_jitter(0.2);
         assert_eq!(backoff.jittered(2, 0.0), Duration::from_secs(4));
         assert_eq!(backoff.jittered(2, 1.0), Duration::from_millis(3200));
         assert_eq!(backoff.jittered(2, 7.0), Duration::from_millis(3200));

@@ -9,7 +9,7 @@ pub enum Error {
     Config(String),
 
     /// The database could not be reached at start.
-    #[error("cannot connect to {backend} at {url}: {source}. Check the URL (DATABASE_URL) and that the server is running and accepts connections")]
+    #[error("cannot connect to {backend} at {url}: {source}. Check the URL, and that the server is running and accepts connections from here")]
     Connect {
         /// Which backend.
         backend: &'static str,
@@ -35,7 +35,7 @@ pub enum Error {
     },
 
     /// The database was migrated by a newer idem than this one.
-    #[error("the database has idem schema version {found}, but this build knows only up to {known}: upgrade idem, or point DATABASE_URL at the right database")]
+    #[error("the database has idem schema version {found}, but this build knows only up to {known}: upgrade idem, or connect to the database this service owns")]
     SchemaTooNew {
         /// Highest version found in `idem_migrations`.
         found: i64,

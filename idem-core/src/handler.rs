@@ -17,7 +17,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// # #[derive(Debug, serde::Deserialize)] struct Ping { id: u64 }
 /// # impl idem_core::Message for Ping {
 /// #     const KIND: &'static str = "Ping";
-/// #     fn decode(b: &[u8]) -> Result<Self, idem_core::DecodeError> { idem_core::decode_json(b, None) }
+/// #     fn decode(b: &[u8]) -> Result<Self, idem_core::DecodeError> { serde_json::from_slice(b).map_err(|e| idem_core::DecodeError::malformed(e.to_string())) }
 /// #     fn key(&self) -> Result<Option<idem_core::Key>, idem_core::KeyError> { Ok(None) }
 /// # }
 /// struct CountPings;

@@ -2,8 +2,18 @@
 //! keys, the dedup ledger on PostgreSQL and SQLite, the [`Handler`] trait and the one
 //! unit-of-work function, [`process`], that runs a delivery as a single transaction.
 //!
-//! Most users depend on the `idem` facade crate instead, which re-exports all of this together
-//! with the `#[idem::handler]` and `#[derive(idem::Message)]` macros and the RabbitMQ adapter.
+//! Most users depend on the `idem` facade crate instead, which re-exports the user's part of
+//! this together with the `#[idem::handler]` and `#[derive(idem::Message)]` macros and the
+//! RabbitMQ adapter.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `message`, `key` | [`Message`] (decode + key), [`Key`], JSON decoding with idem's limits |
+//! | `handler`, `tx` | [`Handler`], [`HandlerError`] and its [`ErrorClass`], the handler's [`Tx`] |
+//! | `process`, `delivery`, `outcome`, `policy` | the unit of work: [`process`], its [`Delivery`] input, its [`Outcome`], the limits ([`Policy`], [`RetryPolicy`]) |
+//! | `backend` | [`Backend`]: PostgreSQL and SQLite, migrations, the ledger's SQL |
+//! | [`outbox`] | messages published in the handler's transaction |
+//! | [`backoff`] | the one doubling-with-jitter delay every wait uses |
 
 // Without a backend feature only the transport-agnostic types are usable; the ledger code is
 // compiled but unused.
@@ -18,23 +28,30 @@ mod handler;
 mod key;
 mod message;
 pub mod outbox;
+mod outcome;
 mod policy;
-mod tx;
 mod process;
+mod tx;
 
 pub use async_trait::async_trait;
+pub use backend::Backend;
 pub use backoff::Backoff;
-pub use backend::{Backend, Claim, OutboxBatch};
 pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};
 pub use handler::{BoxError, ErrorClass, ErrorClassExt, Handler, HandlerError};
-pub use key::{Key, KeyError, KeyField};
-pub use message::{
-    decode_json, json_fingerprint, json_value_parses_as, DecodeError, DecodeErrorKind,
-    JsonKeyField, Message,
-};
+pub use key::{Key, KeyError};
+pub use message::{DecodeError, DecodeErrorKind, Message, MAX_JSON_DEPTH};
+pub use outcome::{Outcome, Processed, Reason};
 pub use policy::{Policy, RetryPolicy};
+pub use process::{delivery_span, process};
 /// The sqlx crate idem-core is built on.
 pub use sqlx;
 pub use tx::Tx;
-pub use process::{delivery_span, process, Outcome, Processed, Reason};
+
+/// What `#[derive(idem::Message)]` expands to, through the facade's `__private`. Not an API: it
+/// changes without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::key::KeyField;
+    pub use crate::message::{decode_json, json_fingerprint, json_value_parses_as, JsonKeyField};
+}

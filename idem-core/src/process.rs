@@ -9,98 +9,12 @@ use crate::delivery::{Delivery, Metadata};
 use crate::handler::{ErrorClass, Handler};
 use crate::key::{Key, KeyError};
 use crate::message::{DecodeErrorKind, Message};
+use crate::outcome::{Outcome, Processed, Reason};
 use crate::policy::Policy;
 use crate::tx::Tx;
 use futures_util::FutureExt;
 use sqlx::Pool;
 use std::panic::AssertUnwindSafe;
-use std::time::Duration;
-
-/// Why a message was dead-lettered; the `x-idem-reason` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Reason {
-    /// The body did not decode into the message type: empty, not UTF-8, not JSON, wrong shape or
-    /// values, too deeply nested, over the size limit, or of another message kind.
-    Malformed,
-    /// The message has no usable idempotency key: absent, null, not parsable, too long.
-    MissingKey,
-    /// The handler failed permanently; everything was rolled back.
-    Rejected,
-    /// The handler failed transiently on every attempt the retry policy allows.
-    RetriesExhausted,
-    /// The key was already applied with a different payload; the first effect stands.
-    KeyConflict,
-    /// The message kept coming back after its handling was cut short (the process died).
-    CrashLoop,
-}
-
-impl Reason {
-    /// The header value: `malformed`, `missing-key`, `rejected`, `retries-exhausted`,
-    /// `key-conflict`, `crash-loop`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::MissingKey => "missing-key",
-            Self::Rejected => "rejected",
-            Self::RetriesExhausted => "retries-exhausted",
-            Self::KeyConflict => "key-conflict",
-            Self::CrashLoop => "crash-loop",
-        }
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What happened to one delivery, and so what the adapter must do with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Ledger claim and effect committed together: acknowledge.
-    Applied,
-    /// The key was already in the ledger with the same payload: the handler did not run;
-    /// acknowledge.
-    Duplicate,
-    /// Nothing was applied and trying again cannot help: publish to the dead-letter queue, then
-    /// acknowledge.
-    DeadLetter {
-        /// The `x-idem-reason`.
-        reason: Reason,
-        /// What went wrong, for the `x-idem-error` header.
-        error: String,
-    },
-    /// The handler failed transiently and the retry policy allows another attempt: publish the
-    /// message to the delay queue of `tier` (with `attempts` in idem's header), then acknowledge.
-    Retry {
-        /// What went wrong.
-        error: String,
-        /// Attempts made so far, this one included.
-        attempts: u32,
-        /// How long to wait, jitter applied (at most `tier`).
-        delay: Duration,
-        /// Which delay queue: one of [`RetryPolicy::tiers`](crate::RetryPolicy::tiers).
-        tier: Duration,
-    },
-    /// The database is unreachable, or a commit's outcome is unknown: nothing to blame the
-    /// message for and no attempt counted. Hold the delivery and run it again later; the ledger
-    /// makes a second run of something that did commit a no-op.
-    Unavailable {
-        /// What went wrong.
-        error: String,
-    },
-}
-
-/// The result of [`process`]: the outcome and, when the message got that far, its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Processed {
-    /// The idempotency key, once decoded.
-    pub key: Option<Key>,
-    /// What to do with the delivery.
-    pub outcome: Outcome,
-}
 
 /// A tracing span for one delivery, carrying consumer, message id, correlation id and the
 /// redelivered flag; [`process`] records the key into it once decoded.
@@ -303,30 +217,8 @@ async fn run_transaction<DB: Backend, H: Handler<DB>>(
             return Ended::Unavailable(format!("cannot clear the redelivery count: {error}"));
         }
     }
-    match claim {
-        Claim::Claimed => {}
-        Claim::Duplicate | Claim::Conflict { .. } => {
-            let committed = if crash_counted {
-                transaction
-                    .commit()
-                    .await
-                    .map_err(|error| error.to_string())
-            } else {
-                rollback(transaction).await;
-                Ok(())
-            };
-            if let Err(error) = committed {
-                return Ended::Unavailable(format!("cannot clear the redelivery count: {error}"));
-            }
-            return match claim {
-                Claim::Conflict { stored } => Ended::Conflict(format!(
-                    "key {key} was already applied with a different payload (ledger fingerprint {}, this message {}); the first effect stands",
-                    hex(&stored),
-                    hex(&fingerprint)
-                )),
-                _ => Ended::Duplicate,
-            };
-        }
+    if let Claim::Duplicate | Claim::Conflict { .. } = claim {
+        return end_unclaimed(transaction, claim, key, &fingerprint, crash_counted).await;
     }
     let handled = {
         let mut tx = Tx::<DB>::new(&mut transaction, consumer, key, delivery.metadata);
@@ -334,6 +226,45 @@ async fn run_transaction<DB: Backend, H: Handler<DB>>(
             .catch_unwind()
             .await
     };
+    end_handled(transaction, handled).await
+}
+
+/// The key was applied before: the handler does not run. The transaction commits only to clear
+/// a crash-loop count (the message got through after all); otherwise it rolls back.
+async fn end_unclaimed<DB: Backend>(
+    transaction: sqlx::Transaction<'static, DB>,
+    claim: Claim,
+    key: &Key,
+    fingerprint: &[u8],
+    crash_counted: bool,
+) -> Ended {
+    let committed = if crash_counted {
+        transaction
+            .commit()
+            .await
+            .map_err(|error| error.to_string())
+    } else {
+        rollback(transaction).await;
+        Ok(())
+    };
+    if let Err(error) = committed {
+        return Ended::Unavailable(format!("cannot clear the redelivery count: {error}"));
+    }
+    match claim {
+        Claim::Conflict { stored } => Ended::Conflict(format!(
+            "key {key} was already applied with a different payload (ledger fingerprint {}, this message {}); the first effect stands",
+            hex(&stored),
+            hex(fingerprint)
+        )),
+        _ => Ended::Duplicate,
+    }
+}
+
+/// Commits after a handler that succeeded; rolls back after one that failed or panicked.
+async fn end_handled<DB: Backend>(
+    transaction: sqlx::Transaction<'static, DB>,
+    handled: std::thread::Result<Result<(), crate::handler::HandlerError>>,
+) -> Ended {
     match handled {
         Ok(Ok(())) => match transaction.commit().await {
             Ok(()) => Ended::Applied,

@@ -6,7 +6,7 @@
 #
 # Source it (`. scripts/lib/servers.sh`); it defines functions and starts nothing by itself.
 #
-# Why it looks the way it does (see /work/shared/DESIGN.md, "Running the real servers"):
+# Why it looks the way it does (docs/test-servers.md says it at length):
 #   * The machines have no systemd and no Docker, so servers run as plain background processes,
 #     bound to 127.0.0.1 only, with all of their state in a `mktemp -d` directory, and are stopped
 #     by the PIDs we recorded — never by name, so a developer's own servers are never touched.

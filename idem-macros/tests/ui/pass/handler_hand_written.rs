@@ -13,7 +13,7 @@ struct Ping {
 impl Message for Ping {
     const KIND: &'static str = "Ping";
     fn decode(body: &[u8]) -> Result<Self, DecodeError> {
-        idem::decode_json(body, None)
+        serde_json::from_slice(body).map_err(|error| DecodeError::malformed(error.to_string()))
     }
     fn key(&self) -> Result<Option<Key>, KeyError> {
         Key::new(format!("ping-{}", self.id)).map(Some)

@@ -17,7 +17,7 @@
 //! # #[derive(serde::Serialize, serde::Deserialize)] struct PaymentRequested { order_id: String }
 //! # impl idem_core::Message for PaymentRequested {
 //! #     const KIND: &'static str = "payment.requested";
-//! #     fn decode(b: &[u8]) -> Result<Self, idem_core::DecodeError> { idem_core::decode_json(b, None) }
+//! #     fn decode(b: &[u8]) -> Result<Self, idem_core::DecodeError> { serde_json::from_slice(b).map_err(|e| idem_core::DecodeError::malformed(e.to_string())) }
 //! #     fn key(&self) -> Result<Option<idem_core::Key>, idem_core::KeyError> { Ok(None) }
 //! # }
 //! let mut tx = pool.begin().await?;
@@ -33,6 +33,9 @@ use crate::backend::Backend;
 use crate::message::Message;
 use std::collections::BTreeMap;
 use uuid::Uuid;
+
+#[doc(hidden)]
+pub mod relay;
 
 /// The UUIDv5 namespace of idem's outbox message ids.
 pub const NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_2b55_9a0c_4e7e_8d3a_3c1b_71e0_5a42);
@@ -155,31 +158,10 @@ pub async fn enqueue<DB: Backend>(
     DB::enqueue(conn, message).await
 }
 
-/// A row the relay took from the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRow {
-    /// The row id (publish order).
-    pub id: i64,
-    /// The message.
-    pub message: Outgoing,
-    /// Publish attempts that failed so far.
-    pub attempts: i32,
-}
-
-/// What happened to one row of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settled {
-    /// The broker confirmed it: mark it published.
-    Published(i64),
-    /// Not confirmed: try again after `retry_in`.
-    Failed {
-        /// The row.
-        id: i64,
-        /// Why.
-        error: String,
-        /// The backoff before the next attempt.
-        retry_in: std::time::Duration,
-    },
+/// How many messages wait in the outbox unpublished (due now or backing off after a failed
+/// publish): the relay's backlog, for a gauge or a health check.
+pub async fn pending<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<i64, sqlx::Error> {
+    DB::outbox_pending(pool).await
 }
 
 #[cfg(test)]

@@ -1,0 +1,138 @@
+//! The databases idem keeps its ledger in: one small trait, one impl per database.
+//!
+//! Everything above it (the unit of work, the adapter, the relay) is written once against
+//! [`Backend`]. Users pick PostgreSQL or SQLite; they do not implement it.
+//!
+//! - `mod.rs`: the public [`Backend`] (connect, migrate) and the sealed [`Store`] (idem's own
+//!   statements: claim, crash-loop counts, outbox).
+//! - `migrations.rs` + `migrations/{postgres,sqlite}/*.sql`: idem's schema.
+//! - `shared.rs`: the SQL both backends share; `postgres.rs`, `sqlite.rs`: the rest.
+
+use crate::error::Error;
+use crate::outbox::relay::{OutboxBatch, Settled};
+use crate::outbox::Outgoing;
+use sqlx::Pool;
+use std::time::Duration;
+
+mod migrations;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod shared;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+pub(crate) use store::Store;
+
+/// A database idem can keep its ledger in: [`sqlx::Postgres`] or [`sqlx::Sqlite`] (cargo
+/// features `postgres`, `sqlite`).
+///
+/// Sealed: idem's statements (the ledger claim, crash-loop counts, the outbox) come with it and
+/// are not for other code to call or to implement.
+///
+/// ```no_run
+/// # async fn start() -> Result<(), idem_core::Error> {
+/// use idem_core::Backend;
+/// let pool = sqlx::Postgres::connect("postgres://app@127.0.0.1/payments", 8).await?;
+/// sqlx::Postgres::migrate(&pool).await?; // creates or upgrades idem's tables
+/// # Ok(()) }
+/// ```
+#[async_trait::async_trait]
+pub trait Backend: sqlx::Database + Sized + Store {
+    /// Opens a pool with settings fit for the ledger (see each impl).
+    async fn connect(url: &str, max_connections: u32) -> Result<Pool<Self>, Error>;
+
+    /// Creates or upgrades idem's tables; safe to run from several processes at once.
+    async fn migrate(pool: &Pool<Self>) -> Result<(), Error>;
+}
+
+mod store {
+    use super::*;
+
+    /// idem's own statements on a backend. In a private module, so [`Backend`] is sealed: no
+    /// other crate can implement it, and these methods stay out of the public docs (the
+    /// adapter's relay reaches the outbox ones through the `Backend` bound).
+    #[async_trait::async_trait]
+    pub trait Store: sqlx::Database + Sized {
+        /// Begins the transaction of one unit of work.
+        async fn begin(pool: &Pool<Self>) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error>;
+
+        /// Claims `(consumer, key)` in the ledger, remembering the payload's fingerprint. On
+        /// PostgreSQL a concurrent claim of the same key waits here until the other transaction ends.
+        async fn claim(
+            conn: &mut Self::Connection,
+            consumer: &str,
+            key: &str,
+            payload_hash: &[u8],
+        ) -> Result<Claim, sqlx::Error>;
+
+        /// Counts one more redelivery of `(consumer, key)` whose processing is starting, in its own
+        /// short transaction (so the count survives the process dying during the handler), and
+        /// returns the count so far.
+        async fn count_redelivery(
+            pool: &Pool<Self>,
+            consumer: &str,
+            key: &str,
+        ) -> Result<u32, sqlx::Error>;
+
+        /// Drops the redelivery count of `(consumer, key)`, inside the unit of work's transaction:
+        /// the message got through.
+        async fn forget_redeliveries(
+            conn: &mut Self::Connection,
+            consumer: &str,
+            key: &str,
+        ) -> Result<(), sqlx::Error>;
+
+        /// Writes an outbox row on `conn`, inside the caller's transaction. `Ok(false)`: a row with
+        /// this message id exists already.
+        async fn enqueue(
+            conn: &mut Self::Connection,
+            message: &Outgoing,
+        ) -> Result<bool, sqlx::Error>;
+
+        /// Takes up to `limit` unpublished rows that are due, oldest first.
+        async fn outbox_take(
+            pool: &Pool<Self>,
+            limit: i64,
+        ) -> Result<OutboxBatch<Self>, sqlx::Error>;
+
+        /// Marks what the broker confirmed as published and schedules the rest for another try.
+        async fn outbox_settle(
+            batch: OutboxBatch<Self>,
+            settled: &[Settled],
+        ) -> Result<(), sqlx::Error>;
+
+        /// Deletes rows published more than `older_than` ago; returns how many.
+        async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error>;
+
+        /// Unpublished rows (due or backing off).
+        async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error>;
+
+        /// A signal each time a transaction that wrote outbox rows commits, where the database can
+        /// tell (PostgreSQL LISTEN/NOTIFY); `None` where the relay must poll.
+        async fn outbox_wakeups(pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>>;
+
+        /// Takes or renews the right to relay this outbox for `ttl`, as `holder`. On SQLite, which
+        /// has no row locks to share the outbox, one relay holds a lease and any other stands by
+        /// until it expires; on PostgreSQL every relay may publish (`Ok(true)` always).
+        async fn outbox_lease(
+            pool: &Pool<Self>,
+            holder: &str,
+            ttl: Duration,
+        ) -> Result<bool, sqlx::Error>;
+    }
+}
+
+/// What the ledger said to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// First time for this key: go on with the handler.
+    Claimed,
+    /// Already processed with the same payload: skip, acknowledge.
+    Duplicate,
+    /// Already processed with a different payload: the first effect stands, this one is
+    /// dead-lettered `key-conflict`.
+    Conflict {
+        /// The fingerprint the ledger holds.
+        stored: Vec<u8>,
+    },
+}

@@ -1,0 +1,216 @@
+//! PostgreSQL: the ledger backend.
+
+use super::migrations::migrate_in;
+use super::shared::{
+    claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in, millis, outbox_row,
+    OUTBOX_COLUMNS,
+};
+use super::{Backend, Claim, Store};
+use crate::error::{redact_url, Error};
+use crate::outbox::relay::{OutboxBatch, Settled};
+use crate::outbox::Outgoing;
+use sqlx::Pool;
+use std::time::Duration;
+
+#[async_trait::async_trait]
+impl Backend for sqlx::Postgres {
+    /// A pool that fails fast when the server is away (10 s to acquire), so a delivery is
+    /// retried rather than stuck.
+    async fn connect(url: &str, max_connections: u32) -> Result<Pool<Self>, Error> {
+        if max_connections == 0 {
+            return Err(Error::Config(
+                "the database pool needs at least 1 connection".into(),
+            ));
+        }
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|source| Error::Connect {
+                backend: <Self as sqlx::Database>::NAME,
+                url: redact_url(url),
+                source,
+            })
+    }
+
+    async fn migrate(pool: &Pool<Self>) -> Result<(), Error> {
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(Error::database("beginning the migration transaction"))?;
+        // Several consumers start at once: one migrates, the others wait here, then see it done.
+        sqlx::query("SELECT pg_advisory_xact_lock(4931402250211917)")
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::database("taking the migration lock"))?;
+        migrate_in!(
+            Self,
+            tx,
+            "CREATE TABLE IF NOT EXISTS idem_migrations (
+                version     BIGINT      PRIMARY KEY,
+                description TEXT        NOT NULL,
+                applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+            )",
+            postgres
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for sqlx::Postgres {
+    async fn begin(pool: &Pool<Self>) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error> {
+        pool.begin().await
+    }
+
+    async fn claim(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        key: &str,
+        payload_hash: &[u8],
+    ) -> Result<Claim, sqlx::Error> {
+        claim_in!(conn, consumer, key, payload_hash)
+    }
+
+    async fn count_redelivery(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<u32, sqlx::Error> {
+        count_redelivery_in!(pool, consumer, key, "now()")
+    }
+
+    async fn forget_redeliveries(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        key: &str,
+    ) -> Result<(), sqlx::Error> {
+        forget_redeliveries_in!(conn, consumer, key)
+    }
+
+    async fn enqueue(conn: &mut Self::Connection, message: &Outgoing) -> Result<bool, sqlx::Error> {
+        enqueue_in!(conn, message)
+    }
+
+    /// `FOR UPDATE SKIP LOCKED` in a transaction held until settled: several relays share the
+    /// outbox without publishing a row twice.
+    async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM idem_outbox
+             WHERE published_at IS NULL AND next_attempt_at <= now()
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+        Ok(OutboxBatch {
+            rows,
+            locks: Some(tx),
+            pool: pool.clone(),
+        })
+    }
+
+    async fn outbox_settle(
+        batch: OutboxBatch<Self>,
+        settled: &[Settled],
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = match batch.locks {
+            Some(tx) => tx,
+            None => batch.pool.begin().await?,
+        };
+        let published: Vec<i64> = settled
+            .iter()
+            .filter_map(|s| match s {
+                Settled::Published(id) => Some(*id),
+                Settled::Failed { .. } => None,
+            })
+            .collect();
+        if !published.is_empty() {
+            sqlx::query("UPDATE idem_outbox SET published_at = now() WHERE id = ANY($1)")
+                .bind(&published)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for s in settled {
+            if let Settled::Failed {
+                id,
+                error,
+                retry_in,
+            } = s
+            {
+                sqlx::query(
+                    "UPDATE idem_outbox SET attempts = attempts + 1, last_error = $2,
+                     next_attempt_at = now() + $3 * interval '1 millisecond' WHERE id = $1",
+                )
+                .bind(id)
+                .bind(error)
+                .bind(millis(*retry_in) as f64)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await
+    }
+
+    async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "DELETE FROM idem_outbox WHERE published_at < now() - $1 * interval '1 millisecond'",
+        )
+        .bind(millis(older_than) as f64)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE published_at IS NULL")
+            .fetch_one(pool)
+            .await
+    }
+
+    /// LISTEN idem_outbox: a trigger notifies on every insert, delivered at commit.
+    async fn outbox_wakeups(pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for outbox commits; polling only");
+                return None;
+            }
+        };
+        if let Err(error) = listener.listen("idem_outbox").await {
+            tracing::warn!(%error, "cannot LISTEN for outbox commits; polling only");
+            return None;
+        }
+        let (wake, wakeups) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    // Full means a wake-up is already pending: one drain serves both.
+                    Ok(_) => match wake.try_send(()) {
+                        Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return,
+                    },
+                    Err(error) => {
+                        // PgListener reconnects on the next recv; polling covers the gap.
+                        tracing::debug!(%error, "outbox LISTEN connection lost; reconnecting");
+                        if wake.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Some(wakeups)
+    }
+
+    async fn outbox_lease(
+        _pool: &Pool<Self>,
+        _holder: &str,
+        _ttl: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        Ok(true)
+    }
+}

@@ -1,0 +1,199 @@
+//! SQLite: the ledger backend.
+
+use super::migrations::migrate_in;
+use super::shared::{
+    claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in, millis, outbox_row,
+    OUTBOX_COLUMNS,
+};
+use super::{Backend, Claim, Store};
+use crate::error::{redact_url, Error};
+use crate::outbox::relay::{OutboxBatch, Settled};
+use crate::outbox::Outgoing;
+use sqlx::Pool;
+use std::time::Duration;
+
+#[async_trait::async_trait]
+impl Backend for sqlx::Sqlite {
+    /// WAL journal with `synchronous = FULL`: a commit is on disk before idem acks, so a power
+    /// loss cannot drop a message the broker has already forgotten. Creates the file if missing.
+    async fn connect(url: &str, max_connections: u32) -> Result<Pool<Self>, Error> {
+        use sqlx::sqlite::{
+            SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+        };
+        use std::str::FromStr;
+        if max_connections == 0 {
+            return Err(Error::Config(
+                "the database pool needs at least 1 connection".into(),
+            ));
+        }
+        let connect_failed = |source| Error::Connect {
+            backend: <Self as sqlx::Database>::NAME,
+            url: redact_url(url),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(connect_failed)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30));
+        SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await
+            .map_err(connect_failed)
+    }
+
+    async fn migrate(pool: &Pool<Self>) -> Result<(), Error> {
+        // BEGIN IMMEDIATE takes the write lock up front: concurrent starters queue behind it.
+        let tx = pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::database("beginning the migration transaction"))?;
+        migrate_in!(
+            Self,
+            tx,
+            "CREATE TABLE IF NOT EXISTS idem_migrations (
+                version     INTEGER PRIMARY KEY,
+                description TEXT    NOT NULL,
+                applied_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+            )",
+            sqlite
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for sqlx::Sqlite {
+    async fn begin(pool: &Pool<Self>) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error> {
+        // Take the write lock at BEGIN: a deferred transaction that must upgrade its lock later
+        // fails with SQLITE_BUSY at once instead of waiting for the busy timeout.
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn claim(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        key: &str,
+        payload_hash: &[u8],
+    ) -> Result<Claim, sqlx::Error> {
+        claim_in!(conn, consumer, key, payload_hash)
+    }
+
+    async fn count_redelivery(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<u32, sqlx::Error> {
+        count_redelivery_in!(pool, consumer, key, "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')")
+    }
+
+    async fn forget_redeliveries(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        key: &str,
+    ) -> Result<(), sqlx::Error> {
+        forget_redeliveries_in!(conn, consumer, key)
+    }
+
+    async fn enqueue(conn: &mut Self::Connection, message: &Outgoing) -> Result<bool, sqlx::Error> {
+        enqueue_in!(conn, message)
+    }
+
+    /// No row locks on SQLite: the relay lease ([`Backend::outbox_lease`]) keeps it to one
+    /// publishing relay.
+    async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM idem_outbox
+             WHERE published_ms IS NULL AND next_attempt_ms <= $1
+             ORDER BY id LIMIT $2"
+        ))
+        .bind(crate::backoff::unix_millis())
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+        let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+        Ok(OutboxBatch {
+            rows,
+            locks: None,
+            pool: pool.clone(),
+        })
+    }
+
+    async fn outbox_settle(
+        batch: OutboxBatch<Self>,
+        settled: &[Settled],
+    ) -> Result<(), sqlx::Error> {
+        if settled.is_empty() {
+            // An idle poll must not take the write lock every time.
+            return Ok(());
+        }
+        let mut tx = batch.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = crate::backoff::unix_millis();
+        for s in settled {
+            match s {
+                Settled::Published(id) => {
+                    sqlx::query("UPDATE idem_outbox SET published_ms = $2 WHERE id = $1")
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Settled::Failed {
+                    id,
+                    error,
+                    retry_in,
+                } => {
+                    sqlx::query(
+                        "UPDATE idem_outbox SET attempts = attempts + 1, last_error = $2,
+                         next_attempt_ms = $3 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(error)
+                    .bind(now + millis(*retry_in))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await
+    }
+
+    async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query("DELETE FROM idem_outbox WHERE published_ms < $1")
+            .bind(crate::backoff::unix_millis() - millis(older_than))
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE published_ms IS NULL")
+            .fetch_one(pool)
+            .await
+    }
+
+    async fn outbox_wakeups(_pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
+    }
+
+    /// One row: taken when free or expired, renewed by its holder.
+    async fn outbox_lease(
+        pool: &Pool<Self>,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let now = crate::backoff::unix_millis();
+        let done = sqlx::query(
+            "INSERT INTO idem_relay_lease (id, holder, expires_ms) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
+             WHERE idem_relay_lease.holder = excluded.holder OR idem_relay_lease.expires_ms < $3",
+        )
+        .bind(holder)
+        .bind(now + millis(ttl))
+        .bind(now)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}

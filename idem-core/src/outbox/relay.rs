@@ -1,0 +1,54 @@
+//! The relay's side of the outbox: rows taken to publish, and what became of each.
+//!
+//! Plumbing between idem-core's backends and idem-amqp's relay, hidden from the docs: not an
+//! API, it changes without notice.
+
+use sqlx::Pool;
+
+/// A row the relay took from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The row id (publish order).
+    pub id: i64,
+    /// The message.
+    pub message: super::Outgoing,
+    /// Publish attempts that failed so far.
+    pub attempts: i32,
+}
+
+/// What happened to one row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// The broker confirmed it: mark it published.
+    Published(i64),
+    /// Not confirmed: try again after `retry_in`.
+    Failed {
+        /// The row.
+        id: i64,
+        /// Why.
+        error: String,
+        /// The backoff before the next attempt.
+        retry_in: std::time::Duration,
+    },
+}
+
+/// Rows the relay took from the outbox, to publish and then settle with
+/// `Store::outbox_settle`. On PostgreSQL it holds their row locks (in an open transaction)
+/// until settled, so another relay skips them; dropping it unsettled releases them.
+pub struct OutboxBatch<DB: sqlx::Database> {
+    /// The rows, oldest first.
+    pub rows: Vec<OutboxRow>,
+    /// PostgreSQL: the transaction holding the rows' locks.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) locks: Option<sqlx::Transaction<'static, DB>>,
+    /// Where to settle when there are no locks.
+    pub(crate) pool: Pool<DB>,
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for OutboxBatch<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxBatch")
+            .field("rows", &self.rows.len())
+            .finish_non_exhaustive()
+    }
+}
