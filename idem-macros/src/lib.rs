@@ -26,12 +26,22 @@
 //! Errors point at the offending token and say what to write instead; on an error the
 //! attribute macro still emits the function unchanged, so editors keep working and no cascade
 //! of follow-up errors hides the real one.
+//!
+//! Each macro is a folder of the same phases, the shape of thiserror-impl and serde_derive:
+//! `attr.rs` reads the attributes, `ast.rs` holds the typed input, `valid.rs` checks it and
+//! `expand.rs` generates the code; `mod.rs` runs them in that order. Errors that stop a parser
+//! (an unknown, malformed or repeated option; an item that is not a function) are reported where
+//! the parsing is; `valid.rs` makes every other check, one error per problem. All are collected
+//! (`errors.rs`) rather than returned at the first, so that one build shows them all. A folder
+//! per macro, not one file per phase for both, because the two macros share nothing but the
+//! type and token helpers in `types.rs`.
 
 use proc_macro::TokenStream;
 
 mod errors;
 mod handler;
 mod message;
+mod types;
 
 /// Implements `idem::Message` for a struct with named fields, decoding the body as JSON.
 ///
@@ -53,7 +63,7 @@ mod message;
 #[proc_macro_derive(Message, attributes(idem))]
 pub fn derive_message(input: TokenStream) -> TokenStream {
     match syn::parse::<syn::DeriveInput>(input) {
-        Ok(input) => message::expand(&input).into(),
+        Ok(input) => message::derive(&input).into(),
         Err(error) => error.to_compile_error().into(),
     }
 }
@@ -72,5 +82,5 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 /// idem commits the ledger claim and the handler's writes together, then acknowledges.
 #[proc_macro_attribute]
 pub fn handler(args: TokenStream, item: TokenStream) -> TokenStream {
-    handler::expand(args.into(), item.into()).into()
+    handler::attribute(args.into(), item.into()).into()
 }

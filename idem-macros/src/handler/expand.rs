@@ -1,0 +1,107 @@
+//! What `#[idem::handler]` generates: a unit struct named after the function, the body as its
+//! `call` method, and `idem::Handler` for it; or, on an error, the function unchanged.
+
+use super::ast::HandlerInput;
+use super::attr::{sort_attributes, SortedAttributes};
+use crate::errors::{at, Errors};
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, LitStr};
+
+/// The errors, and the function as written: editors keep working, and the only errors are ours.
+pub(super) fn unchanged(errors: &Errors, item: TokenStream) -> TokenStream {
+    let errors = errors.to_compile_errors();
+    quote!(#errors #item)
+}
+
+pub(super) fn expand(handler: &HandlerInput<'_>) -> TokenStream {
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+    } = handler.function;
+    let name = &sig.ident;
+    let SortedAttributes {
+        cfg,
+        item,
+        lint,
+        body,
+    } = sort_attributes(attrs);
+    let mut call_sig = sig.clone();
+    call_sig.ident = format_ident!("call", span = sig.ident.span());
+    let call_doc = call_doc(&handler.consumer);
+    let backend = &handler.backend;
+    let message = handler.message;
+    let into_handler_error = into_handler_error(handler);
+    let consumer = LitStr::new(&handler.consumer.value(), at(handler.consumer.span()));
+
+    quote! {
+        #(#cfg)*
+        #(#item)*
+        #(#lint)*
+        #[allow(non_camel_case_types)]
+        #[derive(
+            ::core::clone::Clone,
+            ::core::marker::Copy,
+            ::core::fmt::Debug,
+            ::core::default::Default,
+        )]
+        #vis struct #name;
+
+        #(#cfg)*
+        impl #name {
+            #[doc = #call_doc]
+            // The macro requires `async`, even for a body that does not await; the errors
+            // section above is generated, which clippy does not see.
+            #[allow(clippy::unused_async, clippy::missing_errors_doc)]
+            #(#lint)*
+            #(#body)*
+            #vis #call_sig #block
+        }
+
+        #(#cfg)*
+        #[::idem::__private::async_trait]
+        impl ::idem::__private::Handler<#backend> for #name {
+            type Message = #message;
+
+            fn consumer(&self) -> &::core::primitive::str {
+                #consumer
+            }
+
+            async fn handle(
+                &self,
+                tx: &mut ::idem::__private::Tx<'_, #backend>,
+                message: #message,
+            ) -> ::core::result::Result<(), ::idem::__private::HandlerError> {
+                let output = Self::call(tx, message).await;
+                #into_handler_error
+            }
+        }
+    }
+}
+
+/// The doc comment of `NAME::call`.
+fn call_doc(consumer: &LitStr) -> String {
+    format!(
+        " The handler body as written, callable directly (in tests, say) with a transaction handle \
+         and a message. idem calls it through `idem::Handler::handle` as consumer `{}`, inside the \
+         transaction in which it claimed the message's key.\n\n # Errors\n\n The handler's own \
+         error; idem then rolls the transaction back, the ledger claim included.",
+        consumer.value()
+    )
+}
+
+/// `Result<T, E>` to `Result<(), HandlerError>`, spanned at the return type so that
+/// "`E: Into<BoxError>` is not satisfied" points at it.
+fn into_handler_error(handler: &HandlerInput<'_>) -> TokenStream {
+    quote_spanned! {at(handler.output.span())=>
+        match output {
+            ::core::result::Result::Ok(_) => ::core::result::Result::Ok(()),
+            ::core::result::Result::Err(error) => {
+                ::core::result::Result::Err(::idem::__private::HandlerError::from(error))
+            }
+        }
+    }
+}
