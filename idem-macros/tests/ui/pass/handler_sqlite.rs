@@ -3,7 +3,8 @@
 #![deny(warnings)]
 
 use idem::sqlx;
-use idem::{process, Backend, Delivery, Metadata, Outcome, Policy, Reason, RetryPolicy, Sqlite, Tx};
+use idem::transport::{process, Delivery, Outcome, Policy};
+use idem::{Backend, Metadata, Reason, RetryPolicy, Sqlite, Tx};
 
 #[derive(Debug, serde::Deserialize, idem::Message)]
 struct Deposit {
