@@ -85,3 +85,24 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RECONNECT_BACKOFF;
+    use std::time::Duration;
+
+    #[test]
+    fn reconnects_back_off_from_a_quarter_second_to_thirty_halved_at_most() {
+        assert_eq!(RECONNECT_BACKOFF.delay(0), Duration::from_millis(250));
+        assert_eq!(RECONNECT_BACKOFF.delay(3), Duration::from_secs(2));
+        assert_eq!(RECONNECT_BACKOFF.delay(7), Duration::from_secs(30));
+        assert_eq!(
+            RECONNECT_BACKOFF.jittered(0, 0.0),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            RECONNECT_BACKOFF.jittered(0, 1.0),
+            Duration::from_millis(125)
+        );
+    }
+}

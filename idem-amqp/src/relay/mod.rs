@@ -267,3 +267,17 @@ impl<DB: Backend> Relay<DB> {
         tracing::info!(stats = ?self.stats(), "outbox relay stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DATABASE_BACKOFF;
+    use std::time::Duration;
+
+    #[test]
+    fn an_unreachable_outbox_is_retried_from_a_quarter_second_to_thirty() {
+        assert_eq!(DATABASE_BACKOFF.delay(0), Duration::from_millis(250));
+        assert_eq!(DATABASE_BACKOFF.delay(6), Duration::from_secs(16));
+        assert_eq!(DATABASE_BACKOFF.delay(7), Duration::from_secs(30));
+        assert_eq!(DATABASE_BACKOFF.next_delay(2), Duration::from_secs(1));
+    }
+}

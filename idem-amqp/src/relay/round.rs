@@ -213,3 +213,19 @@ async fn publish(channel: &Channel, row: &OutboxRow) -> Result<PublisherConfirm,
         )
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PUBLISH_BACKOFF;
+    use std::time::Duration;
+
+    #[test]
+    fn a_refused_row_waits_one_second_doubling_to_five_minutes() {
+        let after = |attempts| PUBLISH_BACKOFF.delay(attempts);
+        assert_eq!(after(0), Duration::from_secs(1));
+        assert_eq!(after(8), Duration::from_secs(256));
+        assert_eq!(after(9), Duration::from_secs(300));
+        assert_eq!(after(u32::MAX), Duration::from_secs(300));
+        assert_eq!(PUBLISH_BACKOFF.next_delay(3), Duration::from_secs(8));
+    }
+}
