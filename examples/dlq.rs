@@ -17,15 +17,12 @@
 //! (default `payments`).
 
 use clap::{Parser, Subcommand};
+use idem::amqp::headers as idem_headers;
 use idem::amqp::lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
 };
 use idem::amqp::lapin::types::{AMQPValue, FieldTable, ShortString};
 use idem::amqp::lapin::Channel;
-use idem::amqp::{
-    ATTEMPTS_HEADER, CONSUMER_HEADER, ERROR_HEADER, FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
-    QUEUE_HEADER, REASON_HEADER,
-};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -76,9 +73,19 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("dlq: {error}");
+            eprintln!("dlq: {error}{}", amqp_url_hint(&*error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.
+fn amqp_url_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    match error.downcast_ref::<idem::amqp::Error>() {
+        Some(idem::amqp::Error::InvalidUrl { .. } | idem::amqp::Error::Connect { .. }) => {
+            " (the URL is --amqp-url, or AMQP_URL)"
+        }
+        _ => "",
     }
 }
 
@@ -150,7 +157,7 @@ async fn peek(
         seen += 1;
         let properties = &message.delivery.properties;
         let headers = properties.headers().clone().unwrap_or_default();
-        let why = header(&headers, REASON_HEADER).unwrap_or_else(|| "(no reason)".into());
+        let why = header(&headers, idem_headers::REASON).unwrap_or_else(|| "(no reason)".into());
         if reason.is_some_and(|wanted| wanted != why) {
             continue;
         }
@@ -159,12 +166,12 @@ async fn peek(
         let body = &message.delivery.data;
         println!("── dead letter {shown} ─────────────────────────────");
         println!("reason:         {why}");
-        println!("error:          {}", field(ERROR_HEADER));
-        println!("attempts:       {}", field(ATTEMPTS_HEADER));
-        println!("first failure:  {}", field(FIRST_FAILURE_HEADER));
-        println!("last failure:   {}", field(LAST_FAILURE_HEADER));
-        println!("consumer:       {}", field(CONSUMER_HEADER));
-        println!("original queue: {}", field(QUEUE_HEADER));
+        println!("error:          {}", field(idem_headers::ERROR));
+        println!("attempts:       {}", field(idem_headers::ATTEMPTS));
+        println!("first failure:  {}", field(idem_headers::FIRST_FAILURE));
+        println!("last failure:   {}", field(idem_headers::LAST_FAILURE));
+        println!("consumer:       {}", field(idem_headers::CONSUMER));
+        println!("original queue: {}", field(idem_headers::ORIGINAL_QUEUE));
         let id = |v: &Option<ShortString>| v.as_ref().map_or("-".to_owned(), |s| s.to_string());
         println!("message id:     {}", id(properties.message_id()));
         println!("correlation id: {}", id(properties.correlation_id()));
@@ -181,13 +188,13 @@ async fn peek(
 
 /// Headers idem adds on failure: removed on replay so the message starts over.
 const FAILURE_HEADERS: [&str; 7] = [
-    REASON_HEADER,
-    ERROR_HEADER,
-    ATTEMPTS_HEADER,
-    FIRST_FAILURE_HEADER,
-    LAST_FAILURE_HEADER,
-    CONSUMER_HEADER,
-    QUEUE_HEADER,
+    idem_headers::REASON,
+    idem_headers::ERROR,
+    idem_headers::ATTEMPTS,
+    idem_headers::FIRST_FAILURE,
+    idem_headers::LAST_FAILURE,
+    idem_headers::CONSUMER,
+    idem_headers::ORIGINAL_QUEUE,
 ];
 
 async fn replay(
@@ -211,8 +218,9 @@ async fn replay(
         };
         let delivery = message.delivery;
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let why = header(&headers, REASON_HEADER).unwrap_or_default();
-        let target = header(&headers, QUEUE_HEADER).unwrap_or_else(|| queue.to_owned());
+        let why = header(&headers, idem_headers::REASON).unwrap_or_default();
+        let target =
+            header(&headers, idem_headers::ORIGINAL_QUEUE).unwrap_or_else(|| queue.to_owned());
         // Whatever is skipped stays unacked: it returns to the DLQ when the channel closes.
         if reason.is_some_and(|wanted| wanted != why) {
             skipped += 1;

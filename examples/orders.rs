@@ -293,9 +293,19 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("orders: {error}");
+            eprintln!("orders: {error}{}", amqp_url_hint(&*error));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.
+fn amqp_url_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    match error.downcast_ref::<idem::amqp::Error>() {
+        Some(idem::amqp::Error::InvalidUrl { .. } | idem::amqp::Error::Connect { .. }) => {
+            " (the URL is --amqp-url, or AMQP_URL)"
+        }
+        _ => "",
     }
 }
 
@@ -356,7 +366,7 @@ where
                 )
                 .build()?;
             relay
-                .run(&cli.amqp_url, idem::amqp::shutdown_signal())
+                .serve(&cli.amqp_url, idem::amqp::shutdown_signal())
                 .await?;
             Ok(())
         }
@@ -541,7 +551,7 @@ where
         stop.send_replace(true);
     };
     let (relayed, captured, marked, ()) = tokio::join!(
-        relay.run(&cli.amqp_url, until(stopped.clone())),
+        relay.serve(&cli.amqp_url, until(stopped.clone())),
         payments.run(&connection, until(stopped.clone())),
         orders.run(&connection, until(stopped.clone())),
         watch,

@@ -27,7 +27,7 @@ use idem::amqp::lapin::options::{
 };
 use idem::amqp::lapin::types::FieldTable;
 use idem::amqp::lapin::{BasicProperties, Connection};
-use idem::amqp::{Consumer, Relay, REASON_HEADER};
+use idem::amqp::{headers, Consumer, Relay};
 use idem::{Backend, Handler, Postgres, Sqlite};
 use service::{Capture, PaymentRequested, PaymentsStore};
 use std::collections::{BTreeMap, HashMap};
@@ -99,9 +99,19 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("payments: {error}");
+            eprintln!("payments: {error}{}", amqp_url_hint(&*error));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.
+fn amqp_url_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    match error.downcast_ref::<idem::amqp::Error>() {
+        Some(idem::amqp::Error::InvalidUrl { .. } | idem::amqp::Error::Connect { .. }) => {
+            " (the URL is --amqp-url, or AMQP_URL)"
+        }
+        _ => "",
     }
 }
 
@@ -168,7 +178,7 @@ where
         );
         let stopped = stopped.clone();
         async move {
-            let relayed = relay.run(&url, until(stopped)).await;
+            let relayed = relay.serve(&url, until(stopped)).await;
             if relayed.is_err() {
                 stop.send_replace(true);
             }
@@ -402,7 +412,7 @@ async fn read_dead_letters(
         let reason = properties
             .headers()
             .as_ref()
-            .and_then(|h| h.inner().get(REASON_HEADER).cloned())
+            .and_then(|h| h.inner().get(headers::REASON).cloned())
             .and_then(|v| v.as_long_string().map(|s| s.to_string()))
             .unwrap_or_else(|| "(none)".into());
         *reasons.entry(reason).or_default() += 1;

@@ -122,7 +122,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if outbox::pending::<Postgres>(&pool).await? > 0 {
         bail!("the outbox already has unpublished rows; point DATABASE_URL at a bench database");
     }
-    let connection = idem::amqp::connect(&config.amqp_url).await?;
+    let connection = idem::amqp::connect(&config.amqp_url)
+        .await
+        .context("connecting to RabbitMQ (AMQP_URL)")?;
     let channel = connection.create_channel().await?;
     let run = &Uuid::new_v4().simple().to_string()[..8];
     println!(
@@ -270,7 +272,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-type RelayTask = tokio::task::JoinHandle<Result<(), idem::amqp::AmqpError>>;
+type RelayTask = tokio::task::JoinHandle<Result<(), idem::amqp::Error>>;
 
 fn spawn_relay(
     relay: &Arc<Relay<Postgres>>,
@@ -281,7 +283,7 @@ fn spawn_relay(
     let url = url.to_owned();
     let task = tokio::spawn(async move {
         relay
-            .run(&url, async {
+            .serve(&url, async {
                 let _ = stopped.await;
             })
             .await

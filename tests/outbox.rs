@@ -80,7 +80,7 @@ fn start_relay<DB: Backend>(relay: Relay<DB>) -> RunningRelay<DB> {
         let relay = Arc::clone(&relay);
         tokio::spawn(async move {
             relay
-                .run(&amqp_url(), async {
+                .serve(&amqp_url(), async {
                     let _ = stopped.await;
                 })
                 .await

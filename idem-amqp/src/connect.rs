@@ -1,43 +1,46 @@
 //! Connecting to the broker and waiting for the stop signal.
 
-use crate::error::AmqpError;
-use idem_core::redact_url;
+use crate::error::Error;
+use idem_core::{redact_url, Backoff};
 use lapin::{Connection, ConnectionProperties};
+use std::time::Duration;
+
+/// Between two tries to reach a broker that is away: 0.25 s doubling to 30 s, each wait
+/// shortened at random by up to half, so processes that lost the broker together do not all
+/// come back at once.
+const RECONNECT_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(250), Duration::from_secs(30)).with_jitter(0.5);
 
 /// Connects to RabbitMQ at `url` (`amqp://user:password@host:port/vhost`).
 ///
 /// A URL that does not parse and a broker that cannot be reached both fail here, at start, with a
 /// message that names the URL (password removed) and what to check.
-pub async fn connect(url: &str) -> Result<Connection, AmqpError> {
-    let uri: lapin::uri::AMQPUri = url
-        .parse()
-        .map_err(|reason: String| AmqpError::InvalidUrl {
-            url: redact_url(url),
-            reason,
-        })?;
+pub async fn connect(url: &str) -> Result<Connection, Error> {
+    let uri: lapin::uri::AMQPUri = url.parse().map_err(|reason: String| Error::InvalidUrl {
+        url: redact_url(url),
+        reason,
+    })?;
     let properties = ConnectionProperties::default().with_connection_name("idem".into());
     Connection::connect_uri(uri, properties)
         .await
-        .map_err(|source| AmqpError::Connect {
+        .map_err(|source| Error::Connect {
             url: redact_url(url),
             source,
         })
 }
 
-/// Waits with jittered backoff (0.25 s doubling to 30 s) until the broker at `url` answers
-/// again; `None` once `stopped` resolves. The jitter keeps processes that lost the broker
-/// together from all coming back at once. Shared by the consumer and the relay.
+/// Waits with jittered backoff ([`RECONNECT_BACKOFF`]) until the broker at `url` answers
+/// again; `None` once `stopped` resolves. Shared by the consumer and the relay.
 pub(crate) async fn reconnect(
     url: &str,
     stopped: impl std::future::Future<Output = ()>,
 ) -> Option<Connection> {
     tokio::pin!(stopped);
-    let mut wait = std::time::Duration::from_millis(250);
+    let mut failures = 0_u32;
     loop {
-        let jittered = wait.mul_f64(0.5 + rand::random::<f64>() / 2.0);
         tokio::select! {
             () = &mut stopped => return None,
-            () = tokio::time::sleep(jittered) => {}
+            () = tokio::time::sleep(RECONNECT_BACKOFF.next_delay(failures)) => {}
         }
         match connect(url).await {
             Ok(connection) => {
@@ -45,14 +48,16 @@ pub(crate) async fn reconnect(
                 return Some(connection);
             }
             Err(error) => {
-                wait = (wait * 2).min(std::time::Duration::from_secs(30));
-                tracing::warn!(%error, retry_in = ?wait, "broker still unreachable");
+                failures = failures.saturating_add(1);
+                let retry_in = RECONNECT_BACKOFF.delay(failures);
+                tracing::warn!(%error, ?retry_in, "broker still unreachable");
             }
         }
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C): pass it to [`crate::Consumer::run`] for a graceful stop.
+/// Resolves on SIGTERM or SIGINT (Ctrl-C): pass it to [`crate::Consumer::serve`] or [`crate::Relay::serve`]
+/// for a graceful stop.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -78,5 +83,26 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RECONNECT_BACKOFF;
+    use std::time::Duration;
+
+    #[test]
+    fn reconnects_back_off_from_a_quarter_second_to_thirty_halved_at_most() {
+        assert_eq!(RECONNECT_BACKOFF.delay(0), Duration::from_millis(250));
+        assert_eq!(RECONNECT_BACKOFF.delay(3), Duration::from_secs(2));
+        assert_eq!(RECONNECT_BACKOFF.delay(7), Duration::from_secs(30));
+        assert_eq!(
+            RECONNECT_BACKOFF.jittered(0, 0.0),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            RECONNECT_BACKOFF.jittered(0, 1.0),
+            Duration::from_millis(125)
+        );
     }
 }

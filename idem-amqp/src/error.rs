@@ -1,12 +1,17 @@
 //! Errors of the RabbitMQ adapter.
 
-/// A failure of the RabbitMQ side: configuration, connection, topology, channel.
+/// A failure of the RabbitMQ side: configuration, connection, topology, channel, publish.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum AmqpError {
+pub enum Error {
     /// A setting is invalid; the text says which and what to write instead.
     #[error("invalid idem consumer configuration: {0}")]
     Config(String),
+
+    /// An error of idem's core, as it was (say, a retry policy it refuses); its text says what
+    /// to fix and its causes are kept.
+    #[error(transparent)]
+    Core(#[from] idem_core::Error),
 
     /// The AMQP URL does not parse.
     #[error("invalid AMQP URL {url:?}: {reason}. Expected amqp://user:password@host:port/vhost (vhost `/` is written %2f)")]
@@ -18,7 +23,7 @@ pub enum AmqpError {
     },
 
     /// The broker could not be reached or refused the login.
-    #[error("cannot connect to RabbitMQ at {url}: {source}. Check AMQP_URL, that the broker is running, and the credentials")]
+    #[error("cannot connect to RabbitMQ at {url}: {source}. Check the URL, that the broker is running and reachable from here, and the credentials")]
     Connect {
         /// The URL, password removed.
         url: String,
@@ -27,7 +32,8 @@ pub enum AmqpError {
         source: lapin::Error,
     },
 
-    /// A broker operation failed (declare, consume, qos, cancel...).
+    /// A broker operation failed (declare, consume, qos, cancel, publish, a confirm that could
+    /// not arrive...).
     #[error("RabbitMQ {operation} failed: {source}")]
     Broker {
         /// What idem was doing.
@@ -55,11 +61,96 @@ pub enum AmqpError {
         /// Why.
         reason: String,
     },
+
+    /// The broker returned a mandatory publish: nothing routes its exchange and routing key to
+    /// a queue. The message was not taken.
+    #[error("the broker returned the message unroutable ({reply}): {}", unroutable_fix(.exchange, .routing_key))]
+    Unroutable {
+        /// The exchange published to (`""`: the default exchange, which routes to the queue
+        /// named by the routing key).
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The broker's reply text (say, `NO_ROUTE`).
+        reply: String,
+    },
+
+    /// The broker refused a publish (`basic.nack`): it did not take responsibility for the
+    /// message.
+    #[error("the broker refused (nack) the publish to {}; check the broker's disk and memory alarms", destination(.exchange, .routing_key))]
+    Nacked {
+        /// The exchange published to (`""`: the default exchange).
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+
+    /// Something idem guarantees itself did not hold (say, a publish that needs a confirm went
+    /// out on a channel not in confirm mode).
+    #[error("{0}; this is a bug in idem")]
+    Bug(&'static str),
 }
 
-impl AmqpError {
+impl Error {
     pub(crate) fn broker(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
         let operation = operation.into();
         move |source| Self::Broker { operation, source }
+    }
+}
+
+/// Where a publish went, as an operator would look for it.
+fn destination(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        format!("queue {routing_key:?}")
+    } else {
+        format!("exchange {exchange:?} with routing key {routing_key:?}")
+    }
+}
+
+/// What to do about an unroutable publish.
+fn unroutable_fix(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        format!("there is no queue {routing_key:?}; declare it (its consumer does on start)")
+    } else {
+        format!(
+            "nothing is bound to exchange {exchange:?} with routing key {routing_key:?}; declare the queue and its binding (its consumer declares the queue on start)"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn refused_publishes_name_where_they_went() {
+        let to_queue = Error::Unroutable {
+            exchange: String::new(),
+            routing_key: "payments.dlq".into(),
+            reply: "NO_ROUTE".into(),
+        };
+        assert_eq!(
+            to_queue.to_string(),
+            "the broker returned the message unroutable (NO_ROUTE): there is no queue \"payments.dlq\"; declare it (its consumer does on start)"
+        );
+        let to_exchange = Error::Nacked {
+            exchange: "events".into(),
+            routing_key: "payment.captured".into(),
+        };
+        assert!(
+            to_exchange
+                .to_string()
+                .contains("exchange \"events\" with routing key \"payment.captured\""),
+            "{to_exchange}"
+        );
+    }
+
+    #[test]
+    fn core_errors_keep_their_text() {
+        let core = idem_core::Error::Config("retry policy: max_attempts must be at least 1".into());
+        let text = core.to_string();
+        let error = Error::from(core);
+        assert_eq!(error.to_string(), text);
+        assert!(matches!(error, Error::Core(idem_core::Error::Config(_))));
     }
 }

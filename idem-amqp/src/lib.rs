@@ -14,22 +14,24 @@
 //! [`Consumer::serve`] reconnects by itself after a broker restart or a forced close. The stop
 //! is graceful: on the shutdown future it cancels the consumer, lets in-flight deliveries finish
 //! and ack, and closes its channels.
+//!
+//! Retries and dead letters carry idem's [`headers`] (`x-idem-*`); [`Relay::serve`] publishes
+//! the transactional outbox with the same publisher confirms.
 
 mod connect;
 mod consumer;
-mod dead_letter;
 mod error;
+pub mod headers;
 mod health;
+mod publish;
 mod relay;
+mod topology;
 
 pub use connect::{connect, shutdown_signal};
-pub use consumer::{Consumer, ConsumerBuilder, Stats, CAUSATION_HEADER};
-pub use dead_letter::{
-    dead_letter_queue, retry_queue, ATTEMPTS_HEADER, CONSUMER_HEADER, ERROR_HEADER,
-    FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER, QUEUE_HEADER, REASON_HEADER,
-};
-pub use error::AmqpError;
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerStats};
+pub use error::Error;
 pub use health::Health;
 /// The lapin version idem is built on.
 pub use lapin;
 pub use relay::{Relay, RelayBuilder, RelayStats};
+pub use topology::{dead_letter_queue, retry_queue};

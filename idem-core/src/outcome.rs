@@ -80,7 +80,7 @@ pub enum Outcome {
     },
 }
 
-/// The result of [`process`]: the outcome and, when the message got that far, its key.
+/// The result of [`process`](crate::process()): the outcome and, when the message got that far, its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Processed {
     /// The idempotency key, once decoded.

@@ -35,7 +35,7 @@ use idem::amqp::lapin::options::{
 };
 use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::lapin::{BasicProperties, Connection};
-use idem::amqp::{AmqpError, Consumer, ConsumerBuilder};
+use idem::amqp::{Consumer, ConsumerBuilder, ConsumerStats};
 use idem::{async_trait, Backend, Handler, HandlerError, Postgres, RetryPolicy, Sqlite, Tx};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -409,7 +409,7 @@ impl<DB: TestDb> Story<DB> {
 pub struct Running<DB: Backend, H> {
     pub consumer: Arc<Consumer<DB, H>>,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), AmqpError>>,
+    task: tokio::task::JoinHandle<Result<(), idem::amqp::Error>>,
 }
 
 pub async fn start<DB: Backend, H: Handler<DB>>(consumer: Consumer<DB, H>) -> Running<DB, H> {
@@ -428,7 +428,7 @@ pub async fn start<DB: Backend, H: Handler<DB>>(consumer: Consumer<DB, H>) -> Ru
 
 impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
     /// Waits (30 s at most) until the consumer's counters satisfy `condition`.
-    pub async fn wait_until(&self, what: &str, condition: impl Fn(idem::amqp::Stats) -> bool) {
+    pub async fn wait_until(&self, what: &str, condition: impl Fn(ConsumerStats) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !condition(self.consumer.stats()) {
             assert!(
@@ -441,7 +441,7 @@ impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
         }
     }
 
-    pub async fn stop(mut self) -> idem::amqp::Stats {
+    pub async fn stop(mut self) -> ConsumerStats {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -1,0 +1,190 @@
+//! [`ConsumerBuilder`]: the settings of a consumer, and the checks that refuse an impossible
+//! one at start with the fix in the message.
+
+use super::{Consumer, Shared};
+use crate::error::Error;
+use crate::health::HealthState;
+use crate::topology::{self, MAX_QUEUE_NAME};
+use idem_core::{Backend, Backoff, Handler, Policy, RetryPolicy};
+use sqlx::Pool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Transactions in flight at once unless configured.
+const DEFAULT_CONCURRENCY: usize = 8;
+/// The longest wait between two tries of a delivery while the database is unreachable.
+const MAX_DATABASE_WAIT: Duration = Duration::from_secs(30);
+
+/// Builds a [`Consumer`]; see [`Consumer::builder`].
+#[derive(Debug)]
+#[must_use = "call .build() to get a Consumer"]
+pub struct ConsumerBuilder<DB: Backend, H> {
+    pool: Pool<DB>,
+    handler: H,
+    queue: Option<String>,
+    prefetch: u16,
+    /// `None`: the default, 8, lowered to the prefetch when that is smaller.
+    concurrency: Option<usize>,
+    policy: Policy,
+    database_backoff: Duration,
+    shutdown_deadline: Duration,
+}
+
+impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
+    /// The defaults; see [`Consumer::builder`].
+    pub(super) fn new(pool: Pool<DB>, handler: H) -> Self {
+        Self {
+            pool,
+            handler,
+            queue: None,
+            prefetch: 200,
+            concurrency: None,
+            policy: Policy::default(),
+            database_backoff: Duration::from_secs(1),
+            shutdown_deadline: Duration::from_secs(30),
+        }
+    }
+
+    /// The queue to consume (default: the handler's consumer name). Its dead-letter queue is
+    /// `<queue>.dlq`; both are declared durable on start.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// How many unacknowledged deliveries the broker may push ahead (default 200; 100–300 is the
+    /// sweet spot, 1 is an order of magnitude slower).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// How many deliveries are processed at once, each in its own transaction (default 8, or
+    /// the prefetch if that is smaller). The pool should have at least this many connections.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = Some(concurrency);
+        self
+    }
+
+    /// Retries of transient handler failures: attempts and backoff (default: 8 attempts, 1 s
+    /// doubling, 20 % jitter). Each distinct delay gets a delay queue `<queue>.retry.<delay>`.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy.retry = policy;
+        self
+    }
+
+    /// Bodies over this many bytes are dead-lettered `malformed` unread (default 1 MiB).
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.policy.max_body_bytes = bytes;
+        self
+    }
+
+    /// How many times a message may come back redelivered after its handling was cut short
+    /// (process killed, connection lost) before it is dead-lettered `crash-loop` (default 5).
+    pub fn crash_loop_limit(mut self, limit: u32) -> Self {
+        self.policy.crash_loop_limit = limit;
+        self
+    }
+
+    /// The first wait before a delivery is tried again while the database is unreachable
+    /// (default 1 s; it doubles up to 30 s). Such waits are not attempts: an outage never
+    /// dead-letters a message.
+    pub fn database_backoff(mut self, delay: Duration) -> Self {
+        self.database_backoff = delay;
+        self
+    }
+
+    /// How long a stop waits for in-flight deliveries (default 30 s); what is not finished then
+    /// is left to redelivery.
+    pub fn shutdown_deadline(mut self, deadline: Duration) -> Self {
+        self.shutdown_deadline = deadline;
+        self
+    }
+
+    /// Checks the settings.
+    pub fn build(self) -> Result<Consumer<DB, H>, Error> {
+        let queue = self
+            .queue
+            .clone()
+            .unwrap_or_else(|| self.handler.consumer().to_owned());
+        self.check(&queue)?;
+        let concurrency = self.checked_concurrency()?;
+        Ok(Consumer {
+            shared: Arc::new(Shared {
+                pool: self.pool,
+                handler: self.handler,
+                queue,
+                policy: self.policy,
+                database_backoff: Backoff::new(self.database_backoff, MAX_DATABASE_WAIT),
+                counters: Default::default(),
+                health: HealthState::default(),
+                suspects_alone: tokio::sync::RwLock::new(()),
+            }),
+            prefetch: self.prefetch,
+            concurrency,
+            shutdown_deadline: self.shutdown_deadline,
+        })
+    }
+
+    /// Everything but the concurrency, in the order a user meets the problems: the consumer
+    /// name, the policy, the queue names, the database backoff, the prefetch.
+    fn check(&self, queue: &str) -> Result<(), Error> {
+        let consumer = self.handler.consumer();
+        if consumer.is_empty() || consumer.len() > 200 {
+            return Err(Error::Config(format!(
+                "the consumer name {consumer:?} must be 1 to 200 bytes: it scopes the ledger and names the consumer tag"
+            )));
+        }
+        self.policy.validate()?;
+        let longest = topology::queues(queue, &self.policy.retry)
+            .into_iter()
+            .map(|(name, _)| name)
+            .max_by_key(String::len)
+            .unwrap_or_default();
+        if queue.is_empty() {
+            return Err(Error::Config(
+                "the queue name is empty; name the queue (the default is the consumer name)".into(),
+            ));
+        }
+        if longest.len() > MAX_QUEUE_NAME {
+            return Err(Error::Config(format!(
+                "the queue name {queue:?} is too long: its delay queue {longest:?} would be {} bytes, over RabbitMQ's {MAX_QUEUE_NAME}",
+                longest.len()
+            )));
+        }
+        if self.database_backoff.is_zero() {
+            return Err(Error::Config(
+                "database_backoff must be above zero, or an outage becomes a hot loop (default 1 s)".into(),
+            ));
+        }
+        if queue.starts_with("amq.") {
+            return Err(Error::Config(format!(
+                "the queue name {queue:?} starts with `amq.`, which RabbitMQ reserves"
+            )));
+        }
+        if self.prefetch == 0 {
+            return Err(Error::Config(
+                "prefetch must be at least 1 (0 means unlimited to RabbitMQ and lets one consumer hoard the queue); 200 is a good start".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The concurrency: as set, or the default lowered to the prefetch; at least 1 and at most
+    /// the prefetch.
+    fn checked_concurrency(&self) -> Result<usize, Error> {
+        let concurrency = self
+            .concurrency
+            .unwrap_or_else(|| DEFAULT_CONCURRENCY.min(usize::from(self.prefetch)));
+        if concurrency == 0 {
+            return Err(Error::Config("concurrency must be at least 1".into()));
+        }
+        if concurrency > usize::from(self.prefetch) {
+            return Err(Error::Config(format!(
+                "concurrency {} exceeds prefetch {}: at most prefetch deliveries are ever in flight; raise prefetch or lower concurrency",
+                concurrency, self.prefetch
+            )));
+        }
+        Ok(concurrency)
+    }
+}

@@ -1,0 +1,264 @@
+//! One delivery, start to finish: the unit of work (held in place while the database is away),
+//! then what its outcome asks of the broker — ack; or publish the retry or dead letter, wait for
+//! the confirm, then ack; or hand the delivery back (nack with requeue).
+//!
+//! Nothing is acked before the broker confirmed what had to be published first, and nothing is
+//! acked or nacked once the connection is known lost: the broker requeues it by itself.
+
+use super::metadata::metadata_of;
+use super::stats::Counters;
+use super::Shared;
+use crate::headers::DeadLetter;
+use crate::publish;
+use idem_core::{delivery_span, process, Backend, Delivery, Handler, Metadata, Outcome, Reason};
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Channel;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Why a delivery task may have to give up waiting.
+#[derive(Clone)]
+pub(super) struct Exits {
+    /// The consumer is stopping: stop waiting for the database (in-flight work still acks).
+    pub stop: CancellationToken,
+    /// The connection is gone: stop waiting for anything from the broker.
+    pub lost: CancellationToken,
+}
+
+impl Exits {
+    /// Resolves when the delivery should stop waiting for the database.
+    async fn give_up(&self) {
+        tokio::select! {
+            () = self.stop.cancelled() => {}
+            () = self.lost.cancelled() => {}
+        }
+    }
+}
+
+/// One delivery, start to finish, inside its tracing span.
+pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    publisher: &Channel,
+    delivery: AmqpDelivery,
+    exits: &Exits,
+) {
+    let metadata = metadata_of(&delivery);
+    let span = delivery_span(shared.handler.consumer(), &metadata);
+    let task = Task {
+        shared,
+        publisher,
+        delivery: &delivery,
+        metadata: &metadata,
+        exits,
+    };
+    async {
+        let (_alone, _beside) = if metadata.redelivered {
+            (Some(shared.suspects_alone.write().await), None)
+        } else {
+            (None, Some(shared.suspects_alone.read().await))
+        };
+        let Some(outcome) = task.process().await else {
+            return;
+        };
+        // Every wait on the broker from here on ends when the connection is found lost: then
+        // nothing is acked and the broker redelivers.
+        tokio::select! {
+            () = task.settle(outcome) => {}
+            () = exits.lost.cancelled() => {
+                tracing::warn!("the connection was lost before the broker answered; the message will be redelivered");
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// A delivery in flight and what handling it needs.
+struct Task<'a, DB: Backend, H> {
+    shared: &'a Shared<DB, H>,
+    publisher: &'a Channel,
+    delivery: &'a AmqpDelivery,
+    metadata: &'a Metadata,
+    exits: &'a Exits,
+}
+
+impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
+    /// Runs the unit of work; while the database is unavailable, holds the delivery and runs
+    /// it again in place with backoff (not an attempt: the message is not to blame). `None`
+    /// when the consumer stopped or lost its connection meanwhile: the delivery was handed back.
+    async fn process(&self) -> Option<Outcome> {
+        let shared = self.shared;
+        let mut tries_in_place = 0;
+        loop {
+            let unit = Delivery {
+                body: &self.delivery.data,
+                metadata: self.metadata,
+                tries_in_place,
+            };
+            let outcome = process(&shared.pool, &shared.handler, unit, &shared.policy)
+                .await
+                .outcome;
+            let Outcome::Unavailable { error } = &outcome else {
+                if !matches!(outcome, Outcome::DeadLetter { .. }) {
+                    shared.health.set_database(true, None);
+                }
+                return Some(outcome);
+            };
+            shared.health.set_database(false, Some(error));
+            let wait = shared.database_backoff.delay(tries_in_place);
+            tracing::warn!(outcome = "unavailable", %error, retry_in = ?wait, "database unavailable; holding the delivery");
+            tries_in_place += 1;
+            tokio::select! {
+                () = self.exits.give_up() => {
+                    self.redeliver().await;
+                    return None;
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Acts on the outcome: ack, or publish the retry or dead letter and then ack.
+    async fn settle(&self, outcome: Outcome) {
+        let counters = &self.shared.counters;
+        match outcome {
+            Outcome::Applied => {
+                if self.ack().await {
+                    Counters::bump(&counters.applied);
+                    tracing::info!(outcome = "applied", "applied");
+                }
+            }
+            Outcome::Duplicate => {
+                if self.ack().await {
+                    Counters::bump(&counters.duplicates);
+                    tracing::info!(
+                        outcome = "duplicate",
+                        "duplicate: already in the ledger, handler not run"
+                    );
+                }
+            }
+            Outcome::DeadLetter { reason, error } => self.dead_letter(reason, &error).await,
+            Outcome::Retry {
+                error,
+                attempts,
+                delay,
+                tier,
+            } => self.retry(&error, attempts, (delay, tier)).await,
+            // Handled by `process`.
+            Outcome::Unavailable { .. } => {}
+        }
+    }
+
+    /// Publishes the dead letter and, once the broker confirmed it, acks the original.
+    async fn dead_letter(&self, reason: Reason, error: &str) {
+        let shared = self.shared;
+        let letter = DeadLetter {
+            reason,
+            error,
+            consumer: shared.handler.consumer(),
+            queue: &shared.queue,
+        };
+        let published = publish::dead_letter(
+            self.publisher,
+            &self.delivery.data,
+            &self.delivery.properties,
+            self.metadata,
+            letter,
+        )
+        .await;
+        match published {
+            Ok(()) => {
+                if self.ack().await {
+                    Counters::bump(&shared.counters.dead_lettered);
+                    tracing::warn!(outcome = "dead-lettered", %reason, %error, "dead-lettered");
+                }
+            }
+            Err(publish_error) => {
+                // Not acked, so not lost: it comes back and is dead-lettered then.
+                tracing::error!(%reason, %error, %publish_error, "dead letter not confirmed; handing the message back");
+                self.redeliver_later().await;
+            }
+        }
+    }
+
+    /// Publishes the retry to the delay queue of `tier` (expiring after `delay`) and, once the
+    /// broker confirmed it, acks the original.
+    async fn retry(&self, error: &str, attempts: u32, (delay, tier): (Duration, Duration)) {
+        let published = publish::retry(
+            self.publisher,
+            &self.shared.queue,
+            &self.delivery.data,
+            &self.delivery.properties,
+            self.metadata,
+            error,
+            (delay, tier),
+        )
+        .await;
+        match published {
+            Ok(()) => {
+                if self.ack().await {
+                    Counters::bump(&self.shared.counters.retried);
+                    tracing::warn!(outcome = "retry", %error, attempts, retry_in = ?delay, "failed; retrying later");
+                }
+            }
+            Err(publish_error) => {
+                tracing::error!(%error, %publish_error, "retry not confirmed; handing the message back");
+                self.redeliver_later().await;
+            }
+        }
+    }
+
+    /// Acks, and says whether the broker got it. A lost ack is never ignored: it is counted and
+    /// logged, and the redelivery it causes is absorbed by the ledger.
+    async fn ack(&self) -> bool {
+        let counters = &self.shared.counters;
+        match self.delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => true,
+            Ok(false) => {
+                Counters::bump(&counters.ack_failures);
+                tracing::error!("ack not sent: the channel is closed; the broker will redeliver and the ledger will skip it");
+                false
+            }
+            Err(error) => {
+                Counters::bump(&counters.ack_failures);
+                tracing::error!(%error, "ack failed; the broker will redeliver and the ledger will skip it");
+                false
+            }
+        }
+    }
+
+    /// Waits a little (the first database backoff, so a broker-side problem does not become a
+    /// hot loop), then hands the delivery back.
+    async fn redeliver_later(&self) {
+        tokio::select! {
+            () = self.exits.give_up() => {}
+            () = tokio::time::sleep(self.shared.database_backoff.initial()) => {}
+        }
+        self.redeliver().await;
+    }
+
+    /// Nacks with requeue: the broker delivers the message again, to this consumer or another.
+    /// Once the connection is lost there is no one to tell: the broker requeues it by itself.
+    async fn redeliver(&self) {
+        if self.exits.lost.is_cancelled() {
+            return;
+        }
+        let counters = &self.shared.counters;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        match self.delivery.acker.nack(requeue).await {
+            Ok(true) => Counters::bump(&counters.redelivered_later),
+            Ok(false) | Err(_) => {
+                // The channel is gone: the broker requeues every unacked delivery by itself.
+                Counters::bump(&counters.ack_failures);
+                tracing::warn!(
+                    "nack not sent: the channel is closed; the broker will redeliver the message"
+                );
+            }
+        }
+    }
+}

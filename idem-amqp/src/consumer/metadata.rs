@@ -1,0 +1,62 @@
+//! What the unit of work learns about a delivery: its AMQP properties, the broker's redelivery
+//! flag and its headers, as [`idem_core::Metadata`].
+
+use crate::headers;
+use idem_core::Metadata;
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::types::AMQPValue;
+
+/// The delivery's metadata: ids, kind, redelivery flag, the headers whose values are text or
+/// numbers (rendered as text), and idem's own retry bookkeeping read from them.
+pub(super) fn metadata_of(delivery: &AmqpDelivery) -> Metadata {
+    let properties = &delivery.properties;
+    let mut metadata = Metadata {
+        message_id: properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+        correlation_id: properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+        causation_id: None,
+        redelivered: delivery.redelivered,
+        kind: properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.as_str().to_owned()),
+        previous_attempts: 0,
+        first_failure: None,
+        headers: Default::default(),
+    };
+    if let Some(headers) = properties.headers() {
+        for (name, value) in headers.inner() {
+            if let Some(text) = header_text(value) {
+                metadata.headers.insert(name.as_str().to_owned(), text);
+            }
+        }
+        let idem = headers::read(&metadata.headers);
+        metadata.causation_id = idem.causation_id;
+        metadata.previous_attempts = idem.previous_attempts;
+        metadata.first_failure = idem.first_failure;
+    }
+    metadata
+}
+
+/// A header value as text, when it is text, a boolean, a number or a timestamp.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        _ => return None,
+    })
+}

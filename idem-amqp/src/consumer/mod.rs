@@ -1,0 +1,133 @@
+//! The consumer: deliveries in, the unit of work, then ack / retry / dead-letter / deliver again.
+//!
+//! - [`builder`]: the settings and their checks;
+//! - [`serve`]: the connection loop (reconnect; on one connection, consume and dispatch; drain
+//!   on stop or loss);
+//! - [`delivery`]: one delivery, from the unit of work to its ack or nack;
+//! - [`metadata`]: AMQP properties as [`idem_core::Metadata`];
+//! - [`stats`]: the counters.
+
+mod builder;
+mod delivery;
+mod metadata;
+mod serve;
+mod stats;
+
+pub use builder::ConsumerBuilder;
+pub use stats::ConsumerStats;
+
+use crate::error::Error;
+use crate::health::{Health, HealthState};
+use idem_core::{Backend, Backoff, Handler, Policy};
+use lapin::Connection;
+use sqlx::Pool;
+use stats::Counters;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What every delivery task needs.
+struct Shared<DB: Backend, H> {
+    pool: Pool<DB>,
+    handler: H,
+    queue: String,
+    policy: Policy,
+    /// While the database is away: a delivery's waits between tries in place.
+    database_backoff: Backoff,
+    counters: Counters,
+    health: HealthState,
+    /// Redelivered messages run alone (write lock), everything else side by side (read lock):
+    /// after a crash, the message that caused it must not take innocent deliveries that happen
+    /// to be in flight beside it over the crash-loop limit with it.
+    suspects_alone: tokio::sync::RwLock<()>,
+}
+
+/// An effectively-once RabbitMQ consumer: each delivery runs through [`idem_core::process`] (one
+/// transaction: ledger claim, handler, commit) and is acknowledged only after the commit.
+pub struct Consumer<DB: Backend, H> {
+    shared: Arc<Shared<DB, H>>,
+    prefetch: u16,
+    concurrency: usize,
+    shutdown_deadline: Duration,
+}
+
+impl<DB: Backend, H> std::fmt::Debug for Consumer<DB, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("queue", &self.shared.queue)
+            .field("prefetch", &self.prefetch)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
+    /// Starts building a consumer that runs `handler` against `pool`.
+    pub fn builder(pool: Pool<DB>, handler: H) -> ConsumerBuilder<DB, H> {
+        ConsumerBuilder::new(pool, handler)
+    }
+
+    /// The queue this consumer reads.
+    pub fn queue(&self) -> &str {
+        &self.shared.queue
+    }
+
+    /// What the consumer has done so far.
+    pub fn stats(&self) -> ConsumerStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Liveness and readiness: whether the consume loop is running, and whether it is
+    /// consuming with the database reachable. Changes are also logged (`ready` / `not ready`).
+    pub fn health(&self) -> Health {
+        self.shared.health.snapshot()
+    }
+
+    /// Connects to the broker at `amqp_url` and consumes until `shutdown` resolves, reconnecting
+    /// by itself (with backoff and jitter, up to 30 s apart) whenever the connection or channel
+    /// is lost: a broker restart or a forced close is survived without help.
+    ///
+    /// Fails fast only at start — a bad URL, a broker that cannot be reached, a queue declared
+    /// elsewhere with other arguments — with an error that says what to fix.
+    pub async fn serve(
+        &self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let stop = CancellationToken::new();
+        self.shared.health.set_live(true);
+        let served = serve::stop_on(&stop, self.serve_until(amqp_url, &stop), shutdown).await;
+        self.shared.health.set_live(false);
+        served
+    }
+
+    /// Consumes until `shutdown` resolves, then stops taking deliveries, finishes (and acks) the
+    /// ones in flight within the shutdown deadline and closes its channels.
+    ///
+    /// Returns an error when the channel or connection is lost; unacknowledged deliveries then
+    /// go back to the queue and are deduplicated when they come again.
+    pub async fn run(
+        &self,
+        connection: &Connection,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let stop = CancellationToken::new();
+        self.shared.health.set_live(true);
+        let ran = serve::stop_on(&stop, self.run_until(connection, &stop), shutdown).await;
+        self.shared.health.set_live(false);
+        ran
+    }
+
+    /// Declares the queue, its dead-letter queue and its delay queues (all durable), on a
+    /// channel of `connection`.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), Error> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(Error::broker("open a channel"))?;
+        crate::topology::declare(&channel, &self.shared.queue, &self.shared.policy.retry).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! idem's own AMQP headers, `x-idem-*`: their names, how idem reads them off a delivery and
+//! how it writes them onto a retry, a dead letter or an outbox message.
+//!
+//! A constant is named after its header: `x-idem-original-queue` is [`ORIGINAL_QUEUE`].
+
+use idem_core::backoff::unix_seconds;
+use idem_core::{Metadata, Reason};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
+use std::collections::BTreeMap;
+
+/// Why the message was dead-lettered (`malformed`, `missing-key`, `rejected`,
+/// `retries-exhausted`, `key-conflict`, `crash-loop`).
+pub const REASON: &str = "x-idem-reason";
+/// The (last) error text, at most 4 KiB.
+pub const ERROR: &str = "x-idem-error";
+/// Attempts made at the message so far. idem's own count, carried from retry to retry; the
+/// broker's redelivery flag plays no part in it.
+pub const ATTEMPTS: &str = "x-idem-attempts";
+/// The consumer that gave up on it (the ledger's scope).
+pub const CONSUMER: &str = "x-idem-consumer";
+/// The queue it was consumed from.
+pub const ORIGINAL_QUEUE: &str = "x-idem-original-queue";
+/// When its first attempt failed (AMQP timestamp, seconds since the epoch).
+pub const FIRST_FAILURE: &str = "x-idem-first-failure";
+/// When its last attempt failed (AMQP timestamp, seconds since the epoch).
+pub const LAST_FAILURE: &str = "x-idem-last-failure";
+/// The id of the message whose handling produced this one (set by the outbox relay).
+pub const CAUSATION_ID: &str = "x-idem-causation-id";
+
+/// Longest error text kept in a header; a handler's error can embed a whole payload.
+const MAX_ERROR_LEN: usize = 4096;
+
+/// idem's headers as read from a delivery, whose headers are already rendered as text
+/// ([`Metadata::headers`]).
+pub(crate) struct Read {
+    pub causation_id: Option<String>,
+    /// Earlier attempts; a value that does not parse counts as none.
+    pub previous_attempts: u32,
+    /// When the first attempt failed; a value that does not parse counts as none.
+    pub first_failure: Option<u64>,
+}
+
+/// Reads idem's retry bookkeeping and the causation id from a delivery's headers.
+pub(crate) fn read(headers: &BTreeMap<String, String>) -> Read {
+    Read {
+        causation_id: headers.get(CAUSATION_ID).cloned(),
+        previous_attempts: headers
+            .get(ATTEMPTS)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        first_failure: headers.get(FIRST_FAILURE).and_then(|n| n.parse().ok()),
+    }
+}
+
+/// The delivery's own headers plus the error, this attempt counted, and the failure times:
+/// what a retry carries.
+pub(crate) fn failure(
+    properties: &BasicProperties,
+    metadata: &Metadata,
+    error: &str,
+) -> FieldTable {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    let now = unix_seconds();
+    headers.insert(ERROR.into(), long_string(truncate(error, MAX_ERROR_LEN)));
+    headers.insert(
+        ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(metadata.previous_attempts.saturating_add(1))),
+    );
+    headers.insert(
+        FIRST_FAILURE.into(),
+        AMQPValue::Timestamp(metadata.first_failure.unwrap_or(now)),
+    );
+    headers.insert(LAST_FAILURE.into(), AMQPValue::Timestamp(now));
+    headers
+}
+
+/// What a dead letter says about itself, on top of [`failure`].
+pub(crate) struct DeadLetter<'a> {
+    pub reason: Reason,
+    pub error: &'a str,
+    pub consumer: &'a str,
+    pub queue: &'a str,
+}
+
+/// [`failure`] plus the reason, the consumer and the original queue: what a dead letter
+/// carries.
+pub(crate) fn dead_letter(
+    properties: &BasicProperties,
+    metadata: &Metadata,
+    letter: &DeadLetter<'_>,
+) -> FieldTable {
+    let mut headers = failure(properties, metadata, letter.error);
+    headers.insert(REASON.into(), long_string(letter.reason.as_str()));
+    headers.insert(CONSUMER.into(), long_string(letter.consumer));
+    headers.insert(ORIGINAL_QUEUE.into(), long_string(letter.queue));
+    headers
+}
+
+/// Adds the causation id to an outgoing message's headers.
+pub(crate) fn insert_causation_id(headers: &mut FieldTable, causation_id: &str) {
+    headers.insert(CAUSATION_ID.into(), long_string(causation_id));
+}
+
+/// A header value as AMQP long string (bytes, no length limit worth mentioning).
+pub(crate) fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn truncates_on_a_char_boundary() {
+        assert_eq!(super::truncate("héllo", 2), "h");
+        assert_eq!(super::truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn unparsable_bookkeeping_counts_as_none() {
+        let headers: BTreeMap<String, String> = [
+            (super::ATTEMPTS.to_owned(), "three".to_owned()),
+            (super::FIRST_FAILURE.to_owned(), "-1".to_owned()),
+            (super::CAUSATION_ID.to_owned(), "m-1".to_owned()),
+        ]
+        .into();
+        let read = super::read(&headers);
+        assert_eq!(read.previous_attempts, 0);
+        assert_eq!(read.first_failure, None);
+        assert_eq!(read.causation_id.as_deref(), Some("m-1"));
+
+        let headers: BTreeMap<String, String> = [
+            (super::ATTEMPTS.to_owned(), "3".to_owned()),
+            (super::FIRST_FAILURE.to_owned(), "1700000000".to_owned()),
+        ]
+        .into();
+        let read = super::read(&headers);
+        assert_eq!(read.previous_attempts, 3);
+        assert_eq!(read.first_failure, Some(1_700_000_000));
+        assert_eq!(read.causation_id, None);
+    }
+}

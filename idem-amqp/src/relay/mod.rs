@@ -1,0 +1,283 @@
+//! The outbox relay: publishes committed outbox rows with publisher confirms, and marks a row
+//! published only after the broker confirmed it.
+//!
+//! At-least-once by construction: a relay that dies after the confirm and before the mark
+//! publishes the row again on its next run, with the same message id, and the consumer's ledger
+//! deduplicates it. Under normal operation nothing is published twice: on PostgreSQL a batch is
+//! taken with `FOR UPDATE SKIP LOCKED` and its locks are held until it is settled, so several
+//! relays can share one outbox; on SQLite one relay holds a lease (`idem_relay_lease`, renewed
+//! every round) and any other stands by until it lapses.
+//!
+//! Here: the builder, the stats and the serve loop (channel, reconnect, drain, purge, wait);
+//! [`round`]: one round against the outbox and the broker.
+
+mod round;
+
+use crate::error::Error;
+use crate::publish::confirm_channel;
+use idem_core::{Backend, Backoff};
+use lapin::{Channel, Connection};
+use round::{RoundError, Wakeups};
+use sqlx::Pool;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// While the outbox cannot be reached: 0.25 s doubling to 30 s between tries.
+const DATABASE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+
+/// Counters of what a relay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayStats {
+    /// Rows published and confirmed.
+    pub published: u64,
+    /// Publish attempts the broker did not confirm (the row is tried again later).
+    pub failed: u64,
+    /// Published rows deleted after the retention.
+    pub purged: u64,
+    /// Times the relay reconnected to the broker.
+    pub reconnects: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    published: AtomicU64,
+    failed: AtomicU64,
+    purged: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// Builds a [`Relay`]; see [`Relay::builder`].
+#[derive(Debug)]
+#[must_use = "call .build() to get a Relay"]
+pub struct RelayBuilder<DB: Backend> {
+    pool: Pool<DB>,
+    batch_size: u16,
+    poll_interval: Duration,
+    retention: Duration,
+}
+
+impl<DB: Backend> RelayBuilder<DB> {
+    /// Rows taken and published per round trip (default 100).
+    pub fn batch_size(mut self, rows: u16) -> Self {
+        self.batch_size = rows;
+        self
+    }
+
+    /// How often to look for rows without a wake-up (default 1 s). On PostgreSQL the relay
+    /// wakes on `LISTEN idem_outbox` right after each commit; polling covers a lost
+    /// notification. On SQLite polling is all there is: lower it for lower latency.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// How long published rows are kept before they are deleted (default 7 days): long enough
+    /// to answer "was it sent, and when".
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Checks the settings.
+    pub fn build(self) -> Result<Relay<DB>, Error> {
+        if self.batch_size == 0 {
+            return Err(Error::Config(
+                "the relay's batch_size must be at least 1 (default 100)".into(),
+            ));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::Config(
+                "the relay's poll_interval must be above zero (default 1 s)".into(),
+            ));
+        }
+        Ok(Relay {
+            pool: self.pool,
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            retention: self.retention,
+            counters: Counters::default(),
+            holder: format!("{}-{}", std::process::id(), rand::random::<u64>()),
+            standing_by: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Publishes the outbox: due rows in id order, with publisher confirms, each marked published
+/// only after the broker confirmed it. At-least-once — a relay killed between the confirm and
+/// the mark publishes the row again, with the same message id, and the next consumer's ledger
+/// absorbs it. On PostgreSQL several relays share one outbox (`FOR UPDATE SKIP LOCKED`); on
+/// SQLite one relay holds a lease and the others stand by.
+#[derive(Debug)]
+pub struct Relay<DB: Backend> {
+    pool: Pool<DB>,
+    batch_size: u16,
+    poll_interval: Duration,
+    retention: Duration,
+    counters: Counters,
+    /// This relay's name in the SQLite lease.
+    holder: String,
+    /// Whether another relay holds the lease (logged on change).
+    standing_by: AtomicBool,
+}
+
+/// What the serve loop carries from one connection to the next.
+#[derive(Default)]
+struct Pace {
+    /// When published rows were last purged.
+    last_purge: Option<Instant>,
+    /// Database failures in a row, for [`DATABASE_BACKOFF`].
+    database_failures: u32,
+}
+
+impl<DB: Backend> Relay<DB> {
+    /// Starts building a relay of the outbox in `pool`'s database.
+    pub fn builder(pool: Pool<DB>) -> RelayBuilder<DB> {
+        RelayBuilder {
+            pool,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+
+    /// What the relay has done so far.
+    pub fn stats(&self) -> RelayStats {
+        let c = &self.counters;
+        RelayStats {
+            published: c.published.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            purged: c.purged.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Publishes until `shutdown` resolves, reconnecting to the broker by itself. Fails fast
+    /// only at start, when the broker cannot be reached.
+    pub async fn serve(
+        &self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let mut connection = crate::connect(amqp_url).await?;
+        let mut wakeups = self.wakeups().await;
+        tokio::pin!(shutdown);
+        let mut pace = Pace::default();
+        // Kept out here so the stop can close it before the connection (lapin logs an error
+        // for a channel still open when its connection closes).
+        let mut open_channel: Option<Channel> = None;
+        loop {
+            let channel = match confirm_channel(&connection, "relay").await {
+                Ok(channel) => open_channel.insert(channel).clone(),
+                Err(error) => {
+                    tracing::warn!(%error, "relay cannot open its channel; reconnecting");
+                    connection = match self.reconnect(amqp_url, &mut shutdown).await {
+                        Some(connection) => connection,
+                        None => return Ok(()),
+                    };
+                    continue;
+                }
+            };
+            let lost = self
+                .relay_on(&channel, &mut wakeups, &mut shutdown, &mut pace)
+                .await;
+            let Some(error) = lost else {
+                break;
+            };
+            tracing::warn!(%error, "relay lost the broker; reconnecting");
+            let _ = connection.close(200, "relay reconnecting".into()).await;
+            connection = match self.reconnect(amqp_url, &mut shutdown).await {
+                Some(connection) => connection,
+                None => return Ok(()),
+            };
+        }
+        self.stop(open_channel, connection).await;
+        Ok(())
+    }
+
+    /// On one channel: drains what is due, purges now and then, and waits for a wake-up or the
+    /// poll interval; again and again until `shutdown` resolves (`None`) or the broker fails
+    /// (`Some`, why).
+    async fn relay_on<S: Future<Output = ()>>(
+        &self,
+        channel: &Channel,
+        wakeups: &mut Wakeups,
+        shutdown: &mut Pin<&mut S>,
+        pace: &mut Pace,
+    ) -> Option<String> {
+        tracing::info!(
+            backend = DB::NAME,
+            listening = wakeups.is_some(),
+            "outbox relay publishing"
+        );
+        loop {
+            match self.drain(channel).await {
+                Ok(()) => pace.database_failures = 0,
+                Err(RoundError::Broker(error)) => return Some(error),
+                Err(RoundError::Database(error)) => {
+                    let retry_in = DATABASE_BACKOFF.delay(pace.database_failures);
+                    tracing::warn!(%error, ?retry_in, "relay cannot reach the outbox");
+                    tokio::select! {
+                        () = shutdown.as_mut() => return None,
+                        () = tokio::time::sleep(retry_in) => {}
+                    }
+                    pace.database_failures = pace.database_failures.saturating_add(1);
+                    continue;
+                }
+            }
+            self.purge_if_due(&mut pace.last_purge).await;
+            tokio::select! {
+                () = shutdown.as_mut() => return None,
+                () = round::wakeup(wakeups) => {}
+                () = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    /// Rounds until one takes less than a full batch: what is due is published.
+    async fn drain(&self, channel: &Channel) -> Result<(), RoundError> {
+        loop {
+            let taken = self.round(channel).await?;
+            if taken < usize::from(self.batch_size) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// [`crate::connect::reconnect`], counted.
+    async fn reconnect<S: Future<Output = ()>>(
+        &self,
+        amqp_url: &str,
+        shutdown: &mut Pin<&mut S>,
+    ) -> Option<Connection> {
+        let connection = crate::connect::reconnect(amqp_url, shutdown.as_mut()).await?;
+        self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        Some(connection)
+    }
+
+    /// A requested stop: hands the SQLite lease over, closes the channel and the connection.
+    async fn stop(&self, channel: Option<Channel>, connection: Connection) {
+        self.release_lease().await;
+        if let Some(channel) = channel.filter(|c| c.status().connected()) {
+            let _ = channel.close(200, "relay stopped".into()).await;
+        }
+        let _ = connection.close(200, "relay stopped".into()).await;
+        tracing::info!(stats = ?self.stats(), "outbox relay stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DATABASE_BACKOFF;
+    use std::time::Duration;
+
+    #[test]
+    fn an_unreachable_outbox_is_retried_from_a_quarter_second_to_thirty() {
+        assert_eq!(DATABASE_BACKOFF.delay(0), Duration::from_millis(250));
+        assert_eq!(DATABASE_BACKOFF.delay(6), Duration::from_secs(16));
+        assert_eq!(DATABASE_BACKOFF.delay(7), Duration::from_secs(30));
+        assert_eq!(DATABASE_BACKOFF.next_delay(2), Duration::from_secs(1));
+    }
+}
