@@ -4,8 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A setting is invalid; the text says which and what to write instead.
-    #[error("invalid idem consumer configuration: {0}")]
+    /// A setting of a consumer or relay is invalid; the text says which and what to write
+    /// instead.
+    #[error("invalid idem configuration: {0}")]
     Config(String),
 
     /// An error of idem's core, as it was (say, a retry policy it refuses); its text says what
