@@ -28,6 +28,9 @@
 //!
 //! Logging defaults to `warn` (idem logs one INFO line per delivery); `RUST_LOG` overrides it,
 //! and logs go to stderr so the figures on stdout stay readable.
+//!
+//! Over 400 lines on purpose: a benchmark reads best as one program: setup, both contestants and
+//! the report side by side.
 
 use anyhow::{bail, Context as _};
 use clap::Parser;

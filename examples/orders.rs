@@ -27,6 +27,9 @@
 //! consumes or publishes to. Relays: on PostgreSQL run as many as you like (the payments process
 //! runs one); on SQLite one relay publishes at a time (it holds a lease, a second one stands
 //! by), so with `orders relay` on SQLite run payments with `IDEM_RELAY=off`.
+//!
+//! Over 400 lines on purpose: the whole service (commands, handlers for both backends, relay, demo)
+//! is one example a user reads top to bottom.
 
 #[path = "shared/payments.rs"]
 mod payments;

@@ -16,6 +16,9 @@
 //! `IDEM_CONCURRENCY` (default 8), `IDEM_ORDERS_QUEUE` (default `orders`: where captures of
 //! order payments are announced), `IDEM_RELAY` (default `on`; `off` when another process relays
 //! this database's outbox — on SQLite only one relay may run per database).
+//!
+//! Over 400 lines on purpose: the contract the tests drive (configuration, consumer, relay, demo)
+//! stays one example a user reads top to bottom.
 
 #[path = "shared/payments.rs"]
 mod service;

@@ -13,6 +13,9 @@
 //! It needs what `scripts/test` exports — IDEM_TEST_AMQP_URL, IDEM_TEST_DATABASE_URL,
 //! IDEM_RABBITMQCTL, IDEM_PGCTL — and skips, saying so, without them. It restarts the servers it
 //! is given, so it runs alone in its own test binary.
+//!
+//! Over 400 lines on purpose: one story; the workload, the fault schedule and the final checks are
+//! read together.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

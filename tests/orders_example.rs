@@ -9,6 +9,8 @@
 //! interleaving with the processes differs, of course). Needs IDEM_TEST_AMQP_URL and
 //! IDEM_TEST_DATABASE_URL (scripts/test exports them) and the example binaries, which a plain
 //! `cargo test` builds first.
+//!
+//! Over 400 lines on purpose: one story; the chain, its faults and its checks are read together.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -4,6 +4,8 @@
 //! exits nobody asked for, and is stopped with SIGTERM at the end. Also what one such run owns
 //! ([`Scratch`]): a database, a tag for its queues and a directory for the logs; and the seed
 //! its random choices come from ([`seed`]).
+//!
+//! Over 400 lines on purpose: the process fleet is one unit (start, kill, restart, watch, stop).
 
 use rand::Rng;
 use sqlx::postgres::PgPoolOptions;

@@ -3,6 +3,9 @@
 //! `scripts/test` starts the servers and exports `IDEM_TEST_AMQP_URL` and
 //! `IDEM_TEST_DATABASE_URL`. Every test uses its own queue, consumer names and keys, so the tests
 //! run in parallel against one broker and one database.
+//!
+//! Over 400 lines on purpose: the one fixture every test file uses (servers, stories, queue
+//! helpers); process fleets live in `fleet.rs`.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 

@@ -106,7 +106,7 @@ impl<DB: Backend> Relay<DB> {
         let _ = DB::outbox_lease(&self.pool, &self.holder, Duration::ZERO).await;
     }
 
-    /// [`Backend::outbox_wakeups`] of this relay's database.
+    /// `outbox_wakeups` of this relay's database.
     pub(super) async fn wakeups(&self) -> Wakeups {
         DB::outbox_wakeups(&self.pool).await
     }

@@ -100,7 +100,7 @@ impl Store for sqlx::Sqlite {
         enqueue_in!(conn, message)
     }
 
-    /// No row locks on SQLite: the relay lease ([`Backend::outbox_lease`]) keeps it to one
+    /// No row locks on SQLite: the relay lease (`Store::outbox_lease`) keeps it to one
     /// publishing relay.
     async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
         let rows = sqlx::query(&format!(
