@@ -94,6 +94,7 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>(
         body: &delivery.data,
         metadata: &metadata,
         tries_in_place: 0,
+        blame_if_unavailable: false,
     };
     let policy = idem::transport::Policy::default();
     let processed = idem::transport::process(&story.pool, &first_life, delivered, &policy).await;

@@ -27,6 +27,9 @@ pub const FIRST_FAILURE: &str = "x-idem-first-failure";
 pub const LAST_FAILURE: &str = "x-idem-last-failure";
 /// The id of the message whose handling produced this one (set by the outbox relay).
 pub const CAUSATION_ID: &str = "x-idem-causation-id";
+/// Header of a dead letter: the producer's `expiration` (per-message TTL, in ms) that the
+/// original carried. A dead letter does not expire; this keeps the TTL for the record.
+pub const ORIGINAL_EXPIRATION: &str = "x-idem-original-expiration";
 
 /// Longest error text kept in a header; a handler's error can embed a whole payload.
 const MAX_ERROR_LEN: usize = 4096;
@@ -94,6 +97,9 @@ pub(crate) fn dead_letter(
     headers.insert(REASON.into(), long_string(letter.reason.as_str()));
     headers.insert(CONSUMER.into(), long_string(letter.consumer));
     headers.insert(ORIGINAL_QUEUE.into(), long_string(letter.queue));
+    if let Some(expiration) = properties.expiration() {
+        headers.insert(ORIGINAL_EXPIRATION.into(), long_string(expiration.as_str()));
+    }
     headers
 }
 

@@ -37,8 +37,38 @@ pub(crate) async fn dead_letter(
     letter: DeadLetter<'_>,
 ) -> Result<(), Error> {
     let headers = headers::dead_letter(properties, metadata, &letter);
-    let properties = properties.clone().with_headers(headers);
+    // The producer's TTL would make the dead letter vanish from the DLQ: it is kept in a header
+    // instead. (A retry copy needs no such care: its expiration is the delay's.)
+    let properties = without_expiration(properties).with_headers(headers);
     to_queue_confirmed(channel, &dead_letter_queue(letter.queue), body, properties).await
+}
+
+/// `properties` without `expiration`. lapin cannot unset one property, so the rest is copied.
+fn without_expiration(properties: &BasicProperties) -> BasicProperties {
+    let mut kept = BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {$(
+            if let Some(value) = properties.$get() {
+                kept = kept.$set(value.clone());
+            }
+        )*};
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    kept
 }
 
 /// Publishes the message to the delay queue for `tier`, with `x-idem-attempts` counting this
@@ -114,5 +144,38 @@ pub(crate) fn confirmed(
         Confirmation::NotRequested => Err(Error::Bug(
             "a publish that needs the broker's confirm went out on a channel not in confirm mode",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_expiration;
+    use lapin::BasicProperties;
+
+    #[test]
+    fn a_dead_letter_keeps_every_property_but_the_ttl() {
+        let original = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_type("payment".into())
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_timestamp(1_700_000_000)
+            .with_content_type("application/json".into())
+            .with_app_id("shop".into())
+            .with_expiration("60000".into());
+        let kept = without_expiration(&original);
+        assert_eq!(*kept.expiration(), None);
+        // Everything else is the original's, byte for byte.
+        let expected = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_type("payment".into())
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_timestamp(1_700_000_000)
+            .with_content_type("application/json".into())
+            .with_app_id("shop".into());
+        assert_eq!(kept, expected);
     }
 }

@@ -1,9 +1,29 @@
 //! What a failure says: the database is away, try again later, or give up on this message.
+//!
+//! A database error is read by the backend that produced it (PostgreSQL SQLSTATEs, SQLite
+//! result codes), never by the shape of its code: `40001` is a PostgreSQL serialization
+//! failure, not an SQLite code that happens to be all digits.
 
 use crate::handler::ErrorClass;
 
-/// The error (or one in its source chain) as a sqlx error.
-fn sqlx_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a sqlx::Error> {
+/// Why a database call failed, as far as whose fault it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// The connection itself broke (I/O, TLS, the wire protocol, the driver's worker): the
+    /// server may or may not have done what was asked. Whether the connection is still usable
+    /// afterwards tells a statement's own fault from a lost server.
+    Connection,
+    /// The server answered that it cannot serve now (shutting down, out of connections or
+    /// space, read-only, an I/O error): not this message's fault and not an attempt.
+    ServerUnavailable,
+    /// Anything else: the statement itself failed; its class says whether a retry can help.
+    Statement,
+}
+
+/// The first sqlx error in `error`'s source chain.
+pub(crate) fn sqlx_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a sqlx::Error> {
     let mut next = Some(error);
     while let Some(error) = next {
         if let Some(sqlx) = error.downcast_ref::<sqlx::Error>() {
@@ -14,27 +34,28 @@ fn sqlx_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a sq
     None
 }
 
-/// The database is unreachable or went away mid-transaction: not this message's fault, and not
-/// an attempt to count. The delivery waits and tries again in place.
-pub(crate) fn is_unavailable(error: &(dyn std::error::Error + 'static)) -> bool {
-    sqlx_error(error).is_some_and(is_unavailable_sqlx)
-}
-
-pub(crate) fn is_unavailable_sqlx(error: &sqlx::Error) -> bool {
+/// The cause of a sqlx error.
+pub(crate) fn cause_of(error: &sqlx::Error) -> Cause {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // PostgreSQL: class 08 connection exception; 57P01..57P03 the server is shutting
-            // down or starting (a restart); 53300 too many connections.
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-        }),
-        _ => false,
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => Cause::Connection,
+        sqlx::Error::Database(db) => match backend_code(&**db) {
+            Some(Code::Postgres(state)) if pg_unavailable(state) => Cause::ServerUnavailable,
+            Some(Code::Sqlite(code)) if sqlite_unavailable(code) => Cause::ServerUnavailable,
+            _ => Cause::Statement,
+        },
+        _ => Cause::Statement,
     }
+}
+
+/// The cause of the first sqlx error in `error`'s chain; an error with none is the statement's
+/// (the handler's) own.
+pub(crate) fn cause_in(error: &(dyn std::error::Error + 'static)) -> Cause {
+    sqlx_error(error).map_or(Cause::Statement, cause_of)
 }
 
 /// The class of an error that does not say its own.
@@ -45,7 +66,8 @@ pub(crate) fn class_of(error: &(dyn std::error::Error + 'static)) -> ErrorClass 
     }
 }
 
-fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
+/// Whether a retry of a statement that failed with `error` can succeed.
+pub(crate) fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
     use sqlx::error::ErrorKind;
     match error {
         sqlx::Error::Database(db) => {
@@ -58,18 +80,17 @@ fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
             ) {
                 return ErrorClass::Permanent;
             }
-            let code = db.code().unwrap_or_default();
-            let transient = match code.parse::<u32>() {
-                // SQLite result codes (extended codes carry the primary one in the low byte):
-                // BUSY and LOCKED clear once the other writer is done.
-                Ok(sqlite) => matches!(sqlite & 0xff, 5 | 6),
-                // PostgreSQL SQLSTATE: serialization failure, deadlock, lock not available,
-                // statement cancelled (timeout), out of resources, connection trouble.
-                Err(_) => {
-                    matches!(&*code, "40001" | "40P01" | "55P03" | "57014")
-                        || code.starts_with("53")
-                        || is_unavailable_sqlx(error)
+            let transient = match backend_code(&**db) {
+                // Serialization failure, deadlock, lock not available, statement cancelled (a
+                // timeout), and whatever makes the server unavailable.
+                Some(Code::Postgres(state)) => {
+                    matches!(state, "40001" | "40P01" | "55P03" | "57014") || pg_unavailable(state)
                 }
+                // BUSY and LOCKED clear once the other writer is done.
+                Some(Code::Sqlite(code)) => {
+                    matches!(code & 0xff, 5 | 6) || sqlite_unavailable(code)
+                }
+                None => false,
             };
             if transient {
                 ErrorClass::Transient
@@ -77,7 +98,9 @@ fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
                 ErrorClass::Permanent
             }
         }
-        // The handler's own SQL or types are wrong: the same message fails the same way again.
+        // The handler's own SQL, types or arguments are wrong (a statement with more bind
+        // parameters than the protocol carries is a Protocol error): the same message fails
+        // the same way again.
         sqlx::Error::RowNotFound
         | sqlx::Error::TypeNotFound { .. }
         | sqlx::Error::ColumnIndexOutOfBounds { .. }
@@ -85,9 +108,49 @@ fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
         | sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::Encode(_)
         | sqlx::Error::Decode(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::Configuration(_) => ErrorClass::Permanent,
         _ => ErrorClass::Transient,
     }
+}
+
+/// A database error's code, read by the backend that produced it.
+enum Code<'a> {
+    Postgres(&'a str),
+    Sqlite(i64),
+}
+
+fn backend_code(db: &dyn sqlx::error::DatabaseError) -> Option<Code<'_>> {
+    #[cfg(feature = "postgres")]
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return Some(Code::Postgres(pg.code()));
+    }
+    #[cfg(feature = "sqlite")]
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // The extended result code, as text; its low byte is the primary code.
+        return db
+            .code()
+            .and_then(|code| code.parse().ok())
+            .map(Code::Sqlite);
+    }
+    let _ = db;
+    None
+}
+
+/// PostgreSQL SQLSTATEs that mean "the server cannot serve now": class 08 connection
+/// exception; 57P01–57P03 shutting down or starting; class 53 out of resources (too many
+/// connections, disk full, out of memory); 25P03 the session was closed for idling in a
+/// transaction.
+fn pg_unavailable(state: &str) -> bool {
+    state.starts_with("08")
+        || state.starts_with("53")
+        || matches!(state, "57P01" | "57P02" | "57P03" | "25P03")
+}
+
+/// SQLite primary result codes that mean "the database file cannot take writes now": READONLY
+/// (8), IOERR (10), FULL (13), CANTOPEN (14).
+fn sqlite_unavailable(code: i64) -> bool {
+    matches!(code & 0xff, 8 | 10 | 13 | 14)
 }
 
 #[cfg(test)]
@@ -100,12 +163,12 @@ mod tests {
     struct Wrapped(#[source] sqlx::Error);
 
     #[test]
-    fn connection_loss_is_unavailable_even_when_wrapped() {
+    fn connection_loss_is_found_even_when_wrapped() {
         let io = || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert!(is_unavailable(&io()));
-        assert!(is_unavailable(&Wrapped(io())));
-        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
-        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert_eq!(cause_in(&io()), Cause::Connection);
+        assert_eq!(cause_in(&Wrapped(io())), Cause::Connection);
+        assert_eq!(cause_in(&sqlx::Error::PoolTimedOut), Cause::Connection);
+        assert_eq!(cause_in(&sqlx::Error::RowNotFound), Cause::Statement);
     }
 
     #[test]
@@ -118,11 +181,13 @@ mod tests {
         assert_eq!(told.class(), ErrorClass::Permanent);
         let told = HandlerError::transient(sqlx::Error::RowNotFound);
         assert_eq!(told.class(), ErrorClass::Transient);
+        let protocol = HandlerError::from(sqlx::Error::Protocol("too many arguments".into()));
+        assert_eq!(protocol.class(), ErrorClass::Permanent);
     }
 
     #[cfg(feature = "sqlite")]
     #[tokio::test]
-    async fn sqlite_constraint_is_permanent() {
+    async fn sqlite_errors_are_read_as_sqlite_codes() {
         let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
         sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
             .execute(&pool)
@@ -137,10 +202,21 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(class_of(&error), ErrorClass::Permanent);
+        assert_eq!(cause_of(&error), Cause::Statement);
         let error = sqlx::query("SELECT nope FROM t")
             .execute(&pool)
             .await
             .unwrap_err();
         assert_eq!(class_of(&error), ErrorClass::Permanent);
+        // A read-only database: SQLITE_READONLY (8) is the database's state, not the message's.
+        sqlx::query("PRAGMA query_only = ON")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let error = sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert_eq!(cause_of(&error), Cause::ServerUnavailable, "{error}");
     }
 }

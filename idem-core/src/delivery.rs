@@ -38,4 +38,8 @@ pub struct Delivery<'a> {
     /// How many times this very delivery was already tried in place, while the database was
     /// unreachable. Only the first try counts a redelivery toward the crash-loop limit.
     pub tries_in_place: u32,
+    /// Set by the adapter once it has held this delivery for a while although the database
+    /// answers other deliveries: then "database unavailable" is this message's own failure, a
+    /// transient one that counts as an attempt, so that no delivery is held forever.
+    pub blame_if_unavailable: bool,
 }

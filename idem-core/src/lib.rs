@@ -31,6 +31,7 @@ pub mod outbox;
 mod outcome;
 mod policy;
 mod process;
+mod transaction;
 mod tx;
 
 pub use async_trait::async_trait;

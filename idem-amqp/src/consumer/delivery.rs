@@ -18,6 +18,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// Tries in place (the database unavailable for this delivery) before one more counts as the
+/// message's own failure — provided other deliveries got through meanwhile. With the default
+/// database backoff that is about half a minute of holding.
+const HOLDS_BEFORE_BLAME: u32 = 5;
+
 /// Why a delivery task may have to give up waiting.
 #[derive(Clone)]
 pub(super) struct Exits {
@@ -54,11 +59,6 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
         exits,
     };
     async {
-        let (_alone, _beside) = if metadata.redelivered {
-            (Some(shared.suspects_alone.write().await), None)
-        } else {
-            (None, Some(shared.suspects_alone.read().await))
-        };
         let Some(outcome) = task.process().await else {
             return;
         };
@@ -91,15 +91,34 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
     async fn process(&self) -> Option<Outcome> {
         let shared = self.shared;
         let mut tries_in_place = 0;
+        let answered_before = shared.counters.database_answers();
         loop {
+            // Held this long while other deliveries get through: the database is not away, this
+            // message is the trouble; the next "unavailable" counts as its own failed attempt.
+            let blame_if_unavailable = tries_in_place >= HOLDS_BEFORE_BLAME
+                && shared.counters.database_answers() > answered_before;
             let unit = Delivery {
                 body: &self.delivery.data,
                 metadata: self.metadata,
                 tries_in_place,
+                blame_if_unavailable,
             };
-            let outcome = process(&shared.pool, &shared.handler, unit, &shared.policy)
-                .await
-                .outcome;
+            let outcome = {
+                // A redelivered message may be the one that crashed the process: it runs alone
+                // (write lock), so that deliveries beside it are not blamed for its next crash.
+                // Only while it runs: held between tries it cannot crash anything, and must not
+                // stop the consumer.
+                let _alone;
+                let _beside;
+                if self.metadata.redelivered {
+                    _alone = shared.suspects_alone.write().await;
+                } else {
+                    _beside = shared.suspects_alone.read().await;
+                }
+                process(&shared.pool, &shared.handler, unit, &shared.policy)
+                    .await
+                    .outcome
+            };
             let Outcome::Unavailable { error } = &outcome else {
                 if !matches!(outcome, Outcome::DeadLetter { .. }) {
                     shared.health.set_database(true, None);

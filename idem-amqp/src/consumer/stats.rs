@@ -43,6 +43,12 @@ impl Counters {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Deliveries the database served (applied or found duplicate): rising while a delivery is
+    /// held means the database answers others, and the held one is the problem.
+    pub fn database_answers(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed) + self.duplicates.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> ConsumerStats {
         ConsumerStats {
             applied: self.applied.load(Ordering::Relaxed),

@@ -65,6 +65,23 @@ mod store {
             payload_hash: &[u8],
         ) -> Result<Claim, sqlx::Error>;
 
+        /// Whether idem's transaction on `conn`, which claimed `(consumer, key)` as `txid`, is
+        /// still open and can commit: a handler may have ended it through `tx.conn()` (COMMIT,
+        /// ROLLBACK, BEGIN) or, on PostgreSQL, left it aborted by ignoring a failed statement.
+        async fn transaction_state(
+            conn: &mut Self::Connection,
+            txid: i64,
+            consumer: &str,
+            key: &str,
+        ) -> Result<TxState, sqlx::Error>;
+
+        /// The fingerprint the ledger holds for `(consumer, key)`, if the key was applied.
+        async fn applied_fingerprint(
+            pool: &Pool<Self>,
+            consumer: &str,
+            key: &str,
+        ) -> Result<Option<Vec<u8>>, sqlx::Error>;
+
         /// Counts one more redelivery of `(consumer, key)` whose processing is starting, in its own
         /// short transaction (so the count survives the process dying during the handler), and
         /// returns the count so far.
@@ -126,7 +143,11 @@ mod store {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// First time for this key: go on with the handler.
-    Claimed,
+    Claimed {
+        /// Which transaction claimed it (PostgreSQL's transaction id; 0 on SQLite), to tell at
+        /// the end that it is still the one that commits.
+        txid: i64,
+    },
     /// Already processed with the same payload: skip, acknowledge.
     Duplicate,
     /// Already processed with a different payload: the first effect stands, this one is
@@ -135,4 +156,17 @@ pub enum Claim {
         /// The fingerprint the ledger holds.
         stored: Vec<u8>,
     },
+}
+
+/// What became of idem's transaction while the handler held it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxState {
+    /// Still the transaction that claimed the key: COMMIT commits claim and effect together.
+    Open,
+    /// PostgreSQL aborted it (a statement failed and the handler went on): COMMIT would roll
+    /// back.
+    Aborted,
+    /// The handler ended it (COMMIT, ROLLBACK or BEGIN through `tx.conn()`): what it ran
+    /// afterwards was autocommitted, and idem's COMMIT would not cover the claim.
+    Ended,
 }

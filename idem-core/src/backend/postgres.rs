@@ -2,10 +2,10 @@
 
 use super::migrations::migrate_in;
 use super::shared::{
-    claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in, millis, outbox_row,
-    OUTBOX_COLUMNS,
+    applied_fingerprint_in, claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in,
+    millis, outbox_row, OUTBOX_COLUMNS,
 };
-use super::{Backend, Claim, Store};
+use super::{Backend, Claim, Store, TxState};
 use crate::error::{redact_url, Error};
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
@@ -69,7 +69,37 @@ impl Store for sqlx::Postgres {
         key: &str,
         payload_hash: &[u8],
     ) -> Result<Claim, sqlx::Error> {
-        claim_in!(conn, consumer, key, payload_hash)
+        claim_in!(conn, consumer, key, payload_hash, "txid_current()")
+    }
+
+    /// The transaction id seen at the claim must still be the current one: a handler that ran
+    /// COMMIT or ROLLBACK is in another transaction (or none) now, and an aborted transaction
+    /// answers any statement with 25P02 — where COMMIT would answer ROLLBACK and no error.
+    async fn transaction_state(
+        conn: &mut Self::Connection,
+        txid: i64,
+        _consumer: &str,
+        _key: &str,
+    ) -> Result<TxState, sqlx::Error> {
+        match sqlx::query_scalar::<_, i64>("SELECT txid_current()")
+            .fetch_one(conn)
+            .await
+        {
+            Ok(current) if current == txid => Ok(TxState::Open),
+            Ok(_) => Ok(TxState::Ended),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("25P02") => {
+                Ok(TxState::Aborted)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn applied_fingerprint(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        applied_fingerprint_in!(pool, consumer, key)
     }
 
     async fn count_redelivery(
@@ -77,7 +107,7 @@ impl Store for sqlx::Postgres {
         consumer: &str,
         key: &str,
     ) -> Result<u32, sqlx::Error> {
-        count_redelivery_in!(pool, consumer, key, "now()")
+        count_redelivery_in!(pool, consumer, key, "now()", "now() - interval '7 days'")
     }
 
     async fn forget_redeliveries(

@@ -8,29 +8,26 @@ use crate::outbox::relay::OutboxRow;
 use crate::outbox::{Outgoing, Route};
 use std::time::Duration;
 
-/// `INSERT .. ON CONFLICT DO NOTHING`: one round trip, and the row count says who won. Only a
-/// loser reads the stored fingerprint (a second round trip, off the hot path).
+/// `INSERT .. ON CONFLICT DO NOTHING RETURNING <transaction id>`: one round trip, and a row back
+/// says this transaction won (and which transaction it is, to check at the end that the handler
+/// did not end it). Only a loser reads the stored fingerprint (a second round trip, off the hot
+/// path).
 macro_rules! claim_in {
-    ($conn:expr, $consumer:expr, $key:expr, $payload_hash:expr) => {{
+    ($conn:expr, $consumer:expr, $key:expr, $payload_hash:expr, $txid:literal) => {{
         let conn = $conn;
-        let done = sqlx::query(
-            "INSERT INTO idem_ledger (consumer, key, payload_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
+        let won: Option<i64> = sqlx::query_scalar(concat!(
+            "INSERT INTO idem_ledger (consumer, key, payload_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING ",
+            $txid
+        ))
         .bind($consumer)
         .bind($key)
         .bind($payload_hash)
-        .execute(&mut *conn)
-        .await?;
-        if done.rows_affected() == 1 {
-            return Ok($crate::backend::Claim::Claimed);
-        }
-        let stored: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT payload_hash FROM idem_ledger WHERE consumer = $1 AND key = $2",
-        )
-        .bind($consumer)
-        .bind($key)
         .fetch_optional(&mut *conn)
         .await?;
+        if let Some(txid) = won {
+            return Ok($crate::backend::Claim::Claimed { txid });
+        }
+        let stored = applied_fingerprint_in!(&mut *conn, $consumer, $key)?;
         Ok(match stored {
             Some(stored) if stored != $payload_hash => $crate::backend::Claim::Conflict { stored },
             _ => $crate::backend::Claim::Duplicate,
@@ -38,9 +35,30 @@ macro_rules! claim_in {
     }};
 }
 
-/// An upsert that returns the new count; autocommitted, so it is its own transaction.
+/// The fingerprint the ledger holds for `(consumer, key)`, if the key was applied.
+macro_rules! applied_fingerprint_in {
+    ($executor:expr, $consumer:expr, $key:expr) => {
+        sqlx::query_scalar::<_, Vec<u8>>(
+            "SELECT payload_hash FROM idem_ledger WHERE consumer = $1 AND key = $2",
+        )
+        .bind($consumer)
+        .bind($key)
+        .fetch_optional($executor)
+        .await
+    };
+}
+
+/// An upsert that returns the new count; autocommitted, so it is its own transaction. Counts
+/// that nothing touched for a week are purged on the way: a count is cleared on every terminal
+/// outcome, so what is left that long belongs to a message that is gone.
 macro_rules! count_redelivery_in {
-    ($pool:expr, $consumer:expr, $key:expr, $now:literal) => {{
+    ($pool:expr, $consumer:expr, $key:expr, $now:literal, $week_ago:literal) => {{
+        sqlx::query(concat!(
+            "DELETE FROM idem_redeliveries WHERE last_at < ",
+            $week_ago
+        ))
+        .execute($pool)
+        .await?;
         let count: i64 = sqlx::query_scalar(concat!(
             "INSERT INTO idem_redeliveries (consumer, key, count) VALUES ($1, $2, 1)
              ON CONFLICT (consumer, key) DO UPDATE
@@ -133,4 +151,6 @@ macro_rules! forget_redeliveries_in {
     }};
 }
 
-pub(super) use {claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in};
+pub(super) use {
+    applied_fingerprint_in, claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in,
+};

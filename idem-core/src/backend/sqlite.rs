@@ -2,10 +2,10 @@
 
 use super::migrations::migrate_in;
 use super::shared::{
-    claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in, millis, outbox_row,
-    OUTBOX_COLUMNS,
+    applied_fingerprint_in, claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in,
+    millis, outbox_row, OUTBOX_COLUMNS,
 };
-use super::{Backend, Claim, Store};
+use super::{Backend, Claim, Store, TxState};
 use crate::error::{redact_url, Error};
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
@@ -77,7 +77,37 @@ impl Store for sqlx::Sqlite {
         key: &str,
         payload_hash: &[u8],
     ) -> Result<Claim, sqlx::Error> {
-        claim_in!(conn, consumer, key, payload_hash)
+        claim_in!(conn, consumer, key, payload_hash, "0")
+    }
+
+    /// SQLite has no transaction ids, and no SQL that reads the autocommit flag: the claim row
+    /// must still be visible (a ROLLBACK took it away) and a BEGIN must be refused because a
+    /// transaction is open (after a handler's COMMIT or ROLLBACK the connection autocommits,
+    /// the BEGIN succeeds, and idem's rollback then ends the transaction it opened).
+    async fn transaction_state(
+        conn: &mut Self::Connection,
+        _txid: i64,
+        consumer: &str,
+        key: &str,
+    ) -> Result<TxState, sqlx::Error> {
+        if applied_fingerprint_in!(&mut *conn, consumer, key)?.is_none() {
+            return Ok(TxState::Ended);
+        }
+        match sqlx::query("BEGIN").execute(&mut *conn).await {
+            Err(sqlx::Error::Database(db)) if db.message().contains("within a transaction") => {
+                Ok(TxState::Open)
+            }
+            Ok(_) => Ok(TxState::Ended),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn applied_fingerprint(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        applied_fingerprint_in!(pool, consumer, key)
     }
 
     async fn count_redelivery(
@@ -85,7 +115,13 @@ impl Store for sqlx::Sqlite {
         consumer: &str,
         key: &str,
     ) -> Result<u32, sqlx::Error> {
-        count_redelivery_in!(pool, consumer, key, "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')")
+        count_redelivery_in!(
+            pool,
+            consumer,
+            key,
+            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-7 days')"
+        )
     }
 
     async fn forget_redeliveries(

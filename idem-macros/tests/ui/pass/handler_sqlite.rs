@@ -37,7 +37,7 @@ async fn main() {
     sqlx::query("INSERT INTO balance VALUES (0)").execute(&pool).await.unwrap();
 
     let metadata = Metadata::default();
-    let delivery = Delivery { body: br#"{"deposit_id":1,"cents":5}"#, metadata: &metadata, tries_in_place: 0 };
+    let delivery = Delivery { body: br#"{"deposit_id":1,"cents":5}"#, metadata: &metadata, tries_in_place: 0, blame_if_unavailable: false };
     let policy = Policy::default();
     assert_eq!(process(&pool, &deposit, delivery, &policy).await.outcome, Outcome::Applied);
     assert_eq!(process(&pool, &deposit, delivery, &policy).await.outcome, Outcome::Duplicate);
