@@ -626,3 +626,72 @@ async fn a_dead_letter_does_not_expire_with_the_producer_s_ttl() {
     assert_eq!(original.as_deref(), Some("1500"));
     story.end().await;
 }
+
+/// A server whose default isolation is SERIALIZABLE (a team's choice for its own effects):
+/// two consumers racing on the same keys still apply each exactly once, without dead letters.
+/// A claim that loses the race under SERIALIZABLE fails with a serialization error instead of
+/// waiting and finding the key; idem holds it and claims again, and finds the duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_stay_correct_when_the_server_default_isolation_is_serializable() {
+    let url = fresh_pg_database("idem_serializable").await;
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "ALTER DATABASE idem_serializable SET default_transaction_isolation = 'serializable'",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let pool = <Postgres as idem::Backend>::connect(&url, 16)
+        .await
+        .unwrap();
+    let isolation: String = sqlx::query_scalar("SHOW transaction_isolation")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(isolation, "serializable");
+    <Postgres as idem::Backend>::migrate(&pool).await.unwrap();
+    Postgres::create_effects(&pool).await;
+    let mut story = Story::<Postgres>::begin("serializable").await;
+    story.pool = pool;
+    story.retry = RetryPolicy::exponential(Duration::from_millis(20), Duration::from_millis(200))
+        .max_attempts(10);
+
+    let pause = Duration::from_millis(30);
+    let racer = |handler| {
+        Consumer::builder(story.pool.clone(), handler)
+            .queue(&story.queue)
+            .retry(story.retry)
+            .prefetch(2)
+            .concurrency(2)
+            .database_backoff(Duration::from_millis(20))
+            .build()
+            .unwrap()
+    };
+    let running_a = common::start(racer(story.recorder().pausing(pause))).await;
+    let running_b = common::start(racer(story.recorder().pausing(pause))).await;
+    let ids: Vec<Uuid> = (0..16).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        let body = transfer_body(*id, "acct-h9", 100);
+        story.publish(&body, Some(&id.to_string())).await;
+        story.publish(&body, Some(&id.to_string())).await;
+    }
+    let b = running_b.consumer.clone();
+    running_a
+        .wait_until("both copies of every key are settled", |sa| {
+            let sb = b.stats();
+            sa.applied + sa.duplicates + sb.applied + sb.duplicates == 32
+        })
+        .await;
+    let (sa, sb) = (running_a.stop().await, running_b.stop().await);
+
+    for id in &ids {
+        assert_eq!(story.effects(id).await, 1, "key {id}: {sa:?} {sb:?}");
+    }
+    assert_eq!(sa.applied + sb.applied, 16, "{sa:?} {sb:?}");
+    assert_eq!(sa.dead_lettered + sb.dead_lettered, 0, "{sa:?} {sb:?}");
+    assert!(drain_dead_letters(&story.connection, &story.queue)
+        .await
+        .is_empty());
+    story.end().await;
+}

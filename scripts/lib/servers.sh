@@ -294,6 +294,9 @@ loopback_users.guest = true
 # logs go to files in this directory, not to the console
 log.console = false
 log.file.level = info
+# The real memory bound on one message: lapin assembles a whole body before idem can check its
+# size (max_body_bytes), so the broker must refuse what is too large to hold (16 MiB).
+max_message_size = 16777216
 EOF
     chown -R rabbitmq:rabbitmq "$dir"
 
