@@ -24,6 +24,7 @@ pub mod backoff;
 mod classify;
 mod delivery;
 mod error;
+mod fingerprint;
 mod handler;
 mod key;
 mod message;
