@@ -113,3 +113,138 @@ async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_clea
     assert_eq!(balance().await, Some(1500));
     delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
 }
+
+/// Either ledger the example runs on, for the few queries this story reads back.
+enum Db {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl Db {
+    async fn execute(&self, sql: &str, account: &str) {
+        match self {
+            Db::Postgres(pool) => sqlx::query(sql).bind(account).execute(pool).await.map(drop),
+            Db::Sqlite(pool) => sqlx::query(sql).bind(account).execute(pool).await.map(drop),
+        }
+        .unwrap();
+    }
+    /// `None` when there is no row, or no table yet.
+    async fn scalar(&self, sql: &str, key: &str) -> Option<i64> {
+        match self {
+            Db::Postgres(pool) => sqlx::query_scalar(sql).bind(key).fetch_optional(pool).await,
+            Db::Sqlite(pool) => sqlx::query_scalar(sql).bind(key).fetch_optional(pool).await,
+        }
+        .ok()
+        .flatten()
+    }
+}
+
+/// A credit that would carry a balance past i64::MAX is refused as a permanent error on both
+/// ledgers — nothing of it applied — rather than wrapping or (SQLite) turning the balance into a
+/// float. The example is what users copy.
+async fn a_credit_that_would_overflow_the_balance_is_rejected(database_url: String, db: Db) {
+    let (connection, queue) = (connection().await, fresh_queue("overflow"));
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut child = Command::new(example_binary("payments"))
+        .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", &database_url)
+        .env("IDEM_QUEUE", &queue)
+        .env("IDEM_RELAY", "off")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // The account sits just below i64::MAX once the example has created its tables.
+    let account = format!("acct-{}", Uuid::new_v4());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db
+        .scalar(
+            "SELECT COUNT(*) FROM accounts WHERE account_id = $1",
+            &account,
+        )
+        .await
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the example never created its tables"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.execute(
+        "INSERT INTO accounts (account_id, balance_cents) VALUES ($1, 9223372036854775800)",
+        &account,
+    )
+    .await;
+    let id = Uuid::new_v4();
+    publish(
+        &connection,
+        &queue,
+        &payment(id, &account, 100),
+        Some(&id.to_string()),
+    )
+    .await;
+    eventually("the overflowing credit is dead-lettered", || async {
+        queue_depth(&connection, &idem::amqp::dead_letter_queue(&queue))
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let letters = drain_dead_letters(&connection, &queue).await;
+    assert_eq!(letters[0].reason(), "rejected");
+    assert!(
+        letters[0].headers["x-idem-error"].contains("would overflow"),
+        "{:?}",
+        letters[0].headers
+    );
+    let balance = db
+        .scalar(
+            "SELECT balance_cents FROM accounts WHERE account_id = $1",
+            &account,
+        )
+        .await;
+    assert_eq!(balance, Some(9_223_372_036_854_775_800));
+    let captures = db
+        .scalar(
+            "SELECT COUNT(*) FROM captures WHERE payment_id = $1",
+            &id.to_string(),
+        )
+        .await;
+    assert_eq!(
+        captures,
+        Some(0),
+        "the capture row of a refused credit stayed"
+    );
+    delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_credit_that_would_overflow_the_balance_is_rejected() {
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    a_credit_that_would_overflow_the_balance_is_rejected(pg_url(), Db::Postgres(pool)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_credit_that_would_overflow_the_balance_is_rejected() {
+    let path = std::env::temp_dir().join(format!("idem-overflow-{}.db", Uuid::new_v4()));
+    let url = format!("sqlite://{}", path.display());
+    let options = url
+        .parse::<sqlx::sqlite::SqliteConnectOptions>()
+        .unwrap()
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    a_credit_that_would_overflow_the_balance_is_rejected(url, Db::Sqlite(pool)).await;
+}

@@ -108,8 +108,12 @@ const CREATE_TABLES: [&str; 2] = [
 ];
 const INSERT_CAPTURE: &str =
     "INSERT INTO captures (payment_id, account_id, amount_cents, currency) VALUES ($1, $2, $3, $4)";
+// Checked arithmetic in SQL: PostgreSQL would refuse an overflowing BIGINT sum, but SQLite turns
+// it into a float. The WHERE keeps the row as it is when the sum would pass i64::MAX (amounts are
+// positive), and the handler then sees no row changed.
 const CREDIT_ACCOUNT: &str = "INSERT INTO accounts (account_id, balance_cents) VALUES ($1, $2)
-     ON CONFLICT (account_id) DO UPDATE SET balance_cents = accounts.balance_cents + excluded.balance_cents";
+     ON CONFLICT (account_id) DO UPDATE SET balance_cents = accounts.balance_cents + excluded.balance_cents
+     WHERE accounts.balance_cents <= 9223372036854775807 - excluded.balance_cents";
 
 /// The payments handler. Written by hand rather than with `#[idem::handler]` because it carries
 /// configuration: the queue its `payment.captured` announcements go to.
@@ -154,11 +158,18 @@ macro_rules! capture_handler {
                     .bind(&payment.currency.0)
                     .execute(tx.conn())
                     .await?;
-                sqlx::query(CREDIT_ACCOUNT)
+                let credited = sqlx::query(CREDIT_ACCOUNT)
                     .bind(&payment.account_id.0)
                     .bind(payment.amount_cents.0)
                     .execute(tx.conn())
                     .await?;
+                if credited.rows_affected() != 1 {
+                    // Nothing of it is applied: idem rolls back the capture row with the claim.
+                    return Err(HandlerError::permanent(format!(
+                        "crediting {} cents would overflow the balance of account {}",
+                        payment.amount_cents.0, payment.account_id.0
+                    )));
+                }
                 if let Some(order_id) = payment.order_id {
                     // The id is derived from (consumer, payment id, ordinal): a run of this
                     // handler after a crash writes the same id, so the outbox keeps one row.

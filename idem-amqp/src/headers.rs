@@ -56,6 +56,33 @@ pub(crate) fn read(headers: &BTreeMap<String, String>) -> Read {
     }
 }
 
+/// Whether the broker's `x-death` says the message expired in one of `queue`'s delay queues
+/// (`<queue>.retry.<delay>`) on its way back: only then is `x-idem-attempts` idem's own count.
+pub(crate) fn came_back_from_delay_queue(headers: &FieldTable, queue: &str) -> bool {
+    let Some((_, AMQPValue::FieldArray(deaths))) = headers
+        .inner()
+        .iter()
+        .find(|(name, _)| name.as_str() == "x-death")
+    else {
+        return false;
+    };
+    let delay_queues = format!("{queue}.retry.");
+    deaths.as_slice().iter().any(|death| {
+        let AMQPValue::FieldTable(death) = death else {
+            return false;
+        };
+        let field = |name: &str| {
+            death.inner().iter().find_map(|(key, value)| match value {
+                AMQPValue::LongString(text) if key.as_str() == name => Some(text.to_string()),
+                AMQPValue::ShortString(text) if key.as_str() == name => Some(text.to_string()),
+                _ => None,
+            })
+        };
+        field("reason").as_deref() == Some("expired")
+            && field("queue").is_some_and(|dead_in| dead_in.starts_with(&delay_queues))
+    })
+}
+
 /// The delivery's own headers plus the error, this attempt counted, and the failure times:
 /// what a retry carries.
 pub(crate) fn failure(
@@ -126,6 +153,41 @@ fn truncate(text: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable};
+
+    fn death(queue: &str, reason: &str) -> AMQPValue {
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), AMQPValue::LongString(queue.into()));
+        death.insert("reason".into(), AMQPValue::LongString(reason.into()));
+        AMQPValue::FieldTable(death)
+    }
+
+    fn with_deaths(deaths: Vec<AMQPValue>) -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert("x-idem-attempts".into(), AMQPValue::LongString("7".into()));
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(deaths)),
+        );
+        headers
+    }
+
+    #[test]
+    fn attempts_count_only_after_idem_s_own_delay_queue() {
+        let back = with_deaths(vec![death("payments.retry.4s", "expired")]);
+        assert!(super::came_back_from_delay_queue(&back, "payments"));
+        // A producer's own header, or a death elsewhere, proves nothing.
+        let forged = with_deaths(vec![]);
+        assert!(!super::came_back_from_delay_queue(&forged, "payments"));
+        let elsewhere = with_deaths(vec![death("orders.retry.4s", "expired")]);
+        assert!(!super::came_back_from_delay_queue(&elsewhere, "payments"));
+        let rejected = with_deaths(vec![death("payments.retry.4s", "rejected")]);
+        assert!(!super::came_back_from_delay_queue(&rejected, "payments"));
+        let mut none = FieldTable::default();
+        none.insert("x-idem-attempts".into(), AMQPValue::LongString("7".into()));
+        assert!(!super::came_back_from_delay_queue(&none, "payments"));
+    }
+
     use std::collections::BTreeMap;
 
     #[test]

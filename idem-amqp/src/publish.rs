@@ -39,9 +39,16 @@ pub(crate) async fn dead_letter(
     let headers = headers::dead_letter(properties, metadata, &letter);
     // The producer's TTL would make the dead letter vanish from the DLQ: it is kept in a header
     // instead. (A retry copy needs no such care: its expiration is the delay's.)
-    let properties = without_expiration(properties).with_headers(headers);
+    // Persistent whatever the original was: a dead letter is the only copy left.
+    let properties = without_expiration(properties)
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT);
     to_queue_confirmed(channel, &dead_letter_queue(letter.queue), body, properties).await
 }
+
+/// AMQP `delivery_mode` 2: written to disk. The original is acked once its dead letter or retry
+/// copy is confirmed, so that copy must survive a broker restart even if the original would not.
+const PERSISTENT: u8 = 2;
 
 /// `properties` without `expiration`. lapin cannot unset one property, so the rest is copied.
 fn without_expiration(properties: &BasicProperties) -> BasicProperties {
@@ -88,6 +95,7 @@ pub(crate) async fn retry(
     let properties = properties
         .clone()
         .with_headers(headers)
+        .with_delivery_mode(PERSISTENT)
         .with_expiration(delay.as_millis().max(1).to_string().into());
     to_queue_confirmed(channel, &retry_queue(queue, tier), body, properties).await
 }

@@ -10,7 +10,7 @@
 //! | --- | --- |
 //! | `message`, `key` | [`Message`] (decode + key), [`Key`], JSON decoding with idem's limits |
 //! | `handler`, `tx` | [`Handler`], [`HandlerError`] and its [`ErrorClass`], the handler's [`Tx`] |
-//! | `process`, `delivery`, `outcome`, `policy` | the unit of work: [`process`], its [`Delivery`] input, its [`Outcome`], the limits ([`Policy`], [`RetryPolicy`]) |
+//! | `process`, `delivery`, `outcome`, `policy` | the unit of work: [`process()`], its [`Delivery`] input, its [`Outcome`], the limits ([`Policy`], [`RetryPolicy`]) |
 //! | `backend` | [`Backend`]: PostgreSQL and SQLite, migrations, the ledger's SQL |
 //! | [`outbox`] | messages published in the handler's transaction |
 //! | [`backoff`] | the one doubling-with-jitter delay every wait uses |

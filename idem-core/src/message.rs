@@ -143,6 +143,14 @@ pub fn decode_json<T: DeserializeOwned>(
             "the body is empty; expected a JSON object",
         ));
     }
+    // serde accepts a struct written as a JSON array (`["…", "acct", 100]`): a message is an
+    // object with named fields, and anything else is malformed, for every message type.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(DecodeError::malformed(
+            "the body is not a JSON object; a message is an object with named fields",
+        ));
+    }
     // serde_json skips unknown fields without a depth limit; a message nested this deep is an
     // attack or a bug, not a payment.
     if let Some(depth) = nesting_over(body, MAX_JSON_DEPTH) {
@@ -211,6 +219,30 @@ mod tests {
     /// A derived struct refuses a repeated field of its own, so such a body is malformed before
     /// any fingerprint; a repeated key it ignores, or one in a map, counts with its last value,
     /// as in the fingerprint.
+    #[test]
+    fn a_body_that_is_not_a_json_object_is_malformed() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Payment {
+            #[allow(dead_code)]
+            id: String,
+            #[allow(dead_code)]
+            amount: i64,
+        }
+        // serde would take the array as the struct's fields in order.
+        for body in [
+            &br#"["p-1", 100]"#[..],
+            b"42",
+            b"\"p-1\"",
+            b"null",
+            b" \n [1]",
+        ] {
+            let error = decode_json::<Payment>(body, None).unwrap_err();
+            assert_eq!(error.kind, DecodeErrorKind::Malformed);
+            assert!(error.detail.contains("not a JSON object"), "{error}");
+        }
+        assert!(decode_json::<Payment>(b" {\"id\":\"p-1\",\"amount\":1}", None).is_ok());
+    }
+
     #[test]
     fn a_repeated_field_is_malformed_and_a_repeated_unknown_key_is_not() {
         let id = "7b0c2a4e-8a3e-4a53-9a52-1f7f2d8a0c11";

@@ -49,7 +49,7 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
     delivery: AmqpDelivery,
     exits: &Exits,
 ) {
-    let metadata = metadata_of(&delivery);
+    let metadata = metadata_of(&delivery, &shared.queue);
     let span = delivery_span(shared.handler.consumer(), &metadata);
     let task = Task {
         shared,

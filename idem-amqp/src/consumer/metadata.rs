@@ -7,8 +7,10 @@ use lapin::message::Delivery as AmqpDelivery;
 use lapin::types::AMQPValue;
 
 /// The delivery's metadata: ids, kind, redelivery flag, the headers whose values are text or
-/// numbers (rendered as text), and idem's own retry bookkeeping read from them.
-pub(super) fn metadata_of(delivery: &AmqpDelivery) -> Metadata {
+/// numbers (rendered as text), and idem's own retry bookkeeping read from them — trusted only on
+/// a message that came back through one of `queue`'s delay queues (the broker's `x-death` says
+/// so): a producer that sets `x-idem-attempts` itself must not spend the message's retries.
+pub(super) fn metadata_of(delivery: &AmqpDelivery, queue: &str) -> Metadata {
     let properties = &delivery.properties;
     let mut metadata = Metadata {
         message_id: properties
@@ -37,8 +39,10 @@ pub(super) fn metadata_of(delivery: &AmqpDelivery) -> Metadata {
         }
         let idem = headers::read(&metadata.headers);
         metadata.causation_id = idem.causation_id;
-        metadata.previous_attempts = idem.previous_attempts;
-        metadata.first_failure = idem.first_failure;
+        if headers::came_back_from_delay_queue(headers, queue) {
+            metadata.previous_attempts = idem.previous_attempts;
+            metadata.first_failure = idem.first_failure;
+        }
     }
     metadata
 }
