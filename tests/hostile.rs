@@ -668,8 +668,8 @@ async fn claims_stay_correct_when_the_server_default_isolation_is_serializable()
             .build()
             .unwrap()
     };
-    let running_a = common::start(racer(story.recorder().pausing(pause))).await;
-    let running_b = common::start(racer(story.recorder().pausing(pause))).await;
+    let running_a = start(racer(story.recorder().pausing(pause))).await;
+    let running_b = start(racer(story.recorder().pausing(pause))).await;
     let ids: Vec<Uuid> = (0..16).map(|_| Uuid::new_v4()).collect();
     for id in &ids {
         let body = transfer_body(*id, "acct-h9", 100);
