@@ -35,8 +35,18 @@ pub(crate) async fn reconnect(
     url: &str,
     stopped: impl std::future::Future<Output = ()>,
 ) -> Option<Connection> {
+    reconnect_after(url, stopped, 0).await
+}
+
+/// [`reconnect`], starting the backoff as if `failures` tries had failed already: for a
+/// connection that keeps dying right after it was made.
+pub(crate) async fn reconnect_after(
+    url: &str,
+    stopped: impl std::future::Future<Output = ()>,
+    failures: u32,
+) -> Option<Connection> {
     tokio::pin!(stopped);
-    let mut failures = 0_u32;
+    let mut failures = failures;
     loop {
         tokio::select! {
             () = &mut stopped => return None,

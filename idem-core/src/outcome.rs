@@ -20,11 +20,14 @@ pub enum Reason {
     KeyConflict,
     /// The message kept coming back after its handling was cut short (the process died).
     CrashLoop,
+    /// The client library could not read part of the delivery as sent (a message id, content
+    /// type, header name or routing key that is not valid UTF-8): it cannot be processed.
+    Unreadable,
 }
 
 impl Reason {
     /// The header value: `malformed`, `missing-key`, `rejected`, `retries-exhausted`,
-    /// `key-conflict`, `crash-loop`.
+    /// `key-conflict`, `crash-loop`, `unreadable`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
@@ -33,6 +36,7 @@ impl Reason {
             Self::RetriesExhausted => "retries-exhausted",
             Self::KeyConflict => "key-conflict",
             Self::CrashLoop => "crash-loop",
+            Self::Unreadable => "unreadable",
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod fleet;
 pub mod proxy;
+pub mod raw_amqp;
 
 /// Runs each story (an async fn generic over [`TestDb`]) once per ledger backend.
 #[allow(unused_macros)] // not every test binary runs stories on both backends

@@ -7,6 +7,7 @@
 
 use super::metadata::metadata_of;
 use super::stats::Counters;
+use super::unreadable::unreadable_part;
 use super::Shared;
 use crate::headers::DeadLetter;
 use crate::publish;
@@ -59,8 +60,17 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
         exits,
     };
     async {
-        let Some(outcome) = task.process().await else {
-            return;
+        let outcome = match unreadable_part(&delivery) {
+            Some(part) => Outcome::DeadLetter {
+                reason: Reason::Unreadable,
+                error: format!(
+                    "{part} is not valid UTF-8 (read with U+FFFD in place of the bad bytes): the message cannot be processed as it was sent"
+                ),
+            },
+            None => match task.process().await {
+                Some(outcome) => outcome,
+                None => return,
+            },
         };
         // Every wait on the broker from here on ends when the connection is found lost: then
         // nothing is acked and the broker redelivers.

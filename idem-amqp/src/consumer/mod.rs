@@ -12,6 +12,7 @@ mod delivery;
 mod metadata;
 mod serve;
 mod stats;
+mod unreadable;
 
 pub use builder::ConsumerBuilder;
 pub use stats::ConsumerStats;

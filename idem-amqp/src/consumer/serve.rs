@@ -15,10 +15,13 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// A connection lost sooner than this after it was made counts toward backing off.
+const QUICK_LOSS: Duration = Duration::from_secs(10);
 
 /// How long deliveries in flight get to end after the connection was lost.
 const LOST_GRACE: Duration = Duration::from_secs(5);
@@ -47,7 +50,12 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ) -> Result<(), Error> {
         let mut connection = crate::connect(amqp_url).await?;
         let mut first = true;
+        // Losses that come right after connecting, in a row: a broker that closes the connection
+        // over something on it (a delivery the client cannot read, a refused publish) would
+        // otherwise be reconnected to several times a second, forever.
+        let mut quick_losses = 0_u32;
         loop {
+            let connected_at = Instant::now();
             match self.run_until(&connection, stop).await {
                 Ok(()) => return Ok(()),
                 Err(error) if first && connection.status().connected() => {
@@ -59,10 +67,22 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 Err(error) => tracing::warn!(%error, "lost the broker; reconnecting"),
             }
             first = false;
+            if connected_at.elapsed() < QUICK_LOSS {
+                quick_losses = quick_losses.saturating_add(1);
+                Counters::bump(&self.shared.counters.quick_losses);
+                tracing::warn!(
+                    quick_losses,
+                    "lost the broker {quick_losses} time(s) in a row within {QUICK_LOSS:?} of connecting; backing off before reconnecting (the broker log says why it closed the connection)"
+                );
+            } else {
+                quick_losses = 0;
+            }
             if connection.status().connected() {
                 let _ = connection.close(200, "idem reconnecting".into()).await;
             }
-            connection = match crate::connect::reconnect(amqp_url, stop.cancelled()).await {
+            let reconnected =
+                crate::connect::reconnect_after(amqp_url, stop.cancelled(), quick_losses).await;
+            connection = match reconnected {
                 Some(connection) => connection,
                 None => return Ok(()),
             };

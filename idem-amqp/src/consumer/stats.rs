@@ -23,6 +23,10 @@ pub struct ConsumerStats {
     pub ack_failures: u64,
     /// Times the consumer reconnected to the broker after losing its connection.
     pub reconnects: u64,
+    /// Connections lost within seconds of being made: each makes the next reconnect wait longer.
+    /// A rising count means the broker keeps closing the connection over something on it; its
+    /// log says what.
+    pub quick_losses: u64,
 }
 
 /// The live counters behind [`ConsumerStats`].
@@ -35,6 +39,7 @@ pub(super) struct Counters {
     pub redelivered_later: AtomicU64,
     pub ack_failures: AtomicU64,
     pub reconnects: AtomicU64,
+    pub quick_losses: AtomicU64,
 }
 
 impl Counters {
@@ -58,6 +63,7 @@ impl Counters {
             redelivered_later: self.redelivered_later.load(Ordering::Relaxed),
             ack_failures: self.ack_failures.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            quick_losses: self.quick_losses.load(Ordering::Relaxed),
         }
     }
 }
