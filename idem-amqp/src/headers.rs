@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use std::collections::BTreeMap;
 
 /// Why the message was dead-lettered (`malformed`, `missing-key`, `rejected`,
-/// `retries-exhausted`, `key-conflict`, `crash-loop`).
+/// `retries-exhausted`, `key-conflict`, `crash-loop`, `unreadable`).
 pub const REASON: &str = "x-idem-reason";
 /// The (last) error text, at most 4 KiB.
 pub const ERROR: &str = "x-idem-error";
