@@ -86,6 +86,19 @@ pub enum Error {
         routing_key: String,
     },
 
+    /// A dead letter or retry copy does not fit in one frame even with every producer header
+    /// left out and idem's error text cut to nothing: the other properties take the frame.
+    /// Publishing it would make the broker close the connection, so it is not published.
+    #[error("the copy of this message for {queue:?} needs a {needed}-byte header frame even with only idem's headers, over the connection's frame_max of {frame_max} bytes; raise frame_max (RabbitMQ's default is 131072)")]
+    FrameTooLarge {
+        /// Where the copy was going (`<queue>.dlq`, `<queue>.retry.<delay>`).
+        queue: String,
+        /// The smallest header frame it could have.
+        needed: usize,
+        /// The connection's negotiated frame_max.
+        frame_max: u32,
+    },
+
     /// Something idem guarantees itself did not hold (say, a publish that needs a confirm went
     /// out on a channel not in confirm mode).
     #[error("{0}; this is a bug in idem")]

@@ -5,7 +5,7 @@
 
 use idem_core::backoff::unix_seconds;
 use idem_core::{Metadata, Reason};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use std::collections::BTreeMap;
 
@@ -30,6 +30,12 @@ pub const CAUSATION_ID: &str = "x-idem-causation-id";
 /// Header of a dead letter: the producer's `expiration` (per-message TTL, in ms) that the
 /// original carried. A dead letter does not expire; this keeps the TTL for the record.
 pub const ORIGINAL_EXPIRATION: &str = "x-idem-original-expiration";
+/// Header of a dead letter or retry copy that would not fit in one AMQP frame with idem's
+/// headers added: which of the producer's headers idem left out to make it fit, and the bytes
+/// they took, as `"<bytes> bytes: <name>, <name>"` (largest first; earlier drops, carried from a
+/// retry, before later ones; the names cut at 1 KiB). idem's own bookkeeping headers are never
+/// dropped.
+pub const DROPPED_HEADERS: &str = "x-idem-dropped-headers";
 
 /// Longest error text kept in a header; a handler's error can embed a whole payload.
 const MAX_ERROR_LEN: usize = 4096;
@@ -83,26 +89,41 @@ pub(crate) fn came_back_from_delay_queue(headers: &FieldTable, queue: &str) -> b
     })
 }
 
-/// The delivery's own headers plus the error, this attempt counted, and the failure times:
-/// what a retry carries.
-pub(crate) fn failure(
-    properties: &BasicProperties,
-    metadata: &Metadata,
-    error: &str,
-) -> FieldTable {
-    let mut headers = properties.headers().clone().unwrap_or_default();
+/// The headers idem writes on a retry copy or a dead letter, kept apart from the producer's
+/// until [`crate::fit`] has made them share one frame.
+pub(crate) struct Written<'a> {
+    /// idem's bookkeeping (attempts, failure times; on a dead letter also the reason, consumer,
+    /// original queue and original expiration): never dropped.
+    pub bookkeeping: BTreeMap<ShortString, AMQPValue>,
+    /// The error text, at most 4 KiB; cut further when the frame is tight.
+    pub error: &'a str,
+}
+
+impl Written<'_> {
+    /// Whether idem writes header `name` itself: the producer's value of it is replaced, not
+    /// kept.
+    pub(crate) fn rewrites(&self, name: &str) -> bool {
+        name == ERROR || name == DROPPED_HEADERS || self.bookkeeping.contains_key(name)
+    }
+}
+
+/// The error, this attempt counted, and the failure times: what idem adds to a retry copy.
+pub(crate) fn failure<'a>(metadata: &Metadata, error: &'a str) -> Written<'a> {
     let now = unix_seconds();
-    headers.insert(ERROR.into(), long_string(truncate(error, MAX_ERROR_LEN)));
-    headers.insert(
+    let mut bookkeeping = BTreeMap::new();
+    bookkeeping.insert(
         ATTEMPTS.into(),
         AMQPValue::LongLongInt(i64::from(metadata.previous_attempts.saturating_add(1))),
     );
-    headers.insert(
+    bookkeeping.insert(
         FIRST_FAILURE.into(),
         AMQPValue::Timestamp(metadata.first_failure.unwrap_or(now)),
     );
-    headers.insert(LAST_FAILURE.into(), AMQPValue::Timestamp(now));
-    headers
+    bookkeeping.insert(LAST_FAILURE.into(), AMQPValue::Timestamp(now));
+    Written {
+        bookkeeping,
+        error: truncate(error, MAX_ERROR_LEN),
+    }
 }
 
 /// What a dead letter says about itself, on top of [`failure`].
@@ -113,21 +134,22 @@ pub(crate) struct DeadLetter<'a> {
     pub queue: &'a str,
 }
 
-/// [`failure`] plus the reason, the consumer and the original queue: what a dead letter
-/// carries.
-pub(crate) fn dead_letter(
+/// [`failure`] plus the reason, the consumer, the original queue and the producer's TTL: what
+/// idem adds to a dead letter.
+pub(crate) fn dead_letter<'a>(
     properties: &BasicProperties,
     metadata: &Metadata,
-    letter: &DeadLetter<'_>,
-) -> FieldTable {
-    let mut headers = failure(properties, metadata, letter.error);
-    headers.insert(REASON.into(), long_string(letter.reason.as_str()));
-    headers.insert(CONSUMER.into(), long_string(letter.consumer));
-    headers.insert(ORIGINAL_QUEUE.into(), long_string(letter.queue));
+    letter: &DeadLetter<'a>,
+) -> Written<'a> {
+    let mut written = failure(metadata, letter.error);
+    let bookkeeping = &mut written.bookkeeping;
+    bookkeeping.insert(REASON.into(), long_string(letter.reason.as_str()));
+    bookkeeping.insert(CONSUMER.into(), long_string(letter.consumer));
+    bookkeeping.insert(ORIGINAL_QUEUE.into(), long_string(letter.queue));
     if let Some(expiration) = properties.expiration() {
-        headers.insert(ORIGINAL_EXPIRATION.into(), long_string(expiration.as_str()));
+        bookkeeping.insert(ORIGINAL_EXPIRATION.into(), long_string(expiration.as_str()));
     }
-    headers
+    written
 }
 
 /// Adds the causation id to an outgoing message's headers.
@@ -140,7 +162,8 @@ pub(crate) fn long_string(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
 }
 
-fn truncate(text: &str, max: usize) -> &str {
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }

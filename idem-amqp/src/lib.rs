@@ -21,6 +21,7 @@
 mod connect;
 mod consumer;
 mod error;
+mod fit;
 pub mod headers;
 mod health;
 mod publish;

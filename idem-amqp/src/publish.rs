@@ -1,9 +1,14 @@
 //! Publishing with publisher confirms: dead letters and retries (the original message, byte for
 //! byte, republished with headers that say why, confirmed by the broker before the original is
 //! acknowledged), and what a confirm means, for these and for the outbox relay.
+//!
+//! Every copy is made to fit in one frame first ([`crate::fit`]): a header frame over the
+//! connection's `frame_max` would make the broker close the connection, and the message would
+//! come back to fail the same way forever.
 
 use crate::error::Error;
-use crate::headers::{self, DeadLetter};
+use crate::fit::{self, DoesNotFit};
+use crate::headers::{self, DeadLetter, Written};
 use crate::topology::{dead_letter_queue, retry_queue};
 use idem_core::Metadata;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -26,25 +31,80 @@ pub(crate) async fn confirm_channel(connection: &Connection, name: &str) -> Resu
     Ok(channel)
 }
 
+/// Where a consumer's dead letters and retry copies go out: a channel in confirm mode, and the
+/// largest frame its connection takes (lapin does not say so on the channel).
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    pub channel: Channel,
+    /// The `frame_max` negotiated on the connection: a copy's header frame must fit in it.
+    pub frame_max: u32,
+}
+
+impl Publisher {
+    /// Opens the confirm-mode channel on `connection`.
+    pub(crate) async fn open(connection: &Connection) -> Result<Self, Error> {
+        Ok(Self {
+            channel: confirm_channel(connection, "dead-letter").await?,
+            frame_max: connection.configuration().frame_max(),
+        })
+    }
+
+    /// `properties` with idem's headers `written` and as many of the producer's as fit in a
+    /// header frame of `frame_max` less `reserve` (see [`fit::fit`]); an error, rather than a
+    /// publish that would cost the connection, when not even idem's alone fit.
+    fn fitted(
+        &self,
+        queue: &str,
+        properties: BasicProperties,
+        written: Written<'_>,
+        reserve: usize,
+    ) -> Result<BasicProperties, Error> {
+        let frame_max = usize::try_from(self.frame_max).unwrap_or(usize::MAX);
+        match fit::fit(&properties, written, frame_max.saturating_sub(reserve)) {
+            Ok(fitted) => {
+                if !fitted.dropped.is_empty() {
+                    let bytes: usize = fitted.dropped.iter().map(|(_, size)| size).sum();
+                    let names: Vec<&str> = fitted.dropped.iter().map(|(n, _)| n.as_str()).collect();
+                    tracing::warn!(queue, ?names, bytes, frame_max = self.frame_max, "the message's headers do not all fit in one frame with idem's: the largest were left out (see x-idem-dropped-headers)");
+                }
+                Ok(properties.with_headers(fitted.headers))
+            }
+            Err(DoesNotFit { needed }) => Err(Error::FrameTooLarge {
+                queue: queue.to_owned(),
+                needed: needed.saturating_add(reserve),
+                frame_max: self.frame_max,
+            }),
+        }
+    }
+}
+
 /// Publishes the message to the queue's DLQ with the dead-letter headers, and waits for the
 /// broker's confirm. Only after this returns `Ok` may the original be acknowledged: otherwise a
 /// crash in between would lose the message.
 pub(crate) async fn dead_letter(
-    channel: &Channel,
+    publisher: &Publisher,
     body: &[u8],
     properties: &BasicProperties,
     metadata: &Metadata,
     letter: DeadLetter<'_>,
 ) -> Result<(), Error> {
-    let headers = headers::dead_letter(properties, metadata, &letter);
+    let queue = dead_letter_queue(letter.queue);
+    let written = headers::dead_letter(properties, metadata, &letter);
     // The producer's TTL would make the dead letter vanish from the DLQ: it is kept in a header
     // instead. (A retry copy needs no such care: its expiration is the delay's.)
     // Persistent whatever the original was: a dead letter is the only copy left.
-    let properties = without_expiration(properties)
-        .with_headers(headers)
-        .with_delivery_mode(PERSISTENT);
-    to_queue_confirmed(channel, &dead_letter_queue(letter.queue), body, properties).await
+    let properties = without_expiration(properties).with_delivery_mode(PERSISTENT);
+    // Nothing is added to a dead letter after this publish: the whole frame is its own.
+    let properties = publisher.fitted(&queue, properties, written, 0)?;
+    to_queue_confirmed(&publisher.channel, &queue, body, properties).await
 }
+
+/// Room kept in a retry copy's header frame for what RabbitMQ adds when the copy expires in its
+/// delay queue and is dead-lettered back: an `x-death` entry (about 150 bytes plus the delay
+/// queue's name twice) and the `x-first-death-*` (and, from 3.13, `x-last-death-*`) headers;
+/// with queue names at their 255-byte maximum, under 1.5 KiB. The copy must still fit when it
+/// comes back: lapin, receiving a frame over `frame_max`, closes the connection too.
+const RETURN_RESERVE: usize = 4096;
 
 /// AMQP `delivery_mode` 2: written to disk. The original is acked once its dead letter or retry
 /// copy is confirmed, so that copy must survive a broker restart even if the original would not.
@@ -81,9 +141,10 @@ fn without_expiration(properties: &BasicProperties) -> BasicProperties {
 /// Publishes the message to the delay queue for `tier`, with `x-idem-attempts` counting this
 /// attempt and a per-message expiration of `delay` (at most the queue's TTL, `tier`); when it
 /// expires the broker routes it back to `queue`. Confirmed before the original may be
-/// acknowledged.
+/// acknowledged. [`Error::FrameTooLarge`] when no copy fits the frame, not even with only
+/// idem's headers: the caller dead-letters it instead.
 pub(crate) async fn retry(
-    channel: &Channel,
+    publisher: &Publisher,
     queue: &str,
     body: &[u8],
     properties: &BasicProperties,
@@ -91,13 +152,14 @@ pub(crate) async fn retry(
     error: &str,
     (delay, tier): (Duration, Duration),
 ) -> Result<(), Error> {
-    let headers = headers::failure(properties, metadata, error);
+    let queue = retry_queue(queue, tier);
+    let written = headers::failure(metadata, error);
     let properties = properties
         .clone()
-        .with_headers(headers)
         .with_delivery_mode(PERSISTENT)
         .with_expiration(delay.as_millis().max(1).to_string().into());
-    to_queue_confirmed(channel, &retry_queue(queue, tier), body, properties).await
+    let properties = publisher.fitted(&queue, properties, written, RETURN_RESERVE)?;
+    to_queue_confirmed(&publisher.channel, &queue, body, properties).await
 }
 
 /// Publishes to `queue` through the default exchange on a confirm-mode channel, and waits for

@@ -9,12 +9,12 @@ use super::metadata::metadata_of;
 use super::stats::Counters;
 use super::unreadable::unreadable_part;
 use super::Shared;
+use crate::error::Error;
 use crate::headers::DeadLetter;
-use crate::publish;
+use crate::publish::{self, Publisher};
 use idem_core::{delivery_span, process, Backend, Delivery, Handler, Metadata, Outcome, Reason};
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::Channel;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -46,7 +46,7 @@ impl Exits {
 /// One delivery, start to finish, inside its tracing span.
 pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
-    publisher: &Channel,
+    publisher: &Publisher,
     delivery: AmqpDelivery,
     exits: &Exits,
 ) {
@@ -88,7 +88,7 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
 /// A delivery in flight and what handling it needs.
 struct Task<'a, DB: Backend, H> {
     shared: &'a Shared<DB, H>,
-    publisher: &'a Channel,
+    publisher: &'a Publisher,
     delivery: &'a AmqpDelivery,
     metadata: &'a Metadata,
     exits: &'a Exits,
@@ -231,6 +231,14 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
                     Counters::bump(&self.shared.counters.retried);
                     tracing::warn!(outcome = "retry", %error, attempts, retry_in = ?delay, "failed; retrying later");
                 }
+            }
+            Err(publish_error @ Error::FrameTooLarge { .. }) => {
+                // No retry copy fits in a frame, so none can go out without costing the
+                // connection: this attempt is the last, and the message is parked instead.
+                let most = self.shared.policy.retry.attempts();
+                let error =
+                    format!("attempt {attempts} of {most}: {error}; not retried: {publish_error}");
+                self.dead_letter(Reason::RetriesExhausted, &error).await;
             }
             Err(publish_error) => {
                 tracing::error!(%error, %publish_error, "retry not confirmed; handing the message back");

@@ -7,7 +7,7 @@ use super::delivery::{self, Exits};
 use super::stats::Counters;
 use super::Consumer;
 use crate::error::Error;
-use crate::publish::confirm_channel;
+use crate::publish::Publisher;
 use futures_util::StreamExt;
 use idem_core::{Backend, Handler};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -35,7 +35,7 @@ struct Session {
     tag: String,
     /// Dead letters and retries go out on their own channel in confirm mode: the confirm is
     /// what makes it safe to ack the original.
-    publisher: Channel,
+    publisher: Publisher,
     /// The channel deliveries come on (and are acked on).
     channel: Channel,
 }
@@ -120,7 +120,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             .await
             .map_err(Error::broker("open the consume channel"))?;
         crate::topology::declare(&channel, queue, &self.shared.policy.retry).await?;
-        let publisher = confirm_channel(connection, "dead-letter").await?;
+        let publisher = Publisher::open(connection).await?;
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await
@@ -171,7 +171,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             })
         };
         // One watch for the whole run (not a new timer per delivery).
-        let closed = channel_closed(&session.channel, &session.publisher);
+        let closed = channel_closed(&session.channel, &session.publisher.channel);
         tokio::pin!(closed);
         loop {
             // Take a slot first, so at most `concurrency` deliveries are being processed.
@@ -241,7 +241,8 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         };
         // Should the connection die while in-flight work drains, their broker waits end too.
         let watcher = {
-            let (consume, publish, lost) = (channel.clone(), publisher.clone(), lost.clone());
+            let (consume, publish, lost) =
+                (channel.clone(), publisher.channel.clone(), lost.clone());
             tokio::spawn(async move {
                 channel_closed(&consume, &publish).await;
                 lost.cancel();
@@ -262,7 +263,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             while in_flight.join_next().await.is_some() {}
         }
         // Deliveries prefetched but never started go back to the queue when the channel closes.
-        for ch in [channel, publisher] {
+        for ch in [channel, &publisher.channel] {
             if ch.status().connected() {
                 let _ = ch.close(200, "idem consumer stopped".into()).await;
             }
