@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 on_both_backends!(
     a_row_to_a_missing_exchange_is_parked_while_every_other_row_is_published,
+    an_exchange_deleted_under_the_relay_refuses_its_rows_and_the_others_flow,
     a_failing_destination_holds_back_its_later_rows_and_only_its_own,
     a_broker_that_stops_answering_is_given_up_after_the_confirm_timeout,
 );
@@ -132,25 +133,7 @@ async fn a_row_to_a_missing_exchange_is_parked_while_every_other_row_is_publishe
     let z = fresh_queue("refused-z");
     declare_queue(&connection, &z).await;
     let channel = connection.create_channel().await.unwrap();
-    channel
-        .exchange_declare(
-            missing.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            z.as_str().into(),
-            missing.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    declare_fanout(&channel, &missing, &z).await;
     assert!(outbox::unpark::<DB>(&pool, bad).await.unwrap());
     assert!(
         !outbox::unpark::<DB>(&pool, bad).await.unwrap(),
@@ -170,10 +153,94 @@ async fn a_row_to_a_missing_exchange_is_parked_while_every_other_row_is_publishe
     }
 }
 
+async fn an_exchange_deleted_under_the_relay_refuses_its_rows_and_the_others_flow<
+    DB: OutboxRowState,
+>() {
+    let pool = own_outbox::<DB>().await;
+    let connection = connection().await;
+    let (x, z) = (fresh_queue("deleted-x"), fresh_queue("deleted-z"));
+    declare_queue(&connection, &x).await;
+    declare_queue(&connection, &z).await;
+    let exchange = fresh_queue("deleted-exchange");
+    let channel = connection.create_channel().await.unwrap();
+    declare_fanout(&channel, &exchange, &z).await;
+    let relay = start_relay(
+        Relay::builder(pool.clone())
+            .poll_interval(Duration::from_millis(50))
+            .park_after(1)
+            .build()
+            .unwrap(),
+    );
+    let mut ids = commit_messages(&pool, &[Route::exchange(&exchange, "")]).await;
+    relay
+        .until("the exchange took a row", |s| s.published == 1)
+        .await;
+
+    // The exchange goes away while the relay knows it: its rows now go out in a run with the
+    // others, and the broker's close catches them in flight.
+    channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    ids.extend(
+        commit_messages(
+            &pool,
+            &[
+                Route::queue(&x),
+                Route::exchange(&exchange, ""),
+                Route::queue(&x),
+                Route::exchange(&exchange, ""),
+                Route::queue(&x),
+            ],
+        )
+        .await,
+    );
+    relay
+        .until("X's rows are published and the refused ones parked", |s| {
+            s.published == 4 && s.parked == 2
+        })
+        .await;
+    relay.stop().await;
+    assert_eq!(arrived(&connection, &x).await, [ids[1], ids[3], ids[5]]);
+    assert_eq!(arrived(&connection, &z).await, [ids[0]]);
+    for refused in [ids[2], ids[4]] {
+        let (attempts, error, parked) = DB::row_state(&pool, refused).await;
+        assert_eq!((attempts, parked), (1, true));
+        assert!(error.contains("NOT_FOUND"), "{error}");
+    }
+    assert_eq!(outbox::parked::<DB>(&pool).await.unwrap(), 2);
+    delete_queue(&connection, &x).await;
+    delete_queue(&connection, &z).await;
+}
+
+/// Declares a fanout `exchange` bound to `queue`.
+async fn declare_fanout(channel: &lapin::Channel, exchange: &str, queue: &str) {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+}
+
 async fn a_failing_destination_holds_back_its_later_rows_and_only_its_own<DB: TestDb>() {
     let pool = own_outbox::<DB>().await;
     let connection = connection().await;
-    // X does not exist yet: its rows come back unroutable. Y does.
+    // X does not exist yet: its first row comes back unroutable, and the second waits behind it.
+    // Y exists.
     let (x, y) = (fresh_queue("held-x"), fresh_queue("held-y"));
     declare_queue(&connection, &y).await;
     let first = commit_messages(
@@ -188,8 +255,8 @@ async fn a_failing_destination_holds_back_its_later_rows_and_only_its_own<DB: Te
     .await;
     let relay = start_relay(fast_relay(&pool));
     relay
-        .until("X's rows failed and Y's went out", |s| {
-            s.failed == 2 && s.published == 2
+        .until("X's first row failed and Y's rows went out", |s| {
+            s.failed >= 1 && s.published == 2
         })
         .await;
     let failed_at = Instant::now();
@@ -215,7 +282,7 @@ async fn a_failing_destination_holds_back_its_later_rows_and_only_its_own<DB: Te
         })
         .await;
     let stats = relay.stop().await;
-    assert_eq!((stats.failed, stats.parked, stats.reconnects), (2, 0, 0));
+    assert_eq!((stats.parked, stats.reconnects), (0, 0));
     assert_eq!(
         arrived(&connection, &x).await,
         [first[0], first[2], second[0]]

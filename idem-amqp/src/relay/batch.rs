@@ -4,11 +4,20 @@
 //! Rows go out pipelined (publish all, then await the confirms: one round trip for the batch).
 //! A row the broker returns (unroutable) or nacks is that row's failure. A row that makes the
 //! broker close the channel (an exchange that does not exist, one the user may not publish
-//! to) is that row's failure too, not a lost broker: the channel is reopened on the same
-//! connection, and since the close discards every publish behind the refused one and fails
-//! every confirm still awaited, the rows left without an answer are published again one at a
-//! time until the refused row is found (the ones before it were likely delivered already: a
-//! second copy, same message id, for the next consumer's ledger). Then pipelining resumes.
+//! to, a body over the broker's size limit) is that row's failure too, not a lost broker: the
+//! channel is reopened on the same connection and the other rows go on.
+//!
+//! Such a close must not catch other publishes in flight: the broker discards them and fails
+//! their confirms, so the refused row would not be known, and lapin (4.12) may write a publish
+//! it had queued on the channel after its `close-ok`, which the broker answers by closing the
+//! whole connection. So a row goes out alone — the run before it confirmed, its own confirm
+//! awaited before the next publish — when its exchange has not yet answered a publish on this
+//! channel, or its body is over [`ALONE_ABOVE`]: the first row to each exchange per channel,
+//! and big ones. Should a refusal still hit a pipelined run (an exchange deleted meanwhile),
+//! the rows left without an answer are published again one at a time until the refused one is
+//! found (those before it were likely delivered already: a second copy, same message id, for
+//! the next consumer's ledger); and if the connection went down with it, the new connection
+//! knows no exchange yet.
 //!
 //! Per-destination order: once a row of a destination (exchange + routing key) failed, the
 //! later rows of that destination are not published in this round; they stay due, and the
@@ -29,6 +38,10 @@ use std::time::Duration;
 
 /// Between two publish attempts of one row the broker did not take: 1 s doubling to 5 min.
 const PUBLISH_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+
+/// A body larger than this goes out alone: a broker with a lower `max_message_size` closes the
+/// channel over it.
+const ALONE_ABOVE: usize = 1024 * 1024;
 
 /// What became of a batch: how to settle each row that got an answer (the others stay due),
 /// and whether the broker was lost on the way.
@@ -55,7 +68,10 @@ pub(super) async fn publish(link: &mut Link, rows: &[OutboxRow], park_after: u32
     // After a refusal among rows in flight together: one at a time until the refused one is found.
     let mut one_at_a_time = false;
     loop {
-        let run = next_run(&mut todo, &held, one_at_a_time);
+        let alone = |row: &OutboxRow| {
+            row.message.body.len() > ALONE_ABOVE || !link.knows(&row.message.route.exchange)
+        };
+        let run = next_run(&mut todo, &held, one_at_a_time, alone);
         if run.is_empty() {
             return Outcome {
                 settled,
@@ -64,6 +80,7 @@ pub(super) async fn publish(link: &mut Link, rows: &[OutboxRow], park_after: u32
         }
         let sent = publish_run(link, &run).await;
         for (row, answer) in sent.answered {
+            link.learn(&row.message.route.exchange);
             match answer {
                 Ok(()) => settled.push(Settled::Published(row.id)),
                 Err(error) => {
@@ -107,20 +124,26 @@ pub(super) async fn publish(link: &mut Link, rows: &[OutboxRow], park_after: u32
     }
 }
 
-/// The next rows to publish together: all that are left, or just the next one, leaving out
-/// (and so leaving due) the rows of held destinations.
+/// The next rows to publish together: all that are left (`one`: just the next), up to a row
+/// that must go `alone`, which goes in a run of its own; the rows of held destinations are
+/// left out (and so stay due).
 fn next_run<'r>(
     todo: &mut VecDeque<&'r OutboxRow>,
     held: &HashSet<Destination<'r>>,
     one: bool,
+    alone: impl Fn(&OutboxRow) -> bool,
 ) -> Vec<&'r OutboxRow> {
     let mut run = Vec::new();
     while let Some(row) = todo.pop_front() {
         if held.contains(&destination(row)) {
             continue;
         }
+        if alone(row) && !run.is_empty() {
+            todo.push_front(row);
+            break;
+        }
         run.push(row);
-        if one {
+        if one || alone(row) {
             break;
         }
     }
@@ -310,13 +333,32 @@ mod tests {
         let held: HashSet<Destination<'_>> = [("", "x")].into_iter().collect();
         let mut todo: VecDeque<&OutboxRow> = rows.iter().collect();
         let ids = |run: Vec<&OutboxRow>| run.iter().map(|r| r.id).collect::<Vec<_>>();
-        assert_eq!(ids(next_run(&mut todo, &held, true)), [2]);
-        assert_eq!(ids(next_run(&mut todo, &held, false)), [4]);
+        let never = |_: &OutboxRow| false;
+        assert_eq!(ids(next_run(&mut todo, &held, true, never)), [2]);
+        assert_eq!(ids(next_run(&mut todo, &held, false, never)), [4]);
         assert!(todo.is_empty());
         let mut todo: VecDeque<&OutboxRow> = rows.iter().collect();
         assert_eq!(
-            ids(next_run(&mut todo, &HashSet::new(), false)),
+            ids(next_run(&mut todo, &HashSet::new(), false, never)),
             [1, 2, 3, 4]
         );
+    }
+
+    #[test]
+    fn a_row_that_must_go_alone_ends_the_run_before_it_and_has_its_own() {
+        let rows = [
+            row(1, "x", 0),
+            row(2, "y", 0),
+            row(3, "x", 0),
+            row(4, "y", 0),
+        ];
+        let mut todo: VecDeque<&OutboxRow> = rows.iter().collect();
+        let ids = |run: Vec<&OutboxRow>| run.iter().map(|r| r.id).collect::<Vec<_>>();
+        let third = |row: &OutboxRow| row.id == 3;
+        let none = HashSet::new();
+        assert_eq!(ids(next_run(&mut todo, &none, false, third)), [1, 2]);
+        assert_eq!(ids(next_run(&mut todo, &none, false, third)), [3]);
+        assert_eq!(ids(next_run(&mut todo, &none, false, third)), [4]);
+        assert!(todo.is_empty());
     }
 }

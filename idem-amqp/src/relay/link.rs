@@ -10,6 +10,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::protocol::AMQPErrorKind;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ErrorKind, PublisherConfirm};
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ use std::time::Duration;
 pub(super) struct Link {
     connection: Connection,
     channel: Channel,
+    /// Exchanges that answered a publish on this channel: they exist and take this user's
+    /// publishes (see `batch`: a publish to any other goes alone).
+    known: HashSet<String>,
     /// How long any one wait on the broker may take (`RelayBuilder::confirm_timeout`).
     pub(super) timeout: Duration,
 }
@@ -62,6 +66,7 @@ impl Link {
             Ok(Ok(channel)) => Ok(Self {
                 connection,
                 channel,
+                known: HashSet::new(),
                 timeout,
             }),
             Ok(Err(error)) => {
@@ -85,8 +90,23 @@ impl Link {
         )
         .await?;
         self.channel = opened.map_err(|error| error.to_string())?;
+        // What took publishes before may be what was refused now (an exchange deleted since).
+        self.known.clear();
         tracing::debug!("relay reopened its channel after the broker closed it");
         Ok(())
+    }
+
+    /// Whether `exchange` answered a publish on this channel.
+    pub(super) fn knows(&self, exchange: &str) -> bool {
+        self.known.contains(exchange)
+    }
+
+    /// Notes that `exchange` answered a publish on this channel (confirmed, returned or
+    /// nacked: it exists, and the broker did not close the channel over it).
+    pub(super) fn learn(&mut self, exchange: &str) {
+        if !self.known.contains(exchange) {
+            self.known.insert(exchange.to_owned());
+        }
     }
 
     /// What `error`, from a publish or a confirm on this link, means.
