@@ -266,7 +266,7 @@ async fn a_failing_destination_holds_back_its_later_rows_and_only_its_own<DB: Te
     declare_queue(&connection, &x).await;
     let second = commit_messages(&pool, &[Route::queue(&x), Route::queue(&y)]).await;
     relay
-        .until("Y's new row is published", |s| s.published == 3)
+        .until("Y's new row is published", |s| s.published >= 3)
         .await;
     if failed_at.elapsed() < Duration::from_millis(800) {
         // Still within X's backoff: nothing of X may have gone out.

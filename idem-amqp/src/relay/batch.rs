@@ -61,6 +61,9 @@ fn destination(row: &OutboxRow) -> Destination<'_> {
 /// Publishes `rows` (oldest first) on `link`, keeping order per destination; a row at its
 /// `park_after`-th failure is parked.
 pub(super) async fn publish(link: &mut Link, rows: &[OutboxRow], park_after: u32) -> Outcome {
+    // Every wait on the broker in this round, in all: on PostgreSQL the batch's transaction
+    // and row locks wait with it.
+    let deadline = tokio::time::Instant::now() + link.timeout;
     let mut todo: VecDeque<&OutboxRow> = rows.iter().collect();
     // Destinations with a failed row in this round: their later rows wait.
     let mut held: HashSet<Destination<'_>> = HashSet::new();
@@ -78,7 +81,7 @@ pub(super) async fn publish(link: &mut Link, rows: &[OutboxRow], park_after: u32
                 lost: None,
             };
         }
-        let sent = publish_run(link, &run).await;
+        let sent = publish_run(link, &run, deadline).await;
         for (row, answer) in sent.answered {
             link.learn(&row.message.route.exchange);
             match answer {
@@ -99,13 +102,15 @@ pub(super) async fn publish(link: &mut Link, rows: &[OutboxRow], park_after: u32
             }
             Some(Trouble::Refused(refused)) => refused,
         };
-        if let Err(why) = link.reopen().await {
+        if let Err(why) = link.reopen(deadline).await {
             return Outcome {
                 settled,
                 lost: Some(why),
             };
         }
-        if let [row] = sent.unanswered[..] {
+        if sent.unanswered.is_empty() {
+            // The close came after every answer: no row to blame.
+        } else if let [row] = sent.unanswered[..] {
             // Every other row got its answer: this is the one the broker refused.
             held.insert(destination(row));
             settled.push(failed(row, refused, park_after));
@@ -182,9 +187,12 @@ impl Sent<'_> {
     }
 }
 
-/// Publishes `run` in order, then awaits every confirm; all of it within the link's timeout.
-async fn publish_run<'r>(link: &Link, run: &[&'r OutboxRow]) -> Sent<'r> {
-    let deadline = tokio::time::Instant::now() + link.timeout;
+/// Publishes `run` in order, then awaits every confirm; all of it by `deadline`.
+async fn publish_run<'r>(
+    link: &Link,
+    run: &[&'r OutboxRow],
+    deadline: tokio::time::Instant,
+) -> Sent<'r> {
     let mut sent = Sent {
         answered: Vec::with_capacity(run.len()),
         unanswered: Vec::new(),
@@ -235,7 +243,7 @@ async fn publish_run<'r>(link: &Link, run: &[&'r OutboxRow]) -> Sent<'r> {
 
 fn timed_out(link: &Link) -> Trouble {
     Trouble::Lost(format!(
-        "no publish confirm from the broker within {:?} (confirm_timeout)",
+        "the broker did not answer the round's publishes within {:?} (confirm_timeout)",
         link.timeout
     ))
 }
@@ -295,6 +303,25 @@ mod tests {
         assert_eq!(after(9), Duration::from_secs(300));
         assert_eq!(after(u32::MAX), Duration::from_secs(300));
         assert_eq!(PUBLISH_BACKOFF.next_delay(3), Duration::from_secs(8));
+    }
+
+    #[test]
+    fn a_lost_broker_outranks_a_refusal_which_outranks_the_closed_channel_it_leaves() {
+        let mut sent = Sent {
+            answered: Vec::new(),
+            unanswered: Vec::new(),
+            trouble: None,
+        };
+        sent.note(Trouble::ChannelClosed(
+            "publish on a closing channel".into(),
+        ));
+        sent.note(Trouble::Refused("404".into()));
+        sent.note(Trouble::ChannelClosed("another".into()));
+        sent.note(Trouble::Refused("a second refusal".into()));
+        assert_eq!(sent.trouble, Some(Trouble::Refused("404".into())));
+        sent.note(Trouble::Lost("connection reset".into()));
+        sent.note(Trouble::Refused("404".into()));
+        assert_eq!(sent.trouble, Some(Trouble::Lost("connection reset".into())));
     }
 
     #[test]

@@ -21,7 +21,8 @@ pub(super) struct Link {
     /// Exchanges that answered a publish on this channel: they exist and take this user's
     /// publishes (see `batch`: a publish to any other goes alone).
     known: HashSet<String>,
-    /// How long any one wait on the broker may take (`RelayBuilder::confirm_timeout`).
+    /// How long a round may wait on the broker, and any other wait on it
+    /// (`RelayBuilder::confirm_timeout`).
     pub(super) timeout: Duration,
 }
 
@@ -80,15 +81,17 @@ impl Link {
         }
     }
 
-    /// A new channel on the same connection, after the broker closed the last one; `Err`: the
-    /// broker is lost after all.
-    pub(super) async fn reopen(&mut self) -> Result<(), String> {
-        let opened = bounded(
-            self.timeout,
-            "reopening the relay's channel",
-            confirm_channel(&self.connection, "relay"),
-        )
-        .await?;
+    /// A new channel on the same connection, after the broker closed the last one, by
+    /// `deadline`; `Err`: the broker is lost after all.
+    pub(super) async fn reopen(&mut self, deadline: tokio::time::Instant) -> Result<(), String> {
+        let opened = tokio::time::timeout_at(deadline, confirm_channel(&self.connection, "relay"))
+            .await
+            .map_err(|_| {
+                format!(
+                    "the broker did not answer (reopening the relay's channel) within {:?}",
+                    self.timeout
+                )
+            })?;
         self.channel = opened.map_err(|error| error.to_string())?;
         // What took publishes before may be what was refused now (an exchange deleted since).
         self.known.clear();

@@ -110,11 +110,13 @@ impl<DB: Backend> RelayBuilder<DB> {
         self
     }
 
-    /// How long the relay waits on the broker — a publish to be written, its confirm, a
-    /// channel to open — before it gives the connection up as lost and reconnects (default
-    /// 10 s). The rows without a confirm stay due and are published again, never marked
-    /// published; on PostgreSQL this also bounds how long a batch's transaction (and its row
-    /// locks) waits on the broker.
+    /// How long one round may wait on the broker in all — its publishes to be written, their
+    /// confirms, a channel reopened after a refusal — before the relay gives the connection up
+    /// as lost and reconnects (default 10 s; a healthy broker answers a batch in
+    /// milliseconds). The rows without a confirm stay due and are published again, never
+    /// marked published; on PostgreSQL this also bounds how long a batch's transaction (and
+    /// its row locks) waits on the broker. Opening and closing a connection's channel are
+    /// bounded by it too.
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
@@ -174,8 +176,8 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// The relay draws on the pool it is given. On PostgreSQL it holds **two** of its connections
 /// while it serves: one for `LISTEN idem_outbox` (kept for as long as `serve` runs), and one
 /// for each round's transaction, which holds the batch's row locks while the batch is
-/// published and confirmed (at most `confirm_timeout` per wait on the broker); purges borrow
-/// one briefly. Give a pool that a consumer shares with the relay its `concurrency` + 2
+/// published and confirmed (at most `confirm_timeout`); the purge between rounds borrows one
+/// briefly. Give a pool that a consumer shares with the relay its `concurrency` + 2
 /// connections, or give the relay a pool of its own with 2. With a pool of 1 the relay does
 /// not LISTEN and only polls. On SQLite it uses one connection at a time.
 #[derive(Debug)]
