@@ -106,6 +106,7 @@ async fn a_row_to_a_missing_exchange_is_parked_while_every_other_row_is_publishe
         Relay::builder(pool.clone())
             .poll_interval(Duration::from_millis(50))
             .park_after(2)
+            .retention(Duration::ZERO)
             .build()
             .unwrap(),
     );
@@ -115,8 +116,13 @@ async fn a_row_to_a_missing_exchange_is_parked_while_every_other_row_is_publishe
     relay
         .until("the refused row is parked", |s| s.parked == 1)
         .await;
+    // Published rows are purged; the parked one stays for the operator.
+    relay
+        .until("the published rows are purged", |s| s.purged == 6)
+        .await;
     let stats = relay.stop().await;
     assert_eq!((stats.published, stats.failed, stats.parked), (6, 2, 1));
+    assert_eq!(DB::outbox_rows(&pool).await, 1);
     assert_eq!(stats.reconnects, 0, "a refused row is not a lost broker");
 
     // In order per destination; the refused row in neither.
