@@ -24,7 +24,8 @@
 //! next takes hold them back while the failed row backs off (`Store::outbox_take`). Rows of
 //! other destinations go on. The one gap: rows already in flight behind the failed one in
 //! the same pipelined run — the broker answers those on their own, so a later row it takes
-//! right after refusing (nack) an earlier one of the same destination goes out first.
+//! right after refusing an earlier one of the same destination (a nack, or a queue declared
+//! between the two publishes) goes out first.
 //!
 //! A failed row backs off (1 s doubling to 5 min) and, at its `park_after`-th failure, is
 //! parked instead: never taken again, no longer holding its destination back.
