@@ -2,7 +2,8 @@
 //! ledgers: what a handler or a service commits is published, what it rolls back is not, a crash
 //! between commit and publish delays a message but never loses it, a relay that dies between the
 //! broker's confirm and its own mark causes one extra delivery that the next ledger absorbs, and
-//! two relays on PostgreSQL publish each row once.
+//! two relays on PostgreSQL publish each row once. The relay's stories against a broker that
+//! will not take a row (refused, unroutable, silent) are in `outbox/refusals.rs`.
 //!
 //! Over 400 lines on purpose: every outbox story, each on both ledgers, in one file.
 
@@ -21,6 +22,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
+
+#[path = "outbox/refusals.rs"]
+mod refusals;
 
 on_both_backends!(
     what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_rollback,

@@ -8,15 +8,24 @@
 //! relays can share one outbox; on SQLite one relay holds a lease (`idem_relay_lease`, renewed
 //! every round) and any other stands by until it lapses.
 //!
-//! Here: the builder, the stats and the serve loop (channel, reconnect, drain, purge, wait);
-//! [`round`]: one round against the outbox and the broker.
+//! A row the broker will not take — returned unroutable, nacked, or refused with a channel
+//! close (an exchange that does not exist, one the user may not publish to) — is that row's
+//! failure: it backs off, the later rows of its destination wait behind it, every other
+//! destination goes on, and after `park_after` attempts it is parked. Only a lost connection,
+//! or a broker that does not answer within `confirm_timeout`, makes the relay reconnect.
+//!
+//! Here: the builder, the stats and the serve loop (reconnect, drain, purge, wait);
+//! [`round`]: one round against the outbox; [`batch`]: publishing a round's rows in order per
+//! destination; [`link`]: the connection and channel, bounded waits, refusal or lost broker.
 
+mod batch;
+mod link;
 mod round;
 
 use crate::error::Error;
-use crate::publish::confirm_channel;
 use idem_core::{Backend, Backoff};
-use lapin::{Channel, Connection};
+use lapin::Connection;
+use link::Link;
 use round::{RoundError, Wakeups};
 use sqlx::Pool;
 use std::future::Future;
@@ -33,8 +42,13 @@ const DATABASE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Durat
 pub struct RelayStats {
     /// Rows published and confirmed.
     pub published: u64,
-    /// Publish attempts the broker did not confirm (the row is tried again later).
+    /// Publish attempts the broker did not take — returned unroutable, nacked, or refused with
+    /// a channel close — each recorded in its row (`attempts`, `last_error`); the row is tried
+    /// again later, or parked.
     pub failed: u64,
+    /// Rows parked: out of attempts (`RelayBuilder::park_after`), no longer published. A
+    /// count above zero needs an operator: see [`idem_core::outbox::parked`].
+    pub parked: u64,
     /// Published rows deleted after the retention.
     pub purged: u64,
     /// Times the relay reconnected to the broker.
@@ -45,6 +59,7 @@ pub struct RelayStats {
 struct Counters {
     published: AtomicU64,
     failed: AtomicU64,
+    parked: AtomicU64,
     purged: AtomicU64,
     reconnects: AtomicU64,
 }
@@ -57,6 +72,8 @@ pub struct RelayBuilder<DB: Backend> {
     batch_size: u16,
     poll_interval: Duration,
     retention: Duration,
+    park_after: u32,
+    confirm_timeout: Duration,
 }
 
 impl<DB: Backend> RelayBuilder<DB> {
@@ -81,6 +98,30 @@ impl<DB: Backend> RelayBuilder<DB> {
         self
     }
 
+    /// Failed publish attempts after which a row is parked (default 10: with the backoff of
+    /// 1 s doubling to 5 min, about 8½ minutes of failures). A parked row is never published
+    /// again unless [`idem_core::outbox::unpark`]ed, is not purged, is counted in
+    /// [`RelayStats::parked`] and [`idem_core::outbox::parked`], and is logged once at WARN
+    /// with its message id, destination, attempts and last error. Parking gives up on that
+    /// row's place in its destination's order: the later rows it held back go out. Every
+    /// failure counts: returned unroutable, nacked, refused with a channel close.
+    pub fn park_after(mut self, attempts: u32) -> Self {
+        self.park_after = attempts;
+        self
+    }
+
+    /// How long one round may wait on the broker in all — its publishes to be written, their
+    /// confirms, a channel reopened after a refusal — before the relay gives the connection up
+    /// as lost and reconnects (default 10 s; a healthy broker answers a batch in
+    /// milliseconds). The rows without a confirm stay due and are published again, never
+    /// marked published; on PostgreSQL this also bounds how long a batch's transaction (and
+    /// its row locks) waits on the broker. Opening and closing a connection's channel are
+    /// bounded by it too.
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
     /// Checks the settings.
     pub fn build(self) -> Result<Relay<DB>, Error> {
         if self.batch_size == 0 {
@@ -93,11 +134,23 @@ impl<DB: Backend> RelayBuilder<DB> {
                 "the relay's poll_interval must be above zero (default 1 s)".into(),
             ));
         }
+        if self.park_after == 0 {
+            return Err(Error::Config(
+                "the relay's park_after must be at least 1 attempt (default 10)".into(),
+            ));
+        }
+        if self.confirm_timeout.is_zero() {
+            return Err(Error::Config(
+                "the relay's confirm_timeout must be above zero (default 10 s)".into(),
+            ));
+        }
         Ok(Relay {
             pool: self.pool,
             batch_size: self.batch_size,
             poll_interval: self.poll_interval,
             retention: self.retention,
+            park_after: self.park_after,
+            confirm_timeout: self.confirm_timeout,
             counters: Counters::default(),
             holder: format!("{}-{}", std::process::id(), rand::random::<u64>()),
             standing_by: AtomicBool::new(false),
@@ -110,12 +163,33 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// the mark publishes the row again, with the same message id, and the next consumer's ledger
 /// absorbs it. On PostgreSQL several relays share one outbox (`FOR UPDATE SKIP LOCKED`); on
 /// SQLite one relay holds a lease and the others stand by.
+///
+/// A row the broker will not take (unroutable, nacked, or refused with a channel close: an
+/// exchange that does not exist, one the user may not publish to) records the attempt and
+/// the broker's reason in its row and backs off (1 s doubling to 5 min); the later rows of its
+/// destination (exchange and routing key) wait behind it, other destinations go on, and after
+/// [`RelayBuilder::park_after`] attempts it is parked. A lost connection, or a broker that
+/// does not answer within [`RelayBuilder::confirm_timeout`], makes it reconnect.
+///
+/// # Database connections
+///
+/// The relay draws on the pool it is given. On PostgreSQL it holds **two** of its connections
+/// while it serves: one for `LISTEN idem_outbox` (kept for as long as `serve` runs), and one
+/// for each round's transaction, which holds the batch's row locks while the batch is
+/// published and confirmed (at most `confirm_timeout`); the purge between rounds borrows one
+/// briefly. Give a pool that a consumer shares with the relay its `concurrency` + 2
+/// connections, or give the relay a pool of its own with 2. With a pool of 1 the relay does
+/// not LISTEN and only polls. On SQLite it uses one connection at a time.
 #[derive(Debug)]
 pub struct Relay<DB: Backend> {
     pool: Pool<DB>,
     batch_size: u16,
     poll_interval: Duration,
     retention: Duration,
+    /// Failed attempts after which a row is parked.
+    park_after: u32,
+    /// The bound of every wait on the broker.
+    confirm_timeout: Duration,
     counters: Counters,
     /// This relay's name in the SQLite lease.
     holder: String,
@@ -140,6 +214,8 @@ impl<DB: Backend> Relay<DB> {
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(7 * 24 * 3600),
+            park_after: 10,
+            confirm_timeout: Duration::from_secs(10),
         }
     }
 
@@ -149,6 +225,7 @@ impl<DB: Backend> Relay<DB> {
         RelayStats {
             published: c.published.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
+            parked: c.parked.load(Ordering::Relaxed),
             purged: c.purged.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
         }
@@ -165,44 +242,35 @@ impl<DB: Backend> Relay<DB> {
         let mut wakeups = self.wakeups().await;
         tokio::pin!(shutdown);
         let mut pace = Pace::default();
-        // Kept out here so the stop can close it before the connection (lapin logs an error
-        // for a channel still open when its connection closes).
-        let mut open_channel: Option<Channel> = None;
         loop {
-            let channel = match confirm_channel(&connection, "relay").await {
-                Ok(channel) => open_channel.insert(channel).clone(),
-                Err(error) => {
-                    tracing::warn!(%error, "relay cannot open its channel; reconnecting");
-                    connection = match self.reconnect(amqp_url, &mut shutdown).await {
-                        Some(connection) => connection,
-                        None => return Ok(()),
+            let lost = match Link::open(connection, self.confirm_timeout).await {
+                Ok(mut link) => {
+                    let lost = self
+                        .relay_on(&mut link, &mut wakeups, &mut shutdown, &mut pace)
+                        .await;
+                    let Some(error) = lost else {
+                        self.stop(link).await;
+                        return Ok(());
                     };
-                    continue;
+                    link.close("relay reconnecting").await;
+                    error
                 }
+                Err(error) => format!("cannot open its channel: {error}"),
             };
-            let lost = self
-                .relay_on(&channel, &mut wakeups, &mut shutdown, &mut pace)
-                .await;
-            let Some(error) = lost else {
-                break;
-            };
-            tracing::warn!(%error, "relay lost the broker; reconnecting");
-            let _ = connection.close(200, "relay reconnecting".into()).await;
+            tracing::warn!(error = %lost, "relay lost the broker; reconnecting");
             connection = match self.reconnect(amqp_url, &mut shutdown).await {
                 Some(connection) => connection,
                 None => return Ok(()),
             };
         }
-        self.stop(open_channel, connection).await;
-        Ok(())
     }
 
-    /// On one channel: drains what is due, purges now and then, and waits for a wake-up or the
-    /// poll interval; again and again until `shutdown` resolves (`None`) or the broker fails
+    /// On one link: drains what is due, purges now and then, and waits for a wake-up or the
+    /// poll interval; again and again until `shutdown` resolves (`None`) or the broker is lost
     /// (`Some`, why).
     async fn relay_on<S: Future<Output = ()>>(
         &self,
-        channel: &Channel,
+        link: &mut Link,
         wakeups: &mut Wakeups,
         shutdown: &mut Pin<&mut S>,
         pace: &mut Pace,
@@ -213,7 +281,7 @@ impl<DB: Backend> Relay<DB> {
             "outbox relay publishing"
         );
         loop {
-            match self.drain(channel).await {
+            match self.drain(link).await {
                 Ok(()) => pace.database_failures = 0,
                 Err(RoundError::Broker(error)) => return Some(error),
                 Err(RoundError::Database(error)) => {
@@ -237,9 +305,9 @@ impl<DB: Backend> Relay<DB> {
     }
 
     /// Rounds until one takes less than a full batch: what is due is published.
-    async fn drain(&self, channel: &Channel) -> Result<(), RoundError> {
+    async fn drain(&self, link: &mut Link) -> Result<(), RoundError> {
         loop {
-            let taken = self.round(channel).await?;
+            let taken = self.round(link).await?;
             if taken < usize::from(self.batch_size) {
                 return Ok(());
             }
@@ -258,12 +326,9 @@ impl<DB: Backend> Relay<DB> {
     }
 
     /// A requested stop: hands the SQLite lease over, closes the channel and the connection.
-    async fn stop(&self, channel: Option<Channel>, connection: Connection) {
+    async fn stop(&self, link: Link) {
         self.release_lease().await;
-        if let Some(channel) = channel.filter(|c| c.status().connected()) {
-            let _ = channel.close(200, "relay stopped".into()).await;
-        }
-        let _ = connection.close(200, "relay stopped".into()).await;
+        link.close("relay stopped").await;
         tracing::info!(stats = ?self.stats(), "outbox relay stopped");
     }
 }

@@ -40,6 +40,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         "relay lease (SQLite: one relay at a time)",
         "0004_relay_lease"
     ),
+    migration!(5, "outbox parking", "0005_outbox_parking"),
 ];
 
 impl Migration {

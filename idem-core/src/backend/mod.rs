@@ -106,13 +106,16 @@ mod store {
             message: &Outgoing,
         ) -> Result<bool, sqlx::Error>;
 
-        /// Takes up to `limit` unpublished rows that are due, oldest first.
+        /// Takes up to `limit` unpublished, unparked rows that are due, oldest first, leaving out
+        /// every row that has an earlier row of the same destination (exchange and routing key)
+        /// backing off after a failed publish: per-destination order.
         async fn outbox_take(
             pool: &Pool<Self>,
             limit: i64,
         ) -> Result<OutboxBatch<Self>, sqlx::Error>;
 
-        /// Marks what the broker confirmed as published and schedules the rest for another try.
+        /// Marks what the broker confirmed as published, schedules failed rows for another try
+        /// and parks those out of attempts.
         async fn outbox_settle(
             batch: OutboxBatch<Self>,
             settled: &[Settled],
@@ -121,8 +124,15 @@ mod store {
         /// Deletes rows published more than `older_than` ago; returns how many.
         async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error>;
 
-        /// Unpublished rows (due or backing off).
+        /// Rows waiting to be published (due or backing off; parked rows left out).
         async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error>;
+
+        /// Parked rows: out of attempts, no longer published.
+        async fn outbox_parked(pool: &Pool<Self>) -> Result<i64, sqlx::Error>;
+
+        /// Makes the parked row `message_id` due again with its attempts reset; `Ok(false)`: no
+        /// parked row has that id.
+        async fn outbox_unpark(pool: &Pool<Self>, message_id: &str) -> Result<bool, sqlx::Error>;
 
         /// A signal each time a transaction that wrote outbox rows commits, where the database can
         /// tell (PostgreSQL LISTEN/NOTIFY); `None` where the relay must poll.

@@ -137,11 +137,19 @@ impl Store for sqlx::Sqlite {
     }
 
     /// No row locks on SQLite: the relay lease (`Store::outbox_lease`) keeps it to one
-    /// publishing relay.
+    /// publishing relay. Per-destination order as on PostgreSQL (see its `outbox_take`): a row
+    /// waits while an earlier row of its destination backs off. SQLite runs the `NOT EXISTS` as
+    /// one probe per candidate row into the partial index `idem_outbox_failing` of failing rows
+    /// (`SEARCH e USING INDEX idem_outbox_failing (exchange=? AND routing_key=? AND id<?)`).
     async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
         let rows = sqlx::query(&format!(
-            "SELECT {OUTBOX_COLUMNS} FROM idem_outbox
-             WHERE published_ms IS NULL AND next_attempt_ms <= $1
+            "SELECT {OUTBOX_COLUMNS} FROM idem_outbox o
+             WHERE published_ms IS NULL AND parked_ms IS NULL AND next_attempt_ms <= $1
+             AND NOT EXISTS (
+                 SELECT 1 FROM idem_outbox e
+                 WHERE e.exchange = o.exchange AND e.routing_key = o.routing_key AND e.id < o.id
+                 AND e.published_ms IS NULL AND e.parked_ms IS NULL AND e.attempts > 0
+                 AND e.next_attempt_ms > $1)
              ORDER BY id LIMIT $2"
         ))
         .bind(crate::backoff::unix_millis())
@@ -167,30 +175,32 @@ impl Store for sqlx::Sqlite {
         let mut tx = batch.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = crate::backoff::unix_millis();
         for s in settled {
-            match s {
+            let update = match s {
                 Settled::Published(id) => {
                     sqlx::query("UPDATE idem_outbox SET published_ms = $2 WHERE id = $1")
                         .bind(id)
                         .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
                 }
                 Settled::Failed {
                     id,
                     error,
                     retry_in,
-                } => {
-                    sqlx::query(
-                        "UPDATE idem_outbox SET attempts = attempts + 1, last_error = $2,
-                         next_attempt_ms = $3 WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(error)
-                    .bind(now + millis(*retry_in))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
+                } => sqlx::query(
+                    "UPDATE idem_outbox SET attempts = attempts + 1, last_error = $2,
+                     next_attempt_ms = $3 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(error)
+                .bind(now + millis(*retry_in)),
+                Settled::Parked { id, error } => sqlx::query(
+                    "UPDATE idem_outbox SET attempts = attempts + 1, last_error = $2,
+                     parked_ms = $3 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(error)
+                .bind(now),
+            };
+            update.execute(&mut *tx).await?;
         }
         tx.commit().await
     }
@@ -204,9 +214,29 @@ impl Store for sqlx::Sqlite {
     }
 
     async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE published_ms IS NULL")
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM idem_outbox WHERE published_ms IS NULL AND parked_ms IS NULL",
+        )
+        .fetch_one(pool)
+        .await
+    }
+
+    async fn outbox_parked(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE parked_ms IS NOT NULL")
             .fetch_one(pool)
             .await
+    }
+
+    async fn outbox_unpark(pool: &Pool<Self>, message_id: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE idem_outbox SET parked_ms = NULL, attempts = 0, next_attempt_ms = $2
+             WHERE message_id = $1 AND parked_ms IS NOT NULL",
+        )
+        .bind(message_id)
+        .bind(crate::backoff::unix_millis())
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn outbox_wakeups(_pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>> {

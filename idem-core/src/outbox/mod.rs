@@ -158,10 +158,30 @@ pub async fn enqueue<DB: Backend>(
     DB::enqueue(conn, message).await
 }
 
-/// How many messages wait in the outbox unpublished (due now or backing off after a failed
-/// publish): the relay's backlog, for a gauge or a health check.
+/// How many messages wait in the outbox to be published (due now or backing off after a failed
+/// publish; [`parked`] ones left out): the relay's backlog, for a gauge or a health check.
 pub async fn pending<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<i64, sqlx::Error> {
     DB::outbox_pending(pool).await
+}
+
+/// How many messages the relay has parked: the broker refused, returned or did not confirm each
+/// of them on every attempt the relay's `park_after` allows (an exchange that does not exist,
+/// one the user may not publish to, a queue nobody declared). A parked message is not published
+/// again, no longer holds back the later messages of its destination (its place in their order
+/// is given up), and is not purged: alert on a count above zero, read `last_error` in
+/// `idem_outbox` (`parked_at` / `parked_ms` is set), fix the cause, then [`unpark`] it.
+pub async fn parked<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<i64, sqlx::Error> {
+    DB::outbox_parked(pool).await
+}
+
+/// Sends a [`parked`] message again: it is due at once, with its attempts reset, and the relay
+/// publishes it on its next round (within its poll interval) — after the messages of its
+/// destination that went out while it was parked. `Ok(false)`: no parked message has this id.
+pub async fn unpark<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    message_id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    DB::outbox_unpark(pool, &message_id.to_string()).await
 }
 
 #[cfg(test)]

@@ -30,6 +30,14 @@ pub enum Settled {
         /// The backoff before the next attempt.
         retry_in: std::time::Duration,
     },
+    /// Not confirmed, and out of attempts: count the attempt, keep `error`, and park the row
+    /// (never taken again, never purged; `outbox::unpark` sends it again).
+    Parked {
+        /// The row.
+        id: i64,
+        /// Why the last attempt failed.
+        error: String,
+    },
 }
 
 /// Rows the relay took from the outbox, to publish and then settle with
