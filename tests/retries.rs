@@ -198,10 +198,12 @@ async fn a_short_retry_delay_never_waits_behind_a_long_one() {
     let handler = story.recorder().failing_transiently(2);
     let running = story.run(handler).await;
 
-    // `veteran` has failed 6 times before (idem's header says so, whatever the broker thinks):
-    // its next failure is attempt 7, which waits 6.4 s. `rookie` fails for the first time and
-    // waits 100 ms.
+    // `veteran` has failed 6 times before (idem's header says so, and the broker's `x-death` says
+    // it came back through one of this queue's delay queues, without which idem would not
+    // believe it): its next failure is attempt 7, which waits 6.4 s. `rookie` fails for the
+    // first time and waits 100 ms.
     let (veteran, rookie) = (Uuid::new_v4(), Uuid::new_v4());
+    let queue = story.queue.clone();
     publish_with(
         &story.connection,
         &story.queue,
@@ -210,6 +212,14 @@ async fn a_short_retry_delay_never_waits_behind_a_long_one() {
         |p| {
             let mut headers = FieldTable::default();
             headers.insert("x-idem-attempts".into(), AMQPValue::LongLongInt(6));
+            let mut death = FieldTable::default();
+            let delay_queue = idem::amqp::retry_queue(&queue, Duration::from_millis(3200));
+            death.insert("queue".into(), AMQPValue::LongString(delay_queue.into()));
+            death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+            headers.insert(
+                "x-death".into(),
+                AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+            );
             p.with_headers(headers)
         },
     )

@@ -115,6 +115,8 @@ pub(crate) fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
 }
 
 /// A database error's code, read by the backend that produced it.
+// Each variant is built only with its backend's feature.
+#[cfg_attr(not(all(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 enum Code<'a> {
     Postgres(&'a str),
     Sqlite(i64),
@@ -188,7 +190,12 @@ mod tests {
     #[cfg(feature = "sqlite")]
     #[tokio::test]
     async fn sqlite_errors_are_read_as_sqlite_codes() {
-        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        // One connection: the PRAGMA below must apply to the connection the INSERT runs on.
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
         sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
             .execute(&pool)
             .await
