@@ -57,13 +57,7 @@ async fn the_same_message_published_three_times_applies_once<DB: TestDb>() {
 
 async fn a_crash_between_commit_and_ack_redelivers_and_applies_once<DB: TestDb>() {
     let story = Story::<DB>::begin("crash").await;
-    Consumer::builder(story.pool.clone(), story.recorder())
-        .queue(&story.queue)
-        .build()
-        .unwrap()
-        .declare(&story.connection)
-        .await
-        .unwrap();
+    story.declare().await;
     let id = Uuid::new_v4();
     story
         .publish(&transfer_body(id, "acct-2", 700), Some(&id.to_string()))

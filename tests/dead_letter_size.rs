@@ -272,13 +272,7 @@ async fn a_message_at_the_frame_limit_that_keeps_failing_ends_in_the_dlq_with_on
 async fn the_broker_closes_the_connection_over_a_header_frame_too_large() {
     let story = Story::<idem::Sqlite>::begin("framemax").await;
     let limit = frame_max(&story.connection);
-    Consumer::builder(story.pool.clone(), story.recorder())
-        .queue(&story.queue)
-        .build()
-        .unwrap()
-        .declare(&story.connection)
-        .await
-        .unwrap();
+    story.declare().await;
     for (frame, taken) in [(limit + 8, true), (limit + 9, false)] {
         let connection = connection().await;
         let channel = connection.create_channel().await.unwrap();

@@ -161,18 +161,6 @@ impl<DB: Exec> Handler<DB> for Hostile<DB> {
     }
 }
 
-/// Declares the story's queues, as a consumer does on start.
-async fn declare<DB: TestDb>(story: &Story<DB>) {
-    Consumer::builder(story.pool.clone(), story.recorder())
-        .queue(&story.queue)
-        .retry(story.retry)
-        .build()
-        .unwrap()
-        .declare(&story.connection)
-        .await
-        .unwrap();
-}
-
 /// Delivers the next message of `queue` on a channel that then closes without an ack: the
 /// broker puts it back flagged `redelivered`, as after a crash mid-message.
 async fn deliver_and_drop(story: &Story<impl TestDb>) {
@@ -383,7 +371,7 @@ async fn a_redelivered_applied_message_over_the_crash_loop_limit_is_a_duplicate<
 
 async fn every_terminal_outcome_clears_the_crash_loop_count<DB: Exec>() {
     let story = Story::<DB>::begin("countclear").await;
-    declare(&story).await;
+    story.declare().await;
     // A redelivered message that the handler rejects for good: the count goes with it.
     let rejected = Uuid::new_v4();
     let body = serde_json::to_vec(&serde_json::json!({
@@ -513,7 +501,7 @@ async fn a_panic_while_decoding_dead_letters_the_message_and_the_consumer_goes_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_database_fails_while_serving_others_is_not_held_forever() {
     let story = Story::<Postgres>::begin("heldpoison").await;
-    declare(&story).await;
+    story.declare().await;
     let poison = Uuid::new_v4();
     story
         .publish(

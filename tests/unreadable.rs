@@ -11,7 +11,6 @@ mod common;
 
 use common::raw_amqp::{publish_raw, RawMessage};
 use common::*;
-use idem::amqp::Consumer;
 use std::sync::atomic::Ordering;
 use uuid::Uuid;
 
@@ -19,14 +18,7 @@ on_both_backends!(an_unreadable_message_is_dead_lettered_and_the_queue_behind_it
 
 async fn an_unreadable_message_is_dead_lettered_and_the_queue_behind_it_flows<DB: TestDb>() {
     let story = Story::<DB>::begin("unreadable").await;
-    Consumer::builder(story.pool.clone(), story.recorder())
-        .queue(&story.queue)
-        .retry(story.retry)
-        .build()
-        .unwrap()
-        .declare(&story.connection)
-        .await
-        .unwrap();
+    story.declare().await;
     let transfer = |account: &str| transfer_body(Uuid::new_v4(), account, 100);
     let (url, queue) = (amqp_url(), story.queue.clone());
     let poison = [

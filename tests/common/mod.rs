@@ -361,6 +361,19 @@ impl<DB: TestDb> Story<DB> {
         }
     }
 
+    /// Declares the story's queues (queue, dead-letter queue, delay queues), as a consumer does
+    /// on start: for stories that publish before any consumer runs.
+    pub async fn declare(&self) {
+        Consumer::builder(self.pool.clone(), self.recorder())
+            .queue(&self.queue)
+            .retry(self.retry)
+            .build()
+            .unwrap()
+            .declare(&self.connection)
+            .await
+            .unwrap();
+    }
+
     /// A recorder handler for this story's consumer.
     pub fn recorder(&self) -> Recorder<DB> {
         Recorder::new(&self.consumer)
