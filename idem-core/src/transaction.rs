@@ -7,7 +7,7 @@
 //! that looks like a lost database. None of that may ever make idem call a delivery applied
 //! whose claim did not commit with its effect.
 
-use crate::backend::{Backend, Claim, TxState};
+use crate::backend::{Backend, Claim, TxState, Unit};
 use crate::classify::{cause_in, cause_of, class_of_sqlx, Cause};
 use crate::delivery::Delivery;
 use crate::handler::{ErrorClass, Handler, HandlerError};
@@ -25,8 +25,6 @@ pub(crate) enum Ended {
     Unavailable(String),
     Failed { class: ErrorClass, error: String },
 }
-
-type Transaction<DB> = sqlx::Transaction<'static, DB>;
 
 pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
     pool: &Pool<DB>,
@@ -91,17 +89,20 @@ pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
 /// The key was applied before: the handler does not run. The transaction commits only to clear
 /// a crash-loop count (the message got through after all); otherwise it rolls back.
 async fn end_unclaimed<DB: Backend>(
-    transaction: Transaction<DB>,
+    mut transaction: Unit<DB>,
     claim: Claim,
     key: &Key,
     fingerprint: &[u8],
     crash_counted: bool,
 ) -> Ended {
     let committed = if crash_counted {
-        transaction
-            .commit()
+        let committed = DB::commit(&mut transaction)
             .await
-            .map_err(|error| error.to_string())
+            .map_err(|error| error.to_string());
+        if committed.is_err() {
+            rollback(transaction).await;
+        }
+        committed
     } else {
         rollback(transaction).await;
         Ok(())
@@ -124,36 +125,25 @@ async fn end_unclaimed<DB: Backend>(
 /// COMMIT the server refused (a deferred constraint, a serialization failure) rolled back for
 /// sure, and its error's class decides.
 async fn commit<DB: Backend>(
-    mut transaction: Transaction<DB>,
+    mut transaction: Unit<DB>,
     txid: i64,
     consumer: &str,
     key: &Key,
 ) -> Ended {
-    match DB::transaction_state(&mut transaction, txid, consumer, key.as_str()).await {
-        Ok(TxState::Open) => {}
-        Ok(TxState::Aborted) => {
-            rollback(transaction).await;
-            return Ended::Failed {
-                class: ErrorClass::Transient,
-                error: "a statement inside the handler failed and the handler went on as if it had not (say, `let _ = query.execute(tx.conn()).await`): PostgreSQL aborted the transaction, so nothing of it was applied. Return the error with `?`, or run a statement that may fail inside a SAVEPOINT".into(),
-            };
-        }
-        Ok(TxState::Ended) => {
-            rollback(transaction).await;
-            return Ended::Failed {
-                class: ErrorClass::Permanent,
-                error: "the handler ended idem's transaction itself (COMMIT, ROLLBACK or BEGIN through tx.conn()): what it ran after that was committed on its own and cannot be undone by idem, and the ledger claim did not commit with the effect, so the message is not recorded as applied. A handler must never end the transaction: return Ok to commit, an error to roll back".into(),
-            };
-        }
-        Err(error) => {
-            rollback(transaction).await;
-            return Ended::Unavailable(format!(
-                "cannot check idem's transaction before COMMIT: {error}"
-            ));
-        }
+    let checked = DB::commit_checked(&mut transaction, txid, consumer, key.as_str()).await;
+    if !matches!(checked, Ok(TxState::Committed)) {
+        rollback(transaction).await;
     }
-    match transaction.commit().await {
-        Ok(()) => Ended::Applied,
+    match checked {
+        Ok(TxState::Committed) => Ended::Applied,
+        Ok(TxState::Aborted) => Ended::Failed {
+            class: ErrorClass::Transient,
+            error: "a statement inside the handler failed and the handler went on as if it had not (say, `let _ = query.execute(tx.conn()).await`): PostgreSQL aborted the transaction, so nothing of it was applied. Return the error with `?`, or run a statement that may fail inside a SAVEPOINT".into(),
+        },
+        Ok(TxState::Ended) => Ended::Failed {
+            class: ErrorClass::Permanent,
+            error: "the handler ended idem's transaction itself (COMMIT, ROLLBACK or BEGIN through tx.conn()): what it ran after that was committed on its own and cannot be undone by idem, and the ledger claim did not commit with the effect, so the message is not recorded as applied. A handler must never end the transaction: return Ok to commit, an error to roll back".into(),
+        },
         // The COMMIT may or may not have landed; the next run finds the claim if it did.
         Err(error) if cause_of(&error) == Cause::Connection => {
             Ended::Unavailable(format!("COMMIT failed, outcome unknown: {error}"))
@@ -171,7 +161,7 @@ async fn commit<DB: Backend>(
 /// The handler returned an error: roll back, then tell "the database is away" (not an attempt)
 /// from the handler's own failure. A connection-level error on a connection that still rolls
 /// back was the statement's fault (say, more bind parameters than the protocol carries).
-async fn end_failed<DB: Backend>(transaction: Transaction<DB>, error: HandlerError) -> Ended {
+async fn end_failed<DB: Backend>(transaction: Unit<DB>, error: HandlerError) -> Ended {
     let alive = rollback(transaction).await;
     let text = error.to_string();
     if error.explicit_class().is_none() {
@@ -197,8 +187,8 @@ async fn end_failed<DB: Backend>(transaction: Transaction<DB>, error: HandlerErr
 
 /// Rolls back; `false` when the connection did not answer (then the server discards the
 /// transaction with the connection).
-async fn rollback<DB: Backend>(transaction: Transaction<DB>) -> bool {
-    match transaction.rollback().await {
+async fn rollback<DB: Backend>(mut transaction: Unit<DB>) -> bool {
+    match DB::rollback(&mut transaction).await {
         Ok(()) => true,
         Err(error) => {
             tracing::debug!(%error, "rollback failed; the connection is discarded");

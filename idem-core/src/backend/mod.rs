@@ -53,8 +53,27 @@ mod store {
     /// adapter's relay reaches the outbox ones through the `Backend` bound).
     #[async_trait::async_trait]
     pub trait Store: sqlx::Database + Sized {
-        /// Begins the transaction of one unit of work.
-        async fn begin(pool: &Pool<Self>) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error>;
+        /// Begins the transaction of one unit of work on a connection of `pool`.
+        async fn begin(pool: &Pool<Self>) -> Result<Unit<Self>, sqlx::Error>;
+
+        /// COMMIT, without checks (nothing of the handler's ran).
+        async fn commit(unit: &mut Unit<Self>) -> Result<(), sqlx::Error>;
+
+        /// Checks that `unit`'s transaction, which claimed `(consumer, key)` as `txid`, is still
+        /// open and idem's — a handler may have ended it through `tx.conn()` (COMMIT, ROLLBACK,
+        /// BEGIN) or, on PostgreSQL, left it aborted by ignoring a failed statement — and if so
+        /// commits it. On PostgreSQL the check and the COMMIT travel in one round trip. `Err` is
+        /// the COMMIT's own failure (or a lost connection); anything but `Ok(Committed)` leaves
+        /// the unit to [`Store::rollback`].
+        async fn commit_checked(
+            unit: &mut Unit<Self>,
+            txid: i64,
+            consumer: &str,
+            key: &str,
+        ) -> Result<TxState, sqlx::Error>;
+
+        /// ROLLBACK (harmless when the handler already ended the transaction).
+        async fn rollback(unit: &mut Unit<Self>) -> Result<(), sqlx::Error>;
 
         /// Claims `(consumer, key)` in the ledger, remembering the payload's fingerprint. On
         /// PostgreSQL a concurrent claim of the same key waits here until the other transaction ends.
@@ -64,16 +83,6 @@ mod store {
             key: &str,
             payload_hash: &[u8],
         ) -> Result<Claim, sqlx::Error>;
-
-        /// Whether idem's transaction on `conn`, which claimed `(consumer, key)` as `txid`, is
-        /// still open and can commit: a handler may have ended it through `tx.conn()` (COMMIT,
-        /// ROLLBACK, BEGIN) or, on PostgreSQL, left it aborted by ignoring a failed statement.
-        async fn transaction_state(
-            conn: &mut Self::Connection,
-            txid: i64,
-            consumer: &str,
-            key: &str,
-        ) -> Result<TxState, sqlx::Error>;
 
         /// The fingerprint the ledger holds for `(consumer, key)`, if the key was applied.
         async fn applied_fingerprint(
@@ -171,12 +180,43 @@ pub enum Claim {
 /// What became of idem's transaction while the handler held it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxState {
-    /// Still the transaction that claimed the key: COMMIT commits claim and effect together.
-    Open,
+    /// Still the transaction that claimed the key, and now committed with the effect.
+    Committed,
     /// PostgreSQL aborted it (a statement failed and the handler went on): COMMIT would roll
     /// back.
     Aborted,
     /// The handler ended it (COMMIT, ROLLBACK or BEGIN through `tx.conn()`): what it ran
     /// afterwards was autocommitted, and idem's COMMIT would not cover the claim.
     Ended,
+}
+
+/// The transaction of one unit of work: a pooled connection between idem's own BEGIN and
+/// COMMIT or ROLLBACK. idem runs them itself, rather than through `sqlx::Transaction`, so that
+/// the check that the handler left the transaction alone and the COMMIT can share one round trip.
+/// Dropped while still open (a cancelled task, a failed ROLLBACK), the connection is closed
+/// instead of going back to the pool, and the server rolls the transaction back.
+pub struct Unit<DB: sqlx::Database> {
+    pub(crate) conn: sqlx::pool::PoolConnection<DB>,
+    pub(crate) open: bool,
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for Unit<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.conn
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for Unit<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.conn
+    }
+}
+
+impl<DB: sqlx::Database> Drop for Unit<DB> {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
 }

@@ -5,12 +5,15 @@ use super::shared::{
     applied_fingerprint_in, claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in,
     millis, outbox_row, OUTBOX_COLUMNS,
 };
-use super::{Backend, Claim, Store, TxState};
+use super::{Backend, Claim, Store, TxState, Unit};
 use crate::error::{redact_url, Error};
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
 use sqlx::Pool;
 use std::time::Duration;
+
+/// In the error text of the check before COMMIT when the handler ended idem's transaction.
+const ENDED_MARK: &str = "idem: not the transaction that claimed the key";
 
 #[async_trait::async_trait]
 impl Backend for sqlx::Postgres {
@@ -59,8 +62,26 @@ impl Backend for sqlx::Postgres {
 
 #[async_trait::async_trait]
 impl Store for sqlx::Postgres {
-    async fn begin(pool: &Pool<Self>) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error> {
-        pool.begin().await
+    async fn begin(pool: &Pool<Self>) -> Result<Unit<Self>, sqlx::Error> {
+        // Open before BEGIN is sent: a task cancelled mid-BEGIN closes the connection.
+        let mut unit = Unit {
+            conn: pool.acquire().await?,
+            open: true,
+        };
+        sqlx::Executor::execute(&mut *unit.conn, "BEGIN").await?;
+        Ok(unit)
+    }
+
+    async fn commit(unit: &mut Unit<Self>) -> Result<(), sqlx::Error> {
+        sqlx::Executor::execute(&mut *unit.conn, "COMMIT").await?;
+        unit.open = false;
+        Ok(())
+    }
+
+    async fn rollback(unit: &mut Unit<Self>) -> Result<(), sqlx::Error> {
+        sqlx::Executor::execute(&mut *unit.conn, "ROLLBACK").await?;
+        unit.open = false;
+        Ok(())
     }
 
     async fn claim(
@@ -74,19 +95,29 @@ impl Store for sqlx::Postgres {
 
     /// The transaction id seen at the claim must still be the current one: a handler that ran
     /// COMMIT or ROLLBACK is in another transaction (or none) now, and an aborted transaction
-    /// answers any statement with 25P02 — where COMMIT would answer ROLLBACK and no error.
-    async fn transaction_state(
-        conn: &mut Self::Connection,
+    /// answers any statement with 25P02 — where a COMMIT alone would answer ROLLBACK and no
+    /// error. The check and the COMMIT go as one simple query, one round trip; when the check
+    /// fails, PostgreSQL skips the COMMIT. (The failing branch depends on `txid_current()` so
+    /// that the planner cannot fold it into an error up front.)
+    async fn commit_checked(
+        unit: &mut Unit<Self>,
         txid: i64,
         _consumer: &str,
         _key: &str,
     ) -> Result<TxState, sqlx::Error> {
-        match sqlx::query_scalar::<_, i64>("SELECT txid_current()")
-            .fetch_one(conn)
-            .await
-        {
-            Ok(current) if current == txid => Ok(TxState::Open),
-            Ok(_) => Ok(TxState::Ended),
+        let check_and_commit = format!(
+            "SELECT CASE WHEN txid_current() = {txid} THEN 0 \
+             ELSE ('{ENDED_MARK} ' || txid_current())::int END; COMMIT"
+        );
+        // A query without arguments goes as a simple query: both statements in one message.
+        match sqlx::Executor::execute(&mut *unit.conn, check_and_commit.as_str()).await {
+            Ok(_) => {
+                unit.open = false;
+                Ok(TxState::Committed)
+            }
+            Err(sqlx::Error::Database(db)) if db.message().contains(ENDED_MARK) => {
+                Ok(TxState::Ended)
+            }
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("25P02") => {
                 Ok(TxState::Aborted)
             }

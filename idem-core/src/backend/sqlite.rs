@@ -5,7 +5,7 @@ use super::shared::{
     applied_fingerprint_in, claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in,
     millis, outbox_row, OUTBOX_COLUMNS,
 };
-use super::{Backend, Claim, Store, TxState};
+use super::{Backend, Claim, Store, TxState, Unit};
 use crate::error::{redact_url, Error};
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
@@ -65,10 +65,28 @@ impl Backend for sqlx::Sqlite {
 
 #[async_trait::async_trait]
 impl Store for sqlx::Sqlite {
-    async fn begin(pool: &Pool<Self>) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error> {
+    async fn begin(pool: &Pool<Self>) -> Result<Unit<Self>, sqlx::Error> {
+        // Open before BEGIN is sent: a task cancelled mid-BEGIN closes the connection.
+        let mut unit = Unit {
+            conn: pool.acquire().await?,
+            open: true,
+        };
         // Take the write lock at BEGIN: a deferred transaction that must upgrade its lock later
         // fails with SQLITE_BUSY at once instead of waiting for the busy timeout.
-        pool.begin_with("BEGIN IMMEDIATE").await
+        sqlx::Executor::execute(&mut *unit.conn, "BEGIN IMMEDIATE").await?;
+        Ok(unit)
+    }
+
+    async fn commit(unit: &mut Unit<Self>) -> Result<(), sqlx::Error> {
+        sqlx::Executor::execute(&mut *unit.conn, "COMMIT").await?;
+        unit.open = false;
+        Ok(())
+    }
+
+    async fn rollback(unit: &mut Unit<Self>) -> Result<(), sqlx::Error> {
+        sqlx::Executor::execute(&mut *unit.conn, "ROLLBACK").await?;
+        unit.open = false;
+        Ok(())
     }
 
     async fn claim(
@@ -83,23 +101,25 @@ impl Store for sqlx::Sqlite {
     /// SQLite has no transaction ids, and no SQL that reads the autocommit flag: the claim row
     /// must still be visible (a ROLLBACK took it away) and a BEGIN must be refused because a
     /// transaction is open (after a handler's COMMIT or ROLLBACK the connection autocommits,
-    /// the BEGIN succeeds, and idem's rollback then ends the transaction it opened).
-    async fn transaction_state(
-        conn: &mut Self::Connection,
+    /// the BEGIN succeeds, and idem's rollback then ends the transaction it opened). In-process,
+    /// so the extra statements cost no round trip.
+    async fn commit_checked(
+        unit: &mut Unit<Self>,
         _txid: i64,
         consumer: &str,
         key: &str,
     ) -> Result<TxState, sqlx::Error> {
-        if applied_fingerprint_in!(&mut *conn, consumer, key)?.is_none() {
+        if applied_fingerprint_in!(&mut *unit.conn, consumer, key)?.is_none() {
             return Ok(TxState::Ended);
         }
-        match sqlx::query("BEGIN").execute(&mut *conn).await {
-            Err(sqlx::Error::Database(db)) if db.message().contains("within a transaction") => {
-                Ok(TxState::Open)
-            }
-            Ok(_) => Ok(TxState::Ended),
-            Err(error) => Err(error),
+        match sqlx::query("BEGIN").execute(&mut *unit.conn).await {
+            Err(sqlx::Error::Database(db)) if db.message().contains("within a transaction") => {}
+            Ok(_) => return Ok(TxState::Ended),
+            Err(error) => return Err(error),
         }
+        sqlx::Executor::execute(&mut *unit.conn, "COMMIT").await?;
+        unit.open = false;
+        Ok(TxState::Committed)
     }
 
     async fn applied_fingerprint(
