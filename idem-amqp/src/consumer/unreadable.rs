@@ -63,13 +63,26 @@ pub(super) fn unreadable_part(delivery: &Delivery) -> Option<String> {
 
 /// A header name, or a short-string value at any depth, that was not valid UTF-8.
 fn in_table(table: &FieldTable, path: &str) -> Option<String> {
+    // Runs on every delivery: a path is only written out for a name that is bad or a nested
+    // table to descend into, never for the plain headers almost every message carries.
     for (name, value) in table.inner() {
-        let here = format!("{path}.{}", name.as_str());
-        if name.as_str().contains(REPLACED) {
-            return Some(format!("a header name in {path} ({here:?})"));
+        let name = name.as_str();
+        if name.contains(REPLACED) {
+            return Some(format!(
+                "a header name in {path} ({:?})",
+                format!("{path}.{name}")
+            ));
         }
-        if let Some(part) = in_value(value, &here) {
-            return Some(part);
+        match value {
+            AMQPValue::ShortString(text) if text.as_str().contains(REPLACED) => {
+                return Some(format!("the header value {path}.{name}"));
+            }
+            AMQPValue::FieldTable(_) | AMQPValue::FieldArray(_) => {
+                if let Some(part) = in_value(value, &format!("{path}.{name}")) {
+                    return Some(part);
+                }
+            }
+            _ => {}
         }
     }
     None
