@@ -678,6 +678,10 @@ async fn claims_stay_correct_when_the_server_default_isolation_is_serializable()
     }
     assert_eq!(sa.applied + sb.applied, 16, "{sa:?} {sb:?}");
     assert_eq!(sa.dead_lettered + sb.dead_lettered, 0, "{sa:?} {sb:?}");
+    assert!(
+        sa.applied + sa.duplicates > 0 && sb.applied + sb.duplicates > 0,
+        "one consumer got every copy: the race was not exercised: {sa:?} {sb:?}"
+    );
     assert!(drain_dead_letters(&story.connection, &story.queue)
         .await
         .is_empty());
