@@ -106,7 +106,8 @@ pub mod transport {
 #[doc(hidden)]
 pub mod __private {
     pub use idem_core::__private::{
-        decode_json, json_fingerprint, json_value_parses_as, JsonKeyField, KeyField,
+        decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
+        KeyField,
     };
     pub use idem_core::{
         async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Tx,

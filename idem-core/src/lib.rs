@@ -55,5 +55,7 @@ pub use tx::Tx;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::key::KeyField;
-    pub use crate::message::{decode_json, json_fingerprint, json_value_parses_as, JsonKeyField};
+    pub use crate::message::{
+        decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
+    };
 }

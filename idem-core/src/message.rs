@@ -1,6 +1,6 @@
 //! Messages: how a delivery's bytes become a typed value with an idempotency key.
 
-pub use crate::fingerprint::json_fingerprint;
+pub use crate::fingerprint::{json_message_fingerprint, JsonSpelling};
 use crate::key::{Key, KeyError};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -27,13 +27,20 @@ pub trait Message: Sized + Send + 'static {
     /// message id.
     fn key(&self) -> Result<Option<Key>, KeyError>;
 
-    /// What the ledger remembers of a body to tell a duplicate (same key, same payload: a silent
-    /// no-op) from a key conflict (same key, different payload: dead-lettered). The default
-    /// hashes the bytes; `#[derive(Message)]` uses [`json_fingerprint`]: the same JSON value is
-    /// the same payload, whatever its key order, whitespace, escapes or spelling of numbers
-    /// (`1`, `1.0`, `10e-1`), and numbers are compared exactly (`18446744073709551616` is not
-    /// `18446744073709551617`).
-    fn fingerprint(body: &[u8]) -> [u8; 32] {
+    /// What the ledger remembers of a message to tell a duplicate (same key, same payload: a
+    /// silent no-op) from a key conflict (same key, different payload: dead-lettered). Called
+    /// after [`Message::decode`] and [`Message::key`] succeeded, with the body and the key in
+    /// its normal form.
+    ///
+    /// The default hashes the bytes. `#[derive(Message)]` uses [`json_message_fingerprint`]:
+    /// the payload as the message type reads it. The same JSON value is the same payload,
+    /// whatever its key order, whitespace, escapes or spelling of numbers (`1`, `1.0`,
+    /// `10e-1`); numbers are compared exactly (`18446744073709551616` is not
+    /// `18446744073709551617`); the key counts in its normal form (an uppercase, braced or
+    /// `urn:uuid:` UUID is the same key, so the same payload) and a field under a serde
+    /// `alias` under its name.
+    fn fingerprint(body: &[u8], key: &Key) -> [u8; 32] {
+        let _ = key;
         Sha256::digest(body).into()
     }
 }
@@ -143,6 +150,14 @@ pub fn decode_json<T: DeserializeOwned>(
             "the body is empty; expected a JSON object",
         ));
     }
+    // JSON is UTF-8 (RFC 8259 §8.1); serde_json checks only the strings it keeps, so invalid
+    // bytes in a field the message ignores would otherwise pass.
+    if let Err(error) = std::str::from_utf8(body) {
+        return Err(DecodeError::malformed(format!(
+            "the body is not valid UTF-8 (at byte {}), so it cannot be JSON",
+            error.valid_up_to()
+        )));
+    }
     // serde accepts a struct written as a JSON array (`["…", "acct", 100]`): a message is an
     // object with named fields, and anything else is malformed, for every message type.
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -162,11 +177,6 @@ pub fn decode_json<T: DeserializeOwned>(
         Ok(message) => return Ok(message),
         Err(error) => error,
     };
-    if std::str::from_utf8(body).is_err() {
-        return Err(DecodeError::malformed(
-            "the body is not valid UTF-8, so it cannot be JSON",
-        ));
-    }
     if let (Some(key), Ok(serde_json::Value::Object(object))) =
         (key, serde_json::from_slice::<serde_json::Value>(body))
     {
@@ -301,5 +311,13 @@ mod tests {
             .err()
             .map(|e| e.kind);
         assert_eq!(invalid_utf8, Some(DecodeErrorKind::Malformed));
+        // serde_json checks UTF-8 only in the strings it keeps; JSON is UTF-8 throughout.
+        let mut ignored =
+            format!(r#"{{"payment_id":"{id}","amount_cents":5,"note":"x"}}"#).into_bytes();
+        let x = ignored.len() - 3;
+        ignored[x] = 0xff;
+        let error = decode_json::<Payment>(&ignored, KEY).unwrap_err();
+        assert_eq!(error.kind, DecodeErrorKind::Malformed);
+        assert!(error.detail.contains("not valid UTF-8 (at byte"), "{error}");
     }
 }

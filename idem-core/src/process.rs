@@ -136,7 +136,7 @@ fn decode<M: Message>(
         })?;
         let key =
             key_of(&message, metadata).map_err(|error| (Reason::MissingKey, error.to_string()))?;
-        let fingerprint = M::fingerprint(delivery.body);
+        let fingerprint = M::fingerprint(delivery.body, &key);
         Ok((message, key, fingerprint))
     }));
     guarded.unwrap_or_else(|panic| {

@@ -16,6 +16,9 @@ pub(super) struct MessageInput<'a> {
     pub(super) shape: Shape<'a>,
     /// The field marked `#[idem(key)]`; without one the transport's message id is the key.
     pub(super) key: Option<KeyField<'a>>,
+    /// `(alias, JSON name)` of every field serde reads under a `#[serde(alias)]`: one payload
+    /// in either spelling.
+    pub(super) aliases: Vec<(String, String)>,
 }
 
 /// What the derive is on; only a struct with named fields can be a message.
@@ -43,14 +46,18 @@ impl<'a> MessageInput<'a> {
     pub(super) fn from_syn(input: &'a DeriveInput, errors: &mut Errors) -> Self {
         let kind = attr::container_kind(&input.attrs, errors);
         let serde = attr::serde_container(&input.attrs);
-        let (shape, key) = match &input.data {
+        let (shape, key, aliases) = match &input.data {
             Data::Struct(data) => match &data.fields {
-                Fields::Named(named) => (Shape::Named, key_field(&named.named, &serde, errors)),
-                Fields::Unnamed(unnamed) => (Shape::Tuple(unnamed), None),
-                Fields::Unit => (Shape::Unit, None),
+                Fields::Named(named) => (
+                    Shape::Named,
+                    key_field(&named.named, &serde, errors),
+                    aliases(&named.named, &serde),
+                ),
+                Fields::Unnamed(unnamed) => (Shape::Tuple(unnamed), None, Vec::new()),
+                Fields::Unit => (Shape::Unit, None, Vec::new()),
             },
-            Data::Enum(data) => (Shape::Enum(data.enum_token.span), None),
-            Data::Union(data) => (Shape::Union(data.union_token.span), None),
+            Data::Enum(data) => (Shape::Enum(data.enum_token.span), None, Vec::new()),
+            Data::Union(data) => (Shape::Union(data.union_token.span), None, Vec::new()),
         };
         Self {
             ident: &input.ident,
@@ -59,8 +66,37 @@ impl<'a> MessageInput<'a> {
             serde,
             shape,
             key,
+            aliases,
         }
     }
+}
+
+/// `(alias, JSON name)` for the aliases of the fields serde reads from the body.
+fn aliases(
+    fields: &Punctuated<Field, Token![,]>,
+    container: &SerdeContainer,
+) -> Vec<(String, String)> {
+    let mut aliases = Vec::new();
+    for field in fields {
+        let Some(ident) = field.ident.as_ref() else {
+            continue;
+        };
+        let serde = attr::serde_field(&field.attrs);
+        let read = !serde
+            .flags
+            .iter()
+            .any(|flag| flag.is_ident("skip") || flag.is_ident("skip_deserializing"));
+        if read {
+            let name = attr::json_name(ident, &serde, container);
+            aliases.extend(
+                serde
+                    .aliases
+                    .iter()
+                    .map(|alias| (alias.clone(), name.clone())),
+            );
+        }
+    }
+    aliases
 }
 
 /// The first field marked `#[idem(key)]`; marking another is an error.

@@ -30,6 +30,8 @@ pub(super) struct SerdeField {
     /// `skip`, `skip_deserializing`, `flatten` and `default`, in the order written: each changes
     /// whether the key is read from the body.
     pub(super) flags: Vec<syn::Path>,
+    /// Every `alias = "..."`: other names serde reads the field under.
+    pub(super) aliases: Vec<String>,
 }
 
 /// `#[idem(kind = "...")]` on the struct.
@@ -127,14 +129,16 @@ pub(super) fn serde_container(attrs: &[Attribute]) -> SerdeContainer {
     container
 }
 
-/// What `#[serde(...)]` on a field says: `rename`, and the flags that keep the key from being
-/// read as written.
+/// What `#[serde(...)]` on a field says: `rename`, `alias`, and the flags that keep the key from
+/// being read as written.
 pub(super) fn serde_field(attrs: &[Attribute]) -> SerdeField {
     let mut field = SerdeField::default();
     for meta in serde_metas(attrs) {
         let path = meta.path();
         if path.is_ident("rename") {
             field.rename = deserialize_name(&meta).or(field.rename);
+        } else if path.is_ident("alias") {
+            field.aliases.extend(deserialize_name(&meta));
         } else if ["skip", "skip_deserializing", "flatten", "default"]
             .iter()
             .any(|flag| path.is_ident(flag))

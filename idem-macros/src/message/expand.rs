@@ -35,10 +35,15 @@ fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
         .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
     let (impl_generics, type_generics, _) = input.generics.split_for_impl();
     let where_clause = where_clause(input.generics);
-    let (decode, key_of) = if valid {
-        (decode_body(input), key_body(input.key.as_ref()))
+    let (decode, key_of, fingerprint) = if valid {
+        (
+            decode_body(input),
+            key_body(input.key.as_ref()),
+            fingerprint_body(input),
+        )
     } else {
         (
+            quote!(::core::unreachable!()),
             quote!(::core::unreachable!()),
             quote!(::core::unreachable!()),
         )
@@ -64,8 +69,11 @@ fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
                 #key_of
             }
 
-            fn fingerprint(body: &[::core::primitive::u8]) -> [::core::primitive::u8; 32] {
-                ::idem::__private::json_fingerprint(body)
+            fn fingerprint(
+                body: &[::core::primitive::u8],
+                key: &::idem::__private::Key,
+            ) -> [::core::primitive::u8; 32] {
+                #fingerprint
             }
         }
     }
@@ -106,6 +114,29 @@ fn decode_body(input: &MessageInput<'_>) -> TokenStream {
     };
     quote_spanned! {at(input.ident.span())=>
         ::idem::__private::decode_json::<Self>(body, #key_json)
+    }
+}
+
+/// `fingerprint`: the payload as this type reads it (the key in normal form, aliases as the
+/// fields' names).
+fn fingerprint_body(input: &MessageInput<'_>) -> TokenStream {
+    let key = match &input.key {
+        Some(key) => {
+            let json_name = &key.json_name;
+            quote!(::core::option::Option::Some(#json_name))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let (alias, name): (Vec<_>, Vec<_>) = input.aliases.iter().cloned().unzip();
+    quote_spanned! {at(input.ident.span())=>
+        ::idem::__private::json_message_fingerprint(
+            body,
+            &::idem::__private::JsonSpelling {
+                key: #key,
+                aliases: &[#((#alias, #name)),*],
+            },
+            key,
+        )
     }
 }
 
