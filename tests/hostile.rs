@@ -2,7 +2,8 @@
 //! and on both ledgers: a handler that swallows a failed statement or ends idem's transaction
 //! itself, a COMMIT the server refuses, a message the database keeps failing while it serves
 //! others, a redelivered message held while the consumer must go on, a crash-loop count that
-//! outlives its message, a panic while decoding, and a producer's TTL on a dead letter. Each
+//! outlives its message, a panic while decoding, a producer's TTL on a dead letter, and a
+//! producer's `user_id` that idem's connection may not publish. Each
 //! story is one way to break "acked only after the effect committed; applied once; nothing
 //! lost", and each failed before the fix it proves.
 
@@ -685,5 +686,95 @@ async fn claims_stay_correct_when_the_server_default_isolation_is_serializable()
     assert!(drain_dead_letters(&story.connection, &story.queue)
         .await
         .is_empty());
+    story.end().await;
+}
+
+/// A producer sets `user_id` (RabbitMQ lets it: it is the producer's own user) on messages to
+/// a queue idem consumes as another user. The broker refuses any publish whose `user_id` is not
+/// the publishing connection's user by closing the channel, so a dead letter or retry copy that
+/// kept it could never be published: the message would come back forever and block the queue.
+/// idem's copies carry it in `x-idem-original-user-id` instead, and each message goes where it
+/// should.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_s_user_id_never_makes_its_dead_letter_or_retry_unpublishable() {
+    let rabbitmqctl = std::env::var("IDEM_RABBITMQCTL")
+        .expect("IDEM_RABBITMQCTL is not set: run the tests through scripts/test");
+    let ctl = |args: &[&str]| {
+        let output = std::process::Command::new(&rabbitmqctl)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let user = format!("producer-{}", Uuid::new_v4().simple());
+    ctl(&["add_user", &user, "secret"]);
+    ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let producer_url = amqp_url().replacen("guest:guest@", &format!("{user}:secret@"), 1);
+    assert_ne!(
+        producer_url,
+        amqp_url(),
+        "the test URL has no guest credentials"
+    );
+    let producer = idem::amqp::lapin::Connection::connect(
+        &producer_url,
+        idem::amqp::lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+
+    let mut story = Story::<Sqlite>::begin("user-id").await;
+    story.retry = RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(1))
+        .max_attempts(3)
+        .jitter(0.0);
+    let running = story.run(story.recorder().failing_transiently(1)).await;
+    let as_the_producer =
+        |p: idem::amqp::lapin::BasicProperties| p.with_user_id(user.as_str().into());
+    let id = Uuid::new_v4();
+    publish_with(
+        &producer,
+        &story.queue,
+        b"{not json",
+        Some("uid-1"),
+        as_the_producer,
+    )
+    .await;
+    publish_with(
+        &producer,
+        &story.queue,
+        &transfer_body(id, "acct-uid", 5),
+        None,
+        as_the_producer,
+    )
+    .await;
+    running
+        .wait_until(
+            "the bad message is dead-lettered and the good one applied after a retry",
+            |s| s.dead_lettered == 1 && s.applied == 1,
+        )
+        .await;
+    let stats = running.stop().await;
+    assert_eq!(
+        (stats.retried, stats.applied, stats.dead_lettered),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(story.effects(&id).await, 1);
+
+    let letters = drain_dead_letters(&story.connection, &story.queue).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason(), "malformed");
+    assert_eq!(
+        letters[0]
+            .headers
+            .get("x-idem-original-user-id")
+            .map(String::as_str),
+        Some(user.as_str())
+    );
+    producer.close(0, "done".into()).await.unwrap();
+    ctl(&["delete_user", &user]);
     story.end().await;
 }

@@ -30,6 +30,11 @@ pub const CAUSATION_ID: &str = "x-idem-causation-id";
 /// Header of a dead letter: the producer's `expiration` (per-message TTL, in ms) that the
 /// original carried. A dead letter does not expire; this keeps the TTL for the record.
 pub const ORIGINAL_EXPIRATION: &str = "x-idem-original-expiration";
+/// Header of a dead letter or retry copy: the `user_id` the producer set (RabbitMQ checked it
+/// against the producer's own connection). idem's copy cannot carry it, since the broker
+/// refuses a publish whose `user_id` is not the publishing connection's user; it is kept here
+/// for the record.
+pub const ORIGINAL_USER_ID: &str = "x-idem-original-user-id";
 /// Header of a dead letter or retry copy that would not fit in one AMQP frame with idem's
 /// headers added: which of the producer's headers idem left out to make it fit, and the bytes
 /// they took, as `"<bytes> bytes: <name>, <name>"` (largest first; earlier drops, carried from a
@@ -107,8 +112,13 @@ impl Written<'_> {
     }
 }
 
-/// The error, this attempt counted, and the failure times: what idem adds to a retry copy.
-pub(crate) fn failure<'a>(metadata: &Metadata, error: &'a str) -> Written<'a> {
+/// The error, this attempt counted, the failure times and the producer's `user_id`: what idem
+/// adds to a retry copy.
+pub(crate) fn failure<'a>(
+    properties: &BasicProperties,
+    metadata: &Metadata,
+    error: &'a str,
+) -> Written<'a> {
     let now = unix_seconds();
     let mut bookkeeping = BTreeMap::new();
     bookkeeping.insert(
@@ -120,6 +130,9 @@ pub(crate) fn failure<'a>(metadata: &Metadata, error: &'a str) -> Written<'a> {
         AMQPValue::Timestamp(metadata.first_failure.unwrap_or(now)),
     );
     bookkeeping.insert(LAST_FAILURE.into(), AMQPValue::Timestamp(now));
+    if let Some(user_id) = properties.user_id() {
+        bookkeeping.insert(ORIGINAL_USER_ID.into(), long_string(user_id.as_str()));
+    }
     Written {
         bookkeeping,
         error: truncate(error, MAX_ERROR_LEN),
@@ -141,7 +154,7 @@ pub(crate) fn dead_letter<'a>(
     metadata: &Metadata,
     letter: &DeadLetter<'a>,
 ) -> Written<'a> {
-    let mut written = failure(metadata, letter.error);
+    let mut written = failure(properties, metadata, letter.error);
     let bookkeeping = &mut written.bookkeeping;
     bookkeeping.insert(REASON.into(), long_string(letter.reason.as_str()));
     bookkeeping.insert(CONSUMER.into(), long_string(letter.consumer));

@@ -93,7 +93,7 @@ pub(crate) async fn dead_letter(
     // The producer's TTL would make the dead letter vanish from the DLQ: it is kept in a header
     // instead. (A retry copy needs no such care: its expiration is the delay's.)
     // Persistent whatever the original was: a dead letter is the only copy left.
-    let properties = without_expiration(properties).with_delivery_mode(PERSISTENT);
+    let properties = republishable(properties).with_delivery_mode(PERSISTENT);
     // Nothing is added to a dead letter after this publish: the whole frame is its own.
     let properties = publisher.fitted(&queue, properties, written, 0)?;
     to_queue_confirmed(&publisher.channel, &queue, body, properties).await
@@ -110,8 +110,13 @@ const RETURN_RESERVE: usize = 4096;
 /// copy is confirmed, so that copy must survive a broker restart even if the original would not.
 const PERSISTENT: u8 = 2;
 
-/// `properties` without `expiration`. lapin cannot unset one property, so the rest is copied.
-fn without_expiration(properties: &BasicProperties) -> BasicProperties {
+/// `properties` without `expiration` and `user_id`: what idem's copy of a delivery (a dead
+/// letter, a retry) may carry. RabbitMQ refuses a publish whose `user_id` is not the publishing
+/// connection's user by closing the channel (406 PRECONDITION_FAILED), and a producer's
+/// `user_id` is its own user, not idem's: kept, the copy could never be published and the
+/// message would come back forever. The headers keep both ([`headers::ORIGINAL_USER_ID`],
+/// [`headers::ORIGINAL_EXPIRATION`]). lapin cannot unset one property, so the rest is copied.
+fn republishable(properties: &BasicProperties) -> BasicProperties {
     let mut kept = BasicProperties::default();
     macro_rules! keep {
         ($($get:ident => $set:ident),* $(,)?) => {$(
@@ -131,7 +136,6 @@ fn without_expiration(properties: &BasicProperties) -> BasicProperties {
         message_id => with_message_id,
         timestamp => with_timestamp,
         kind => with_type,
-        user_id => with_user_id,
         app_id => with_app_id,
         cluster_id => with_cluster_id,
     );
@@ -153,9 +157,8 @@ pub(crate) async fn retry(
     (delay, tier): (Duration, Duration),
 ) -> Result<(), Error> {
     let queue = retry_queue(queue, tier);
-    let written = headers::failure(metadata, error);
-    let properties = properties
-        .clone()
+    let written = headers::failure(properties, metadata, error);
+    let properties = republishable(properties)
         .with_delivery_mode(PERSISTENT)
         .with_expiration(delay.as_millis().max(1).to_string().into());
     let properties = publisher.fitted(&queue, properties, written, RETURN_RESERVE)?;
@@ -219,11 +222,11 @@ pub(crate) fn confirmed(
 
 #[cfg(test)]
 mod tests {
-    use super::without_expiration;
+    use super::republishable;
     use lapin::BasicProperties;
 
     #[test]
-    fn a_dead_letter_keeps_every_property_but_the_ttl() {
+    fn a_copy_keeps_every_property_but_the_ttl_and_the_user_id() {
         let original = BasicProperties::default()
             .with_message_id("m-1".into())
             .with_correlation_id("c-1".into())
@@ -233,9 +236,11 @@ mod tests {
             .with_timestamp(1_700_000_000)
             .with_content_type("application/json".into())
             .with_app_id("shop".into())
+            .with_user_id("payments-api".into())
             .with_expiration("60000".into());
-        let kept = without_expiration(&original);
+        let kept = republishable(&original);
         assert_eq!(*kept.expiration(), None);
+        assert_eq!(*kept.user_id(), None);
         // Everything else is the original's, byte for byte.
         let expected = BasicProperties::default()
             .with_message_id("m-1".into())
