@@ -16,6 +16,7 @@ use common::*;
 use futures_util::StreamExt;
 use idem::amqp::lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
 use idem::amqp::lapin::types::{AMQPValue, FieldTable};
+use idem::amqp::lapin::{BasicProperties, Connection, ConnectionProperties};
 use idem::amqp::Consumer;
 use idem::{async_trait, Handler, HandlerError, Postgres, RetryPolicy, Sqlite, Tx};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -719,20 +720,16 @@ async fn a_producer_s_user_id_never_makes_its_dead_letter_or_retry_unpublishable
         amqp_url(),
         "the test URL has no guest credentials"
     );
-    let producer = idem::amqp::lapin::Connection::connect(
-        &producer_url,
-        idem::amqp::lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
+    let producer = Connection::connect(&producer_url, ConnectionProperties::default())
+        .await
+        .unwrap();
 
     let mut story = Story::<Sqlite>::begin("user-id").await;
     story.retry = RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(1))
         .max_attempts(3)
         .jitter(0.0);
     let running = story.run(story.recorder().failing_transiently(1)).await;
-    let as_the_producer =
-        |p: idem::amqp::lapin::BasicProperties| p.with_user_id(user.as_str().into());
+    let as_the_producer = |p: BasicProperties| p.with_user_id(user.as_str().into());
     let id = Uuid::new_v4();
     publish_with(
         &producer,
