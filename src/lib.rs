@@ -64,8 +64,8 @@
 
 pub use idem_core::{
     async_trait, redact_url, Backend, BoxError, DecodeError, DecodeErrorKind, Error, ErrorClass,
-    ErrorClassExt, Handler, HandlerError, Key, KeyError, Message, Metadata, Reason, RetryPolicy,
-    Tx,
+    ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message, Metadata, Reason,
+    RetryPolicy, Tx,
 };
 
 pub use idem_core::outbox;

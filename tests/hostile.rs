@@ -18,7 +18,7 @@ use idem::amqp::lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicQosO
 use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::lapin::{BasicProperties, Connection, ConnectionProperties};
 use idem::amqp::Consumer;
-use idem::{async_trait, Handler, HandlerError, Postgres, RetryPolicy, Sqlite, Tx};
+use idem::{async_trait, Handler, HandlerError, Isolation, Postgres, RetryPolicy, Sqlite, Tx};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -620,7 +620,8 @@ async fn a_dead_letter_does_not_expire_with_the_producer_s_ttl() {
 /// A server whose default isolation is SERIALIZABLE (a team's choice for its own effects):
 /// two consumers racing on the same keys still apply each exactly once, without dead letters.
 /// A claim that loses the race under SERIALIZABLE fails with a serialization error instead of
-/// waiting and finding the key; idem holds it and claims again, and finds the duplicate.
+/// waiting and finding the key; idem claims again at once and finds the duplicate, and the
+/// consumers stay ready throughout (a lost race is not a database outage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_stay_correct_when_the_server_default_isolation_is_serializable() {
     let url = fresh_pg_database("idem_serializable").await;
@@ -644,22 +645,51 @@ async fn claims_stay_correct_when_the_server_default_isolation_is_serializable()
     Postgres::create_effects(&pool).await;
     let mut story = Story::<Postgres>::begin("serializable").await;
     story.pool = pool;
+    two_consumers_race_on_every_key(story, Isolation::ServerDefault).await;
+}
+
+/// The same race, with the consumer asking for REPEATABLE READ itself (`.isolation(..)`) on a
+/// server left at READ COMMITTED: a duplicate racing its original is found, never applied
+/// twice, never dead-lettered, and never flips the consumer to "database unreachable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_racing_its_original_under_repeatable_read_keeps_the_consumer_ready() {
+    let story = Story::<Postgres>::begin("repeatable-read").await;
+    two_consumers_race_on_every_key(story, Isolation::RepeatableRead).await;
+}
+
+async fn two_consumers_race_on_every_key(mut story: Story<Postgres>, isolation: Isolation) {
     story.retry = RetryPolicy::exponential(Duration::from_millis(20), Duration::from_millis(200))
         .max_attempts(10);
-
     let pause = Duration::from_millis(30);
+    // The default database backoff (1 s): a race mistaken for an outage would hold a delivery,
+    // and mark its consumer unready, for a whole second.
     let racer = |handler| {
         Consumer::builder(story.pool.clone(), handler)
             .queue(&story.queue)
             .retry(story.retry)
             .prefetch(2)
             .concurrency(2)
-            .database_backoff(Duration::from_millis(20))
+            .isolation(isolation)
             .build()
             .unwrap()
     };
     let running_a = start(racer(story.recorder().pausing(pause))).await;
     let running_b = start(racer(story.recorder().pausing(pause))).await;
+    let (a, b) = (running_a.consumer.clone(), running_b.consumer.clone());
+    let unready = Arc::new(AtomicUsize::new(0));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let (unready, watching) = (Arc::clone(&unready), Arc::clone(&watching));
+        async move {
+            while watching.load(Ordering::SeqCst) {
+                if !a.health().database_reachable || !b.health().database_reachable {
+                    unready.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+
     let ids: Vec<Uuid> = (0..16).map(|_| Uuid::new_v4()).collect();
     for id in &ids {
         let body = transfer_body(*id, "acct-h9", 100);
@@ -673,6 +703,8 @@ async fn claims_stay_correct_when_the_server_default_isolation_is_serializable()
             sa.applied + sa.duplicates + sb.applied + sb.duplicates == 32
         })
         .await;
+    watching.store(false, Ordering::SeqCst);
+    watcher.await.unwrap();
     let (sa, sb) = (running_a.stop().await, running_b.stop().await);
 
     for id in &ids {
@@ -683,6 +715,11 @@ async fn claims_stay_correct_when_the_server_default_isolation_is_serializable()
     assert!(
         sa.applied + sa.duplicates > 0 && sb.applied + sb.duplicates > 0,
         "one consumer got every copy: the race was not exercised: {sa:?} {sb:?}"
+    );
+    assert_eq!(
+        unready.load(Ordering::SeqCst),
+        0,
+        "a lost claim race was taken for an unreachable database"
     );
     assert!(drain_dead_letters(&story.connection, &story.queue)
         .await

@@ -44,7 +44,7 @@ pub use handler::{BoxError, ErrorClass, ErrorClassExt, Handler, HandlerError};
 pub use key::{Key, KeyError};
 pub use message::{DecodeError, DecodeErrorKind, Message, MAX_JSON_DEPTH};
 pub use outcome::{Outcome, Processed, Reason};
-pub use policy::{Policy, RetryPolicy};
+pub use policy::{Isolation, Policy, RetryPolicy};
 pub use process::{delivery_span, process};
 /// The sqlx crate idem-core is built on.
 pub use sqlx;

@@ -138,6 +138,46 @@ impl RetryPolicy {
     }
 }
 
+/// The isolation level of idem's transaction, the one the handler's effects run in.
+///
+/// idem's own correctness does not depend on it: the claim is a unique insert, so a duplicate
+/// is found at any level. Under REPEATABLE READ and SERIALIZABLE a claim that races another
+/// copy of the same message fails with a serialization error instead of waiting and finding
+/// the key; idem runs such a claim again at once, in a new transaction, where it finds the
+/// duplicate (neither an attempt nor a sign that the database is unavailable).
+///
+/// SQLite runs every transaction SERIALIZABLE (one writer at a time), which satisfies any
+/// level asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Isolation {
+    /// The server's default: PostgreSQL's `default_transaction_isolation` (READ COMMITTED
+    /// unless the database or role says otherwise).
+    #[default]
+    ServerDefault,
+    /// READ COMMITTED: each statement sees what was committed before it began.
+    ReadCommitted,
+    /// REPEATABLE READ: the whole transaction sees one snapshot; a concurrent update of a row
+    /// it updates fails it with a serialization error (transient: retried).
+    RepeatableRead,
+    /// SERIALIZABLE: as if transactions ran one at a time; what would break that fails with a
+    /// serialization error (transient: retried). What a handler needs to rule out write skew
+    /// (two reservations each seeing the last unit of stock).
+    Serializable,
+}
+
+impl Isolation {
+    /// The `BEGIN` that opens a PostgreSQL transaction at this level.
+    pub(crate) fn begin_statement(self) -> &'static str {
+        match self {
+            Self::ServerDefault => "BEGIN",
+            Self::ReadCommitted => "BEGIN ISOLATION LEVEL READ COMMITTED",
+            Self::RepeatableRead => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            Self::Serializable => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        }
+    }
+}
+
 /// The limits the unit of work applies to every delivery of one consumer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -151,6 +191,8 @@ pub struct Policy {
     /// (the process died, the connection dropped) before it is dead-lettered `crash-loop`
     /// (default 5).
     pub crash_loop_limit: u32,
+    /// The isolation level of the transaction (default: the server's).
+    pub isolation: Isolation,
 }
 
 impl Default for Policy {
@@ -159,6 +201,7 @@ impl Default for Policy {
             retry: RetryPolicy::default(),
             max_body_bytes: 1024 * 1024,
             crash_loop_limit: 5,
+            isolation: Isolation::ServerDefault,
         }
     }
 }

@@ -65,16 +65,9 @@ pub async fn process<DB: Backend, H: Handler<DB>>(
     {
         Err(outcome) => outcome,
         Ok(()) => {
-            let ended = run_transaction(
-                pool,
-                handler,
-                &key,
-                message,
-                &fingerprint,
-                delivery,
-                counted,
-            )
-            .await;
+            let ended =
+                claim_until_settled(pool, handler, &key, message, &fingerprint, delivery, policy)
+                    .await;
             let outcome = verdict(ended, delivery.metadata, policy);
             if counted && matches!(outcome, Outcome::DeadLetter { .. } | Outcome::Retry { .. }) {
                 forget_redeliveries(pool, consumer, &key).await;
@@ -154,6 +147,57 @@ fn key_of<M: Message>(message: &M, metadata: &Metadata) -> Result<Key, KeyError>
     match message.key()? {
         Some(key) => Ok(key),
         None => Key::new(metadata.message_id.as_deref().ok_or(KeyError::Missing)?),
+    }
+}
+
+/// How many times a claim that lost a race is run again at once before the message counts an
+/// attempt: a race is over when the other transaction ends, so one more claim almost always
+/// settles it (finding the duplicate).
+const RACED_CLAIM_RERUNS: u32 = 5;
+
+/// The transaction, run again at once (up to [`RACED_CLAIM_RERUNS`] times) while its claim
+/// loses races with other copies of the message. A lost race is neither the message's fault
+/// nor the database's absence: not an attempt, and not a hold that marks the consumer unready.
+async fn claim_until_settled<DB: Backend, H: Handler<DB>>(
+    pool: &Pool<DB>,
+    handler: &H,
+    key: &Key,
+    mut message: H::Message,
+    fingerprint: &[u8],
+    delivery: Delivery<'_>,
+    policy: &Policy,
+) -> Ended {
+    let mut reruns = 0;
+    loop {
+        let contended = match run_transaction(
+            pool,
+            handler,
+            key,
+            message,
+            fingerprint,
+            delivery,
+            policy.isolation,
+        )
+        .await
+        {
+            Ok(ended) => return ended,
+            Err(contended) => contended,
+        };
+        if reruns == RACED_CLAIM_RERUNS {
+            return Ended::Failed {
+                class: ErrorClass::Transient,
+                error: format!(
+                    "the ledger claim lost a race with another transaction {} times in a row: {}",
+                    reruns + 1,
+                    contended.error
+                ),
+            };
+        }
+        reruns += 1;
+        tracing::debug!(error = %contended.error, rerun = reruns, "the ledger claim raced another transaction; claiming again");
+        message = contended.message;
+        // A moment for the other transaction to end; growing, in case it is a long one.
+        tokio::time::sleep(std::time::Duration::from_millis(u64::from(reruns) * 2)).await;
     }
 }
 

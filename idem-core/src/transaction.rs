@@ -12,10 +12,19 @@ use crate::classify::{cause_in, cause_of, class_of_sqlx, Cause};
 use crate::delivery::Delivery;
 use crate::handler::{ErrorClass, Handler, HandlerError};
 use crate::key::Key;
+use crate::policy::Isolation;
 use crate::tx::Tx;
 use futures_util::FutureExt;
 use sqlx::Pool;
 use std::panic::AssertUnwindSafe;
+
+/// The claim lost a race with another transaction (a serialization failure under REPEATABLE
+/// READ or SERIALIZABLE, a deadlock, a lock or statement timeout) before the handler ran:
+/// nothing was done, and the message is handed back to be claimed again in a new transaction.
+pub(crate) struct Contended<M> {
+    pub(crate) error: String,
+    pub(crate) message: M,
+}
 
 /// How the transaction ended, before the retry policy has its say.
 pub(crate) enum Ended {
@@ -33,22 +42,38 @@ pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
     message: H::Message,
     fingerprint: &[u8],
     delivery: Delivery<'_>,
-    crash_counted: bool,
-) -> Ended {
+    isolation: Isolation,
+) -> Result<Ended, Contended<H::Message>> {
     let consumer = handler.consumer();
-    let mut transaction = match DB::begin(pool).await {
+    // A redelivered message carries a crash-loop count (process.rs) until a terminal outcome.
+    let crash_counted = delivery.metadata.redelivered;
+    let mut transaction = match DB::begin(pool, isolation).await {
         Ok(transaction) => transaction,
         Err(error) => {
-            return Ended::Unavailable(format!("cannot begin a transaction: {error}"));
+            return Ok(Ended::Unavailable(format!(
+                "cannot begin a transaction: {error}"
+            )));
         }
     };
-    // Errors in idem's own statements are never the message's fault: the database is away,
-    // or not what idem expects; either way, wait for it rather than blame the message.
+    // Errors in idem's own statements are never the message's fault. A claim that lost a race
+    // (another copy of this message committed first, under an isolation level that reports
+    // that as an error) is claimed again; anything else means the database is away, or not
+    // what idem expects: wait for it rather than blame the message.
     let claim = match DB::claim(&mut transaction, consumer, key.as_str(), fingerprint).await {
         Ok(claim) => claim,
         Err(error) => {
             rollback(transaction).await;
-            return Ended::Unavailable(format!("cannot claim the key in the ledger: {error}"));
+            let raced = cause_of(&error) == Cause::Statement
+                && class_of_sqlx(&error) == ErrorClass::Transient;
+            if raced {
+                return Err(Contended {
+                    error: error.to_string(),
+                    message,
+                });
+            }
+            return Ok(Ended::Unavailable(format!(
+                "cannot claim the key in the ledger: {error}"
+            )));
         }
     };
     if crash_counted {
@@ -56,13 +81,15 @@ pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
         if let Err(error) = DB::forget_redeliveries(&mut transaction, consumer, key.as_str()).await
         {
             rollback(transaction).await;
-            return Ended::Unavailable(format!("cannot clear the redelivery count: {error}"));
+            return Ok(Ended::Unavailable(format!(
+                "cannot clear the redelivery count: {error}"
+            )));
         }
     }
     let txid = match claim {
         Claim::Claimed { txid } => txid,
         unclaimed => {
-            return end_unclaimed(transaction, unclaimed, key, fingerprint, crash_counted).await
+            return Ok(end_unclaimed(transaction, unclaimed, key, fingerprint, crash_counted).await)
         }
     };
     let handled = {
@@ -71,7 +98,7 @@ pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
             .catch_unwind()
             .await
     };
-    match handled {
+    Ok(match handled {
         Ok(Ok(())) => commit(transaction, txid, consumer, key).await,
         Ok(Err(error)) => end_failed(transaction, error).await,
         Err(panic) => {
@@ -83,7 +110,7 @@ pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
                 error: format!("the handler panicked: {}", panic_text(&*panic)),
             }
         }
-    }
+    })
 }
 
 /// The key was applied before: the handler does not run. The transaction commits only to clear

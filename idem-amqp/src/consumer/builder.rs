@@ -5,7 +5,7 @@ use super::{Consumer, Shared};
 use crate::error::Error;
 use crate::health::HealthState;
 use crate::topology::{self, MAX_QUEUE_NAME};
-use idem_core::{Backend, Backoff, Handler, Policy, RetryPolicy};
+use idem_core::{Backend, Backoff, Handler, Isolation, Policy, RetryPolicy};
 use sqlx::Pool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +70,17 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
     /// doubling, 20 % jitter). Each distinct delay gets a delay queue `<queue>.retry.<delay>`.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.policy.retry = policy;
+        self
+    }
+
+    /// The isolation level of the transaction the handler runs in (default: the server's,
+    /// READ COMMITTED unless configured otherwise). A handler that must rule out write skew
+    /// (two reservations each seeing the last unit of stock) asks for
+    /// [`Isolation::Serializable`]; its serialization failures are transient and retried.
+    /// A claim that races another copy of the message at these levels is claimed again at
+    /// once: not an attempt, and the consumer stays ready. SQLite is always serializable.
+    pub fn isolation(mut self, isolation: Isolation) -> Self {
+        self.policy.isolation = isolation;
         self
     }
 

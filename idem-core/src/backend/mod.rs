@@ -11,6 +11,7 @@
 use crate::error::Error;
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
+use crate::policy::Isolation;
 use sqlx::Pool;
 use std::time::Duration;
 
@@ -53,8 +54,8 @@ mod store {
     /// adapter's relay reaches the outbox ones through the `Backend` bound).
     #[async_trait::async_trait]
     pub trait Store: sqlx::Database + Sized {
-        /// Begins the transaction of one unit of work on a connection of `pool`.
-        async fn begin(pool: &Pool<Self>) -> Result<Unit<Self>, sqlx::Error>;
+        /// Begins the transaction of one unit of work on a connection of `pool`, at `isolation`.
+        async fn begin(pool: &Pool<Self>, isolation: Isolation) -> Result<Unit<Self>, sqlx::Error>;
 
         /// COMMIT, without checks (nothing of the handler's ran).
         async fn commit(unit: &mut Unit<Self>) -> Result<(), sqlx::Error>;

@@ -9,6 +9,7 @@ use super::{Backend, Claim, Store, TxState, Unit};
 use crate::error::{redact_url, Error};
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
+use crate::policy::Isolation;
 use sqlx::Pool;
 use std::time::Duration;
 
@@ -62,13 +63,13 @@ impl Backend for sqlx::Postgres {
 
 #[async_trait::async_trait]
 impl Store for sqlx::Postgres {
-    async fn begin(pool: &Pool<Self>) -> Result<Unit<Self>, sqlx::Error> {
+    async fn begin(pool: &Pool<Self>, isolation: Isolation) -> Result<Unit<Self>, sqlx::Error> {
         // Open before BEGIN is sent: a task cancelled mid-BEGIN closes the connection.
         let mut unit = Unit {
             conn: pool.acquire().await?,
             open: true,
         };
-        sqlx::Executor::execute(&mut *unit.conn, "BEGIN").await?;
+        sqlx::Executor::execute(&mut *unit.conn, isolation.begin_statement()).await?;
         Ok(unit)
     }
 

@@ -9,6 +9,7 @@ use super::{Backend, Claim, Store, TxState, Unit};
 use crate::error::{redact_url, Error};
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
+use crate::policy::Isolation;
 use sqlx::Pool;
 use std::time::Duration;
 
@@ -65,7 +66,9 @@ impl Backend for sqlx::Sqlite {
 
 #[async_trait::async_trait]
 impl Store for sqlx::Sqlite {
-    async fn begin(pool: &Pool<Self>) -> Result<Unit<Self>, sqlx::Error> {
+    async fn begin(pool: &Pool<Self>, isolation: Isolation) -> Result<Unit<Self>, sqlx::Error> {
+        // SQLite is always SERIALIZABLE, which satisfies any level asked for.
+        let _ = isolation;
         // Open before BEGIN is sent: a task cancelled mid-BEGIN closes the connection.
         let mut unit = Unit {
             conn: pool.acquire().await?,
