@@ -48,9 +48,12 @@ macro_rules! exec {
         #[async_trait]
         impl Exec for $db {
             async fn exec(conn: &mut Self::Connection, sql: &str) -> Result<(), sqlx::Error> {
+                // The tests' own statements.
+                let sql = sqlx::AssertSqlSafe(sql.to_owned());
                 sqlx::query(sql).execute(conn).await.map(|_| ())
             }
             async fn exec_pool(pool: &sqlx::Pool<Self>, sql: &str) {
+                let sql = sqlx::AssertSqlSafe(sql.to_owned());
                 sqlx::query(sql).execute(pool).await.unwrap();
             }
             async fn redelivery_count(

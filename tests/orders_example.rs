@@ -493,7 +493,7 @@ impl Run {
 }
 
 /// A single number from the database; `None` while a table is not there yet.
-async fn scalar(pool: &PgPool, sql: &str) -> Option<i64> {
+async fn scalar(pool: &PgPool, sql: &'static str) -> Option<i64> {
     sqlx::query_scalar(sql).fetch_one(pool).await.ok()
 }
 

@@ -121,7 +121,7 @@ enum Db {
 }
 
 impl Db {
-    async fn execute(&self, sql: &str, account: &str) {
+    async fn execute(&self, sql: &'static str, account: &str) {
         match self {
             Db::Postgres(pool) => sqlx::query(sql).bind(account).execute(pool).await.map(drop),
             Db::Sqlite(pool) => sqlx::query(sql).bind(account).execute(pool).await.map(drop),
@@ -129,7 +129,7 @@ impl Db {
         .unwrap();
     }
     /// `None` when there is no row, or no table yet.
-    async fn scalar(&self, sql: &str, key: &str) -> Option<i64> {
+    async fn scalar(&self, sql: &'static str, key: &str) -> Option<i64> {
         match self {
             Db::Postgres(pool) => sqlx::query_scalar(sql).bind(key).fetch_optional(pool).await,
             Db::Sqlite(pool) => sqlx::query_scalar(sql).bind(key).fetch_optional(pool).await,

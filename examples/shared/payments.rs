@@ -216,7 +216,9 @@ macro_rules! payments_store {
                     sqlx::query($lock).execute(&mut *tx).await?;
                 }
                 for sql in CREATE_TABLES {
-                    sqlx::query(&sql.replace("INTEGER_ID", $id_column)).execute(&mut *tx).await?;
+                    // Only the example's own column type is written into its DDL.
+                    let sql = sqlx::AssertSqlSafe(sql.replace("INTEGER_ID", $id_column));
+                    sqlx::query(sql).execute(&mut *tx).await?;
                 }
                 tx.commit().await
             }

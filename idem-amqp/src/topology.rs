@@ -21,11 +21,11 @@ pub fn dead_letter_queue(queue: &str) -> String {
 /// delay written like `500ms`, `4s`, `2m` or `1h`.
 pub fn retry_queue(queue: &str, delay: Duration) -> String {
     let ms = delay.as_millis();
-    let label = if ms > 0 && ms % 3_600_000 == 0 {
+    let label = if ms > 0 && ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms > 0 && ms % 60_000 == 0 {
+    } else if ms > 0 && ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms > 0 && ms % 1000 == 0 {
+    } else if ms > 0 && ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

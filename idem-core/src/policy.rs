@@ -168,6 +168,7 @@ pub enum Isolation {
 
 impl Isolation {
     /// The `BEGIN` that opens a PostgreSQL transaction at this level.
+    #[cfg(feature = "postgres")]
     pub(crate) fn begin_statement(self) -> &'static str {
         match self {
             Self::ServerDefault => "BEGIN",

@@ -411,10 +411,10 @@ impl Scratch {
     pub async fn remove(self) {
         self.pool.close().await;
         let admin = PgPool::connect(&super::pg_url()).await.unwrap();
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.database
-        ))
+        )))
         .execute(&admin)
         .await
         .unwrap();

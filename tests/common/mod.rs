@@ -98,7 +98,10 @@ pub async fn fresh_pg_database(database: &str) -> String {
         format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
         format!("CREATE DATABASE {database}"),
     ] {
-        sqlx::query(&sql).execute(&admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
     }
     admin.close().await;
     with_database(&pg_url(), database)

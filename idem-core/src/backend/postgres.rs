@@ -110,8 +110,10 @@ impl Store for sqlx::Postgres {
             "SELECT CASE WHEN txid_current() = {txid} THEN 0 \
              ELSE ('{ENDED_MARK} ' || txid_current())::int END; COMMIT"
         );
-        // A query without arguments goes as a simple query: both statements in one message.
-        match sqlx::Executor::execute(&mut *unit.conn, check_and_commit.as_str()).await {
+        // A simple query: both statements in one message. Only idem's own number and constant
+        // are written into it.
+        let check_and_commit = sqlx::raw_sql(sqlx::AssertSqlSafe(check_and_commit));
+        match check_and_commit.execute(&mut *unit.conn).await {
             Ok(_) => {
                 unit.open = false;
                 Ok(TxState::Committed)
@@ -173,7 +175,8 @@ impl Store for sqlx::Postgres {
     /// order is not kept.
     async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
         let mut tx = pool.begin().await?;
-        let rows = sqlx::query(&format!(
+        // Only idem's own column list is written into the statement.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH held AS MATERIALIZED (
                  SELECT exchange, routing_key, min(id) AS first FROM idem_outbox
                  WHERE published_at IS NULL AND parked_at IS NULL AND attempts > 0
@@ -185,7 +188,7 @@ impl Store for sqlx::Postgres {
                  SELECT 1 FROM held h
                  WHERE h.exchange = o.exchange AND h.routing_key = o.routing_key AND h.first < o.id)
              ORDER BY id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
-        ))
+        )))
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;

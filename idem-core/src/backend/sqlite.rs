@@ -165,7 +165,8 @@ impl Store for sqlx::Sqlite {
     /// one probe per candidate row into the partial index `idem_outbox_failing` of failing rows
     /// (`SEARCH e USING INDEX idem_outbox_failing (exchange=? AND routing_key=? AND id<?)`).
     async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
-        let rows = sqlx::query(&format!(
+        // Only idem's own column list is written into the statement.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {OUTBOX_COLUMNS} FROM idem_outbox o
              WHERE published_ms IS NULL AND parked_ms IS NULL AND next_attempt_ms <= $1
              AND NOT EXISTS (
@@ -174,7 +175,7 @@ impl Store for sqlx::Sqlite {
                  AND e.published_ms IS NULL AND e.parked_ms IS NULL AND e.attempts > 0
                  AND e.next_attempt_ms > $1)
              ORDER BY id LIMIT $2"
-        ))
+        )))
         .bind(crate::backoff::unix_millis())
         .bind(limit)
         .fetch_all(pool)

@@ -33,7 +33,7 @@ impl Handler<Sqlite> for CountPings {
     }
     async fn handle(&self, tx: &mut Tx<'_, Sqlite>, ping: Ping) -> Result<(), HandlerError> {
         let sql = format!("UPDATE {} SET n = n + ?", self.table);
-        sqlx::query(&sql).bind(i64::try_from(ping.id)?).execute(tx.conn()).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::try_from(ping.id)?).execute(tx.conn()).await?;
         Ok(())
     }
 }
@@ -46,7 +46,7 @@ impl Handler<Postgres> for CountPings {
     }
     async fn handle(&self, tx: &mut Tx<'_, Postgres>, ping: Ping) -> Result<(), HandlerError> {
         let sql = format!("UPDATE {} SET n = n + $1", self.table);
-        sqlx::query(&sql).bind(i64::try_from(ping.id)?).execute(tx.conn()).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::try_from(ping.id)?).execute(tx.conn()).await?;
         Ok(())
     }
 }
