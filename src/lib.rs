@@ -47,7 +47,8 @@
 //!
 //! - Messages: [`Message`] (derive it), its [`Key`], [`DecodeError`].
 //! - Handlers: [`Handler`] (or `#[handler]`), the transaction handle [`Tx`] (with
-//!   [`Tx::publish`]), [`HandlerError`] and its [`ErrorClass`].
+//!   [`Tx::publish`] and its [`PublishError`]), [`HandlerError`] and its [`ErrorClass`];
+//!   [`Classify`] makes your own error type say its class.
 //! - Databases: [`Backend`] for [`Postgres`] and [`Sqlite`] (features `postgres`, `sqlite`):
 //!   connect, migrate.
 //! - Failures: [`RetryPolicy`], the dead-letter [`Reason`]s, idem's own [`Error`].
@@ -63,9 +64,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use idem_core::{
-    async_trait, redact_url, Backend, BoxError, DecodeError, DecodeErrorKind, Error, ErrorClass,
-    ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message, Metadata, Reason,
-    RetryPolicy, Tx,
+    async_trait, redact_url, Backend, BoxError, Classify, DecodeError, DecodeErrorKind, Error,
+    ErrorClass, ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message,
+    Metadata, PublishError, Reason, RetryPolicy, Tx,
 };
 
 pub use idem_core::outbox;
@@ -106,8 +107,8 @@ pub mod transport {
 #[doc(hidden)]
 pub mod __private {
     pub use idem_core::__private::{
-        decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
-        KeyField,
+        decode_json, error_kind, json_message_fingerprint, json_value_parses_as, JsonKeyField,
+        JsonSpelling, KeyField,
     };
     pub use idem_core::{
         async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Tx,

@@ -4,7 +4,9 @@
 //! result codes), never by the shape of its code: `40001` is a PostgreSQL serialization
 //! failure, not an SQLite code that happens to be all digits.
 
-use crate::handler::ErrorClass;
+use crate::handler::{Classify, ErrorClass};
+use crate::outbox::PublishError;
+use sqlx::error::DatabaseError;
 
 /// Why a database call failed, as far as whose fault it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,14 +22,56 @@ pub(crate) enum Cause {
     Statement,
 }
 
-/// The first sqlx error in `error`'s source chain.
-pub(crate) fn sqlx_error<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a sqlx::Error> {
+/// What idem reads from one error of a source chain: its class and whose fault it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reading {
+    class: ErrorClass,
+    cause: Cause,
+}
+
+/// What `error` itself says, when it is an error idem knows; `None` to read on down the chain.
+///
+/// Besides a `sqlx::Error`, the database's own error (sqlx's `Box<dyn DatabaseError>`,
+/// `PgDatabaseError`, `SqliteError`) and an I/O error are read on their own: `#[error(transparent)]` over a `sqlx::Error` forwards
+/// `source()` past the `sqlx::Error` to them, and a database error must keep its class there.
+fn read(error: &(dyn std::error::Error + 'static)) -> Option<Reading> {
+    if let Some(sqlx) = error.downcast_ref::<sqlx::Error>() {
+        return Some(Reading {
+            class: class_of_sqlx(sqlx),
+            cause: cause_of(sqlx),
+        });
+    }
+    if let Some(db) = database_error(error) {
+        return Some(Reading {
+            class: database_class(db),
+            cause: database_cause(db),
+        });
+    }
+    if let Some(publish) = error.downcast_ref::<PublishError>() {
+        // A message that does not serialize says so; an outbox write leaves it to its sqlx
+        // error, further down.
+        return Classify::class(publish).map(|class| Reading {
+            class,
+            cause: Cause::Statement,
+        });
+    }
+    if error.is::<std::io::Error>() {
+        // The connection's I/O (a `sqlx::Error::Io` seen through `transparent`); whether the
+        // server is really gone is decided by whether the rollback still works.
+        return Some(Reading {
+            class: ErrorClass::Transient,
+            cause: Cause::Connection,
+        });
+    }
+    None
+}
+
+/// The first reading along `error`'s source chain, `error` included.
+fn first_reading(error: &(dyn std::error::Error + 'static)) -> Option<Reading> {
     let mut next = Some(error);
     while let Some(error) = next {
-        if let Some(sqlx) = error.downcast_ref::<sqlx::Error>() {
-            return Some(sqlx);
+        if let Some(reading) = read(error) {
+            return Some(reading);
         }
         next = error.source();
     }
@@ -43,61 +87,27 @@ pub(crate) fn cause_of(error: &sqlx::Error) -> Cause {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed => Cause::Connection,
-        sqlx::Error::Database(db) => match backend_code(&**db) {
-            Some(Code::Postgres(state)) if pg_unavailable(state) => Cause::ServerUnavailable,
-            Some(Code::Sqlite(code)) if sqlite_unavailable(code) => Cause::ServerUnavailable,
-            _ => Cause::Statement,
-        },
+        sqlx::Error::Database(db) => database_cause(&**db),
         _ => Cause::Statement,
     }
 }
 
-/// The cause of the first sqlx error in `error`'s chain; an error with none is the statement's
-/// (the handler's) own.
+/// The cause of the first error idem can read in `error`'s chain; an error with none is the
+/// statement's (the handler's) own.
 pub(crate) fn cause_in(error: &(dyn std::error::Error + 'static)) -> Cause {
-    sqlx_error(error).map_or(Cause::Statement, cause_of)
+    first_reading(error).map_or(Cause::Statement, |reading| reading.cause)
 }
 
-/// The class of an error that does not say its own.
+/// The class of an error that does not say its own: the first error in its source chain that
+/// idem can read decides; transient when there is none.
 pub(crate) fn class_of(error: &(dyn std::error::Error + 'static)) -> ErrorClass {
-    match sqlx_error(error) {
-        Some(sqlx) => class_of_sqlx(sqlx),
-        None => ErrorClass::Transient,
-    }
+    first_reading(error).map_or(ErrorClass::Transient, |reading| reading.class)
 }
 
 /// Whether a retry of a statement that failed with `error` can succeed.
 pub(crate) fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
-    use sqlx::error::ErrorKind;
     match error {
-        sqlx::Error::Database(db) => {
-            if matches!(
-                db.kind(),
-                ErrorKind::UniqueViolation
-                    | ErrorKind::ForeignKeyViolation
-                    | ErrorKind::NotNullViolation
-                    | ErrorKind::CheckViolation
-            ) {
-                return ErrorClass::Permanent;
-            }
-            let transient = match backend_code(&**db) {
-                // Serialization failure, deadlock, lock not available, statement cancelled (a
-                // timeout), and whatever makes the server unavailable.
-                Some(Code::Postgres(state)) => {
-                    matches!(state, "40001" | "40P01" | "55P03" | "57014") || pg_unavailable(state)
-                }
-                // BUSY and LOCKED clear once the other writer is done.
-                Some(Code::Sqlite(code)) => {
-                    matches!(code & 0xff, 5 | 6) || sqlite_unavailable(code)
-                }
-                None => false,
-            };
-            if transient {
-                ErrorClass::Transient
-            } else {
-                ErrorClass::Permanent
-            }
-        }
+        sqlx::Error::Database(db) => database_class(&**db),
         // The handler's own SQL, types or arguments are wrong (a statement with more bind
         // parameters than the protocol carries is a Protocol error): the same message fails
         // the same way again.
@@ -114,6 +124,64 @@ pub(crate) fn class_of_sqlx(error: &sqlx::Error) -> ErrorClass {
     }
 }
 
+/// Whether a retry of a statement the database refused with `db` can succeed.
+fn database_class(db: &dyn DatabaseError) -> ErrorClass {
+    use sqlx::error::ErrorKind;
+    if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ) {
+        return ErrorClass::Permanent;
+    }
+    let transient = match backend_code(db) {
+        // Serialization failure, deadlock, lock not available, statement cancelled (a
+        // timeout), and whatever makes the server unavailable.
+        Some(Code::Postgres(state)) => {
+            matches!(state, "40001" | "40P01" | "55P03" | "57014") || pg_unavailable(state)
+        }
+        // BUSY and LOCKED clear once the other writer is done.
+        Some(Code::Sqlite(code)) => matches!(code & 0xff, 5 | 6) || sqlite_unavailable(code),
+        None => false,
+    };
+    if transient {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+/// Whether the database refused with `db` because it cannot serve now.
+fn database_cause(db: &dyn DatabaseError) -> Cause {
+    match backend_code(db) {
+        Some(Code::Postgres(state)) if pg_unavailable(state) => Cause::ServerUnavailable,
+        Some(Code::Sqlite(code)) if sqlite_unavailable(code) => Cause::ServerUnavailable,
+        _ => Cause::Statement,
+    }
+}
+
+/// `error` as a database's own error: the `Box<dyn DatabaseError>` that `sqlx::Error::Database`
+/// gives as its source, or the error of a backend idem is built with.
+fn database_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a dyn DatabaseError> {
+    if let Some(boxed) = error.downcast_ref::<Box<dyn DatabaseError>>() {
+        return Some(&**boxed);
+    }
+    #[cfg(feature = "postgres")]
+    if let Some(pg) = error.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return Some(pg);
+    }
+    #[cfg(feature = "sqlite")]
+    if let Some(sqlite) = error.downcast_ref::<sqlx::sqlite::SqliteError>() {
+        return Some(sqlite);
+    }
+    let _ = error;
+    None
+}
+
 /// A database error's code, read by the backend that produced it.
 // Each variant is built only with its backend's feature.
 #[cfg_attr(not(all(feature = "postgres", feature = "sqlite")), allow(dead_code))]
@@ -122,7 +190,7 @@ enum Code<'a> {
     Sqlite(i64),
 }
 
-fn backend_code(db: &dyn sqlx::error::DatabaseError) -> Option<Code<'_>> {
+fn backend_code(db: &dyn DatabaseError) -> Option<Code<'_>> {
     #[cfg(feature = "postgres")]
     if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
         return Some(Code::Postgres(pg.code()));
@@ -225,5 +293,163 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(cause_of(&error), Cause::ServerUnavailable, "{error}");
+    }
+
+    /// A user's error as the docs suggest it: business rules say their class, database errors
+    /// are left to idem.
+    #[derive(Debug, thiserror::Error)]
+    enum ReserveError {
+        #[error("not enough stock for {0}")]
+        OutOfStock(&'static str),
+        #[error(transparent)]
+        Db(#[from] sqlx::Error),
+        #[error("reading the stock failed: {0}")]
+        Read(#[source] sqlx::Error),
+        #[error("publishing failed")]
+        Publish(#[from] PublishError),
+    }
+
+    impl Classify for ReserveError {
+        fn class(&self) -> Option<ErrorClass> {
+            match self {
+                Self::OutOfStock(_) => Some(ErrorClass::Permanent),
+                Self::Db(_) | Self::Read(_) | Self::Publish(_) => None,
+            }
+        }
+    }
+
+    /// A real SQLite UNIQUE violation (a permanent error) and a real `query_only` refusal (the
+    /// database cannot take writes: unavailable).
+    #[cfg(feature = "sqlite")]
+    async fn unique_violation_and_read_only() -> (sqlx::Error, sqlx::Error) {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let unique = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        sqlx::query("PRAGMA query_only = ON")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let read_only = sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        (unique, read_only)
+    }
+
+    #[test]
+    fn the_class_an_error_of_yours_says_wins() {
+        let out = HandlerError::classified(ReserveError::OutOfStock("sku-1"));
+        assert_eq!(out.class(), ErrorClass::Permanent);
+        assert_eq!(out.explicit_class(), Some(ErrorClass::Permanent));
+        assert_eq!(out.to_string(), "not enough stock for sku-1");
+        // Through `From` (a bare `?` into HandlerError) the impl is out of sight: transient.
+        let boxed = HandlerError::from(ReserveError::OutOfStock("sku-1"));
+        assert_eq!(boxed.class(), ErrorClass::Transient);
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn a_database_error_under_an_error_of_yours_keeps_its_class() {
+        // `#[source]` / `#[from]`: the sqlx::Error itself is in the chain.
+        let (unique, read_only) = unique_violation_and_read_only().await;
+        let read = HandlerError::classified(ReserveError::Read(unique));
+        assert_eq!(read.explicit_class(), None);
+        assert_eq!(read.class(), ErrorClass::Permanent);
+        let read = ReserveError::Read(read_only);
+        assert_eq!(cause_in(&read), Cause::ServerUnavailable);
+        // `transparent`: the chain skips the sqlx::Error and goes on at SQLite's own error.
+        let (unique, read_only) = unique_violation_and_read_only().await;
+        let db = ReserveError::from(unique);
+        let below = std::error::Error::source(&db);
+        assert!(below.is_some_and(|s| s.is::<Box<dyn DatabaseError>>()));
+        assert_eq!(HandlerError::classified(db).class(), ErrorClass::Permanent);
+        assert_eq!(
+            cause_in(&ReserveError::from(read_only)),
+            Cause::ServerUnavailable
+        );
+        // … and a sqlx error with no database error below it is out of sight there (the
+        // documented limit of `transparent`), while `#[source]` keeps it.
+        let row = HandlerError::classified(ReserveError::Db(sqlx::Error::RowNotFound));
+        assert_eq!(row.class(), ErrorClass::Transient);
+        let row = HandlerError::classified(ReserveError::Read(sqlx::Error::RowNotFound));
+        assert_eq!(row.class(), ErrorClass::Permanent);
+        // A lost connection seen through `transparent` is still a connection failure.
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(cause_in(&ReserveError::from(io)), Cause::Connection);
+    }
+
+    #[test]
+    fn a_publish_error_keeps_its_class_under_an_error_of_yours() {
+        let unserializable = serde_json::from_str::<u8>("300").unwrap_err();
+        let publish = PublishError::Serialize {
+            kind: "Reserved",
+            source: unserializable,
+        };
+        let wrapped = HandlerError::classified(ReserveError::from(publish));
+        assert_eq!(wrapped.class(), ErrorClass::Permanent);
+        let outbox = PublishError::Outbox {
+            kind: "Reserved",
+            message_id: uuid::Uuid::nil(),
+            source: sqlx::Error::PoolTimedOut,
+        };
+        let wrapped = ReserveError::from(outbox);
+        assert_eq!(cause_in(&wrapped), Cause::Connection);
+        assert_eq!(HandlerError::from(wrapped).class(), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn the_error_text_prints_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("reserving failed: {0}")]
+        struct Inline(#[source] sqlx::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0} while reserving")]
+        struct Leading(#[source] sqlx::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("reserving failed")]
+        struct Apart(#[source] sqlx::Error);
+        let io = || sqlx::Error::Io(std::io::Error::other("connection reset by peer"));
+        assert_eq!(
+            HandlerError::from(Inline(io())).to_string(),
+            "reserving failed: error communicating with database: connection reset by peer"
+        );
+        assert_eq!(
+            HandlerError::from(Leading(io())).to_string(),
+            "error communicating with database: connection reset by peer while reserving"
+        );
+        assert_eq!(
+            HandlerError::from(Apart(io())).to_string(),
+            "reserving failed: error communicating with database: connection reset by peer"
+        );
+        let transparent = ReserveError::from(io());
+        assert_eq!(
+            HandlerError::classified(transparent).to_string(),
+            "error communicating with database: connection reset by peer"
+        );
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn a_database_error_is_printed_once() {
+        let (unique, _) = unique_violation_and_read_only().await;
+        let text = HandlerError::from(Wrapped(unique)).to_string();
+        assert_eq!(
+            text,
+            "while crediting the account: error returned from database: (code: 1555) UNIQUE constraint failed: t.id"
+        );
     }
 }

@@ -9,7 +9,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | `message`, `key` | [`Message`] (decode + key), [`Key`], JSON decoding with idem's limits |
-//! | `handler`, `tx` | [`Handler`], [`HandlerError`] and its [`ErrorClass`], the handler's [`Tx`] |
+//! | `handler`, `tx` | [`Handler`], [`HandlerError`] and its [`ErrorClass`], [`Classify`] for your own errors, the handler's [`Tx`] |
 //! | `process`, `delivery`, `outcome`, `policy` | the unit of work: [`process()`], its [`Delivery`] input, its [`Outcome`], the limits ([`Policy`], [`RetryPolicy`]) |
 //! | `backend` | [`Backend`]: PostgreSQL and SQLite, migrations, the ledger's SQL |
 //! | [`outbox`] | messages published in the handler's transaction |
@@ -40,9 +40,10 @@ pub use backend::Backend;
 pub use backoff::Backoff;
 pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};
-pub use handler::{BoxError, ErrorClass, ErrorClassExt, Handler, HandlerError};
+pub use handler::{BoxError, Classify, ErrorClass, ErrorClassExt, Handler, HandlerError};
 pub use key::{Key, KeyError};
 pub use message::{DecodeError, DecodeErrorKind, Message, MAX_JSON_DEPTH};
+pub use outbox::PublishError;
 pub use outcome::{Outcome, Processed, Reason};
 pub use policy::{Isolation, Policy, RetryPolicy};
 pub use process::{delivery_span, process};
@@ -54,6 +55,7 @@ pub use tx::Tx;
 /// changes without notice.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::handler::error_kind;
     pub use crate::key::KeyField;
     pub use crate::message::{
         decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,

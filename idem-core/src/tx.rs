@@ -2,10 +2,9 @@
 
 use crate::backend::Backend;
 use crate::delivery::Metadata;
-use crate::handler::HandlerError;
 use crate::key::Key;
 use crate::message::Message;
-use crate::outbox::{handler_message_id, Outgoing, Route};
+use crate::outbox::{handler_message_id, Outgoing, PublishError, Route};
 use uuid::Uuid;
 
 /// The handler's only door to the database: the open transaction in which idem has already
@@ -64,10 +63,14 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// Publishes `message` (as JSON) to the queue named after its kind, through the outbox:
     /// the row is written in this transaction, so the message goes out if and only if the
     /// handler's effect commits. See [`Tx::publish_to`].
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError`]: the message does not serialize, or the outbox row was not written.
     pub async fn publish<M: Message + serde::Serialize>(
         &mut self,
         message: &M,
-    ) -> Result<Uuid, HandlerError> {
+    ) -> Result<Uuid, PublishError> {
         self.publish_to(Route::queue(M::KIND), message).await
     }
 
@@ -78,15 +81,24 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// deduplicates them. The correlation id is the inbound one (or, when the inbound message
     /// had none, its message id: the flow starts here); the causation id is the inbound message
     /// id. Returns the message id.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError`]: the message does not serialize (permanent), or the outbox row was not
+    /// written (what the database said decides). It converts into a
+    /// [`HandlerError`](crate::HandlerError) with `?`, or into your own error with `#[from]`.
     pub async fn publish_to<M: Message + serde::Serialize>(
         &mut self,
         route: Route,
         message: &M,
-    ) -> Result<Uuid, HandlerError> {
+    ) -> Result<Uuid, PublishError> {
         let id = handler_message_id(self.consumer, self.key.as_str(), self.published);
         self.published += 1;
         let mut outgoing = Outgoing::json(message, id)
-            .map_err(HandlerError::permanent)?
+            .map_err(|source| PublishError::Serialize {
+                kind: M::KIND,
+                source,
+            })?
             .route(route);
         let inbound = &self.metadata;
         outgoing.correlation_id = inbound
@@ -94,7 +106,13 @@ impl<'t, DB: Backend> Tx<'t, DB> {
             .clone()
             .or_else(|| inbound.message_id.clone());
         outgoing.causation_id = inbound.message_id.clone();
-        DB::enqueue(self.conn, &outgoing).await?;
+        DB::enqueue(self.conn, &outgoing)
+            .await
+            .map_err(|source| PublishError::Outbox {
+                kind: M::KIND,
+                message_id: id,
+                source,
+            })?;
         Ok(id)
     }
 }

@@ -75,8 +75,11 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 ///
 /// `NAME` becomes a unit struct implementing `idem::Handler<DB>` with `Message = M`; the body
 /// stays callable as `NAME::call(tx, msg)`. The error type `E` must convert into
-/// `idem::BoxError` (any `std::error::Error + Send + Sync + 'static`, `String`, `anyhow::Error`,
-/// `idem::HandlerError`).
+/// `idem::HandlerError` (any `std::error::Error + Send + Sync + 'static`, `String`,
+/// `anyhow::Error`, `idem::HandlerError` itself). When `E` implements `idem::Classify`, each
+/// error's class is what its `class()` says (`OutOfStock` → dead-lettered at once); otherwise
+/// idem reads the class from the error's source chain (sqlx errors keep theirs; anything else
+/// is transient).
 ///
 /// The handler gets only the transaction handle: it cannot commit, roll back, or reach the pool.
 /// idem commits the ledger claim and the handler's writes together, then acknowledges.

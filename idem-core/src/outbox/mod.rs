@@ -148,6 +148,60 @@ impl Outgoing {
     }
 }
 
+/// Why [`Tx::publish`](crate::Tx::publish) / [`Tx::publish_to`](crate::Tx::publish_to) did not
+/// write the message into the outbox. Nothing was written; return it (with `?`) and idem rolls
+/// back the handler's effect with it.
+///
+/// A typed [`std::error::Error`], so it fits in your own error enum with `#[from]`, where it
+/// keeps its class ([`Classify`](crate::Classify): a message that does not serialize is
+/// permanent; an outbox write that failed is what its database error says):
+///
+/// ```
+/// #[derive(Debug, thiserror::Error)]
+/// enum ShipError {
+///     #[error("the order has no address")]
+///     NoAddress,
+///     #[error("announcing the shipment failed")]
+///     Publish(#[from] idem_core::PublishError),
+/// }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The message does not serialize to JSON (its `Serialize` impl failed, or a map with keys
+    /// that are not strings): it fails the same way every time, so it is permanent.
+    #[error("cannot publish the {kind} message: it does not serialize to JSON: {source}. Fix its Serialize impl or the data that fails it")]
+    Serialize {
+        /// The message kind.
+        kind: &'static str,
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The database refused the outbox row or could not be reached; its error's class decides
+    /// (a serialization failure or a lost connection: try again).
+    #[error("cannot write the {kind} message {message_id} to the outbox: {source}")]
+    Outbox {
+        /// The message kind.
+        kind: &'static str,
+        /// The id the message would have had.
+        message_id: Uuid,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl crate::Classify for PublishError {
+    fn class(&self) -> Option<crate::ErrorClass> {
+        match self {
+            Self::Serialize { .. } => Some(crate::ErrorClass::Permanent),
+            // Its sqlx error, next in the chain, decides; so a lost database is waited for.
+            Self::Outbox { .. } => None,
+        }
+    }
+}
+
 /// Writes `message` into the outbox on the caller's open transaction (`&mut *tx`): it is
 /// published once that transaction commits, and never if it rolls back. `Ok(false)`: a row with
 /// this message id is already there (a producer doing the same step again); nothing changed.

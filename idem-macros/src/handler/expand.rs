@@ -94,13 +94,18 @@ fn call_doc(consumer: &LitStr) -> String {
 }
 
 /// `Result<T, E>` to `Result<(), HandlerError>`, spanned at the return type so that
-/// "`E: Into<BoxError>` is not satisfied" points at it.
+/// "`E: Into<BoxError>` is not satisfied" points at it. An `E` that implements `idem::Classify`
+/// goes through `HandlerError::classified` (its class), any other through `From` (its source
+/// chain's class): `__private::error_kind` picks by method resolution on the concrete type.
 fn into_handler_error(handler: &HandlerInput<'_>) -> TokenStream {
     quote_spanned! {at(handler.output.span())=>
         match output {
             ::core::result::Result::Ok(_) => ::core::result::Result::Ok(()),
             ::core::result::Result::Err(error) => {
-                ::core::result::Result::Err(::idem::__private::HandlerError::from(error))
+                #[allow(unused_imports)]
+                use ::idem::__private::error_kind::{ClassifiedKind as _, PlainKind as _};
+                let kind = (&error).__idem_error_kind();
+                ::core::result::Result::Err(kind.into_handler_error(error))
             }
         }
     }
