@@ -69,7 +69,7 @@ pub use idem_core::{
     Metadata, PublishError, Reason, RetryPolicy, Tx,
 };
 
-pub use idem_core::outbox;
+pub use idem_core::{ledger, outbox};
 
 /// The sqlx version idem is built on, for the types handlers use.
 pub use idem_core::sqlx;

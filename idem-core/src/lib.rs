@@ -27,6 +27,7 @@ mod error;
 mod fingerprint;
 mod handler;
 mod key;
+pub mod ledger;
 mod message;
 pub mod outbox;
 mod outcome;

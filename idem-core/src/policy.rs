@@ -123,6 +123,14 @@ impl RetryPolicy {
         self.backoff().delay(attempt.saturating_sub(1))
     }
 
+    /// The delays of every retry added up: how long after its first attempt a message may
+    /// still be retried.
+    pub fn schedule(&self) -> Duration {
+        (1..self.attempts())
+            .map(|attempt| self.delay_after(attempt))
+            .fold(Duration::ZERO, Duration::saturating_add)
+    }
+
     /// Every distinct delay the policy uses, shortest first: one delay queue each.
     pub fn tiers(&self) -> Vec<Duration> {
         let mut tiers: Vec<Duration> = (1..self.max_attempts)
@@ -194,7 +202,19 @@ pub struct Policy {
     pub crash_loop_limit: u32,
     /// The isolation level of the transaction (default: the server's).
     pub isolation: Isolation,
+    /// How long the ledger remembers an applied key (default 30 days). A copy of a message
+    /// that arrives after its key was purged is applied again.
+    pub ledger_retention: Duration,
+    /// How long after its last attempt a message may still come back: a dead letter replayed
+    /// by an operator, a copy a producer sends again (default 7 days). The retention must
+    /// cover it, with the retry schedule and a day to spare.
+    pub replay_window: Duration,
 }
+
+/// Room kept between the ledger retention and the latest a copy of a message may arrive.
+const RETENTION_MARGIN: Duration = Duration::from_secs(86_400);
+
+const DAY: Duration = Duration::from_secs(86_400);
 
 impl Default for Policy {
     fn default() -> Self {
@@ -203,11 +223,23 @@ impl Default for Policy {
             max_body_bytes: 1024 * 1024,
             crash_loop_limit: 5,
             isolation: Isolation::ServerDefault,
+            ledger_retention: 30 * DAY,
+            replay_window: 7 * DAY,
         }
     }
 }
 
 impl Policy {
+    /// The latest a copy of a message may still arrive after its first attempt: the whole
+    /// retry schedule, the replay window and a margin. The ledger must remember a key this
+    /// long.
+    pub fn redelivery_horizon(&self) -> Duration {
+        self.retry
+            .schedule()
+            .saturating_add(self.replay_window)
+            .saturating_add(RETENTION_MARGIN)
+    }
+
     /// Checks every limit; the error says what to change.
     pub fn validate(&self) -> Result<(), Error> {
         self.retry.validate()?;
@@ -221,13 +253,60 @@ impl Policy {
                 "crash_loop_limit must be at least 1: it is how many cut-short redeliveries a message gets (default 5)".into(),
             ));
         }
+        let horizon = self.redelivery_horizon();
+        if self.ledger_retention < horizon {
+            return Err(Error::Config(format!(
+                "ledger_retention {} is shorter than the redelivery horizon {}: the retry schedule ({}) plus the replay window ({}) plus a margin of {}. A copy arriving after its key was purged would be applied twice: raise ledger_retention to at least {}, or shorten replay_window or the retry policy",
+                days(self.ledger_retention),
+                days(horizon),
+                days(self.retry.schedule()),
+                days(self.replay_window),
+                days(RETENTION_MARGIN),
+                days(horizon),
+            )));
+        }
         Ok(())
+    }
+}
+
+/// A duration for an error text: in days (one decimal) from a day up, else as `Debug` does.
+fn days(duration: Duration) -> String {
+    if duration >= DAY {
+        format!("{:.1} days", duration.as_secs_f64() / DAY.as_secs_f64())
+    } else {
+        format!("{duration:?}")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retention_shorter_than_the_redelivery_horizon_is_refused_with_the_numbers() {
+        assert!(Policy::default().validate().is_ok());
+        // 8 attempts: 1+2+4+8+16+32+64 s of retries.
+        assert_eq!(RetryPolicy::default().schedule(), Duration::from_secs(127));
+        let policy = Policy {
+            ledger_retention: 3 * DAY,
+            ..Policy::default()
+        };
+        let error = policy.validate().unwrap_err().to_string();
+        assert!(
+            error.contains(
+                "ledger_retention 3.0 days is shorter than the redelivery horizon 8.0 days"
+            ),
+            "{error}"
+        );
+        assert!(error.contains("replay window (7.0 days)"), "{error}");
+        assert!(error.contains("retry schedule (127s)"), "{error}");
+        let shorter_window = Policy {
+            ledger_retention: 3 * DAY,
+            replay_window: DAY,
+            ..Policy::default()
+        };
+        assert!(shorter_window.validate().is_ok());
+    }
 
     #[test]
     fn default_delays_double_and_each_has_a_tier() {

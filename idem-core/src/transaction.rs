@@ -59,7 +59,15 @@ pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
     // (another copy of this message committed first, under an isolation level that reports
     // that as an error) is claimed again; anything else means the database is away, or not
     // what idem expects: wait for it rather than blame the message.
-    let claim = match DB::claim(&mut transaction, consumer, key.as_str(), fingerprint).await {
+    let claim = match DB::claim(
+        &mut transaction,
+        consumer,
+        key.as_str(),
+        fingerprint,
+        delivery.metadata,
+    )
+    .await
+    {
         Ok(claim) => claim,
         Err(error) => {
             rollback(transaction).await;

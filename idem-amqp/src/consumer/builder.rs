@@ -28,6 +28,7 @@ pub struct ConsumerBuilder<DB: Backend, H> {
     policy: Policy,
     database_backoff: Duration,
     shutdown_deadline: Duration,
+    ledger_purge_interval: Duration,
 }
 
 impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
@@ -42,6 +43,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             policy: Policy::default(),
             database_backoff: Duration::from_secs(1),
             shutdown_deadline: Duration::from_secs(30),
+            ledger_purge_interval: Duration::from_secs(300),
         }
     }
 
@@ -81,6 +83,29 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
     /// once: not an attempt, and the consumer stays ready. SQLite is always serializable.
     pub fn isolation(mut self, isolation: Isolation) -> Self {
         self.policy.isolation = isolation;
+        self
+    }
+
+    /// How long the ledger remembers an applied key (default 30 days). A copy of a message
+    /// that arrives after its key was purged would be applied again, so the build refuses a
+    /// retention shorter than the retry schedule plus the replay window plus a day.
+    pub fn ledger_retention(mut self, retention: Duration) -> Self {
+        self.policy.ledger_retention = retention;
+        self
+    }
+
+    /// How long after its last attempt a copy of a message may still come (default 7 days): a
+    /// dead letter replayed by an operator, a producer sending again. The ledger retention
+    /// must cover it.
+    pub fn replay_window(mut self, window: Duration) -> Self {
+        self.policy.replay_window = window;
+        self
+    }
+
+    /// How often the ledger purge runs (default every 5 minutes). Each run deletes rows past
+    /// the retention in batches of 5,000, on one instance at a time per consumer.
+    pub fn ledger_purge_interval(mut self, interval: Duration) -> Self {
+        self.ledger_purge_interval = interval;
         self
     }
 
@@ -134,6 +159,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             prefetch: self.prefetch,
             concurrency,
             shutdown_deadline: self.shutdown_deadline,
+            ledger_purge_interval: self.ledger_purge_interval,
         })
     }
 
@@ -162,6 +188,11 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
                 "the queue name {queue:?} is too long: its delay queue {longest:?} would be {} bytes, over RabbitMQ's {MAX_QUEUE_NAME}",
                 longest.len()
             )));
+        }
+        if self.ledger_purge_interval.is_zero() {
+            return Err(Error::Config(
+                "ledger_purge_interval must be above zero (default 5 minutes)".into(),
+            ));
         }
         if self.database_backoff.is_zero() {
             return Err(Error::Config(

@@ -51,6 +51,7 @@ pub struct Consumer<DB: Backend, H> {
     prefetch: u16,
     concurrency: usize,
     shutdown_deadline: Duration,
+    ledger_purge_interval: Duration,
 }
 
 impl<DB: Backend, H> std::fmt::Debug for Consumer<DB, H> {
@@ -98,7 +99,8 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ) -> Result<(), Error> {
         let stop = CancellationToken::new();
         self.shared.health.set_live(true);
-        let served = serve::stop_on(&stop, self.serve_until(amqp_url, &stop), shutdown).await;
+        let serving = self.keeping_the_ledger(self.serve_until(amqp_url, &stop));
+        let served = serve::stop_on(&stop, serving, shutdown).await;
         self.shared.health.set_live(false);
         served
     }
@@ -115,9 +117,29 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ) -> Result<(), Error> {
         let stop = CancellationToken::new();
         self.shared.health.set_live(true);
-        let ran = serve::stop_on(&stop, self.run_until(connection, &stop), shutdown).await;
+        let running = self.keeping_the_ledger(self.run_until(connection, &stop));
+        let ran = serve::stop_on(&stop, running, shutdown).await;
         self.shared.health.set_live(false);
         ran
+    }
+
+    /// `work`, with the ledger purge running beside it until `work` ends.
+    async fn keeping_the_ledger<T>(&self, work: impl Future<Output = T>) -> T {
+        let shared = &self.shared;
+        let keeper = idem_core::ledger::keep_ledger(
+            &shared.pool,
+            shared.handler.consumer(),
+            shared.policy.ledger_retention,
+            self.ledger_purge_interval,
+            &shared.counters.ledger_purged,
+        );
+        tokio::pin!(work, keeper);
+        tokio::select! {
+            biased;
+            done = &mut work => done,
+            // The keeper never ends; if it did, the work goes on alone.
+            () = &mut keeper => work.await,
+        }
     }
 
     /// Declares the queue, its dead-letter queue and its delay queues (all durable), on a

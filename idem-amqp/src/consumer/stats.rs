@@ -27,6 +27,8 @@ pub struct ConsumerStats {
     /// A rising count means the broker keeps closing the connection over something on it; its
     /// log says what.
     pub quick_losses: u64,
+    /// Ledger rows this instance purged past the ledger retention.
+    pub ledger_purged: u64,
 }
 
 /// The live counters behind [`ConsumerStats`].
@@ -40,6 +42,7 @@ pub(super) struct Counters {
     pub ack_failures: AtomicU64,
     pub reconnects: AtomicU64,
     pub quick_losses: AtomicU64,
+    pub ledger_purged: AtomicU64,
 }
 
 impl Counters {
@@ -64,6 +67,7 @@ impl Counters {
             ack_failures: self.ack_failures.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             quick_losses: self.quick_losses.load(Ordering::Relaxed),
+            ledger_purged: self.ledger_purged.load(Ordering::Relaxed),
         }
     }
 }

@@ -41,6 +41,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         "0004_relay_lease"
     ),
     migration!(5, "outbox parking", "0005_outbox_parking"),
+    migration!(6, "ledger forensics and retention", "0006_ledger_forensics"),
 ];
 
 impl Migration {

@@ -8,7 +8,9 @@
 //! - `migrations.rs` + `migrations/{postgres,sqlite}/*.sql`: idem's schema.
 //! - `shared.rs`: the SQL both backends share; `postgres.rs`, `sqlite.rs`: the rest.
 
+use crate::delivery::Metadata;
 use crate::error::Error;
+use crate::ledger::LedgerEntry;
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
@@ -83,7 +85,26 @@ mod store {
             consumer: &str,
             key: &str,
             payload_hash: &[u8],
+            origin: &Metadata,
         ) -> Result<Claim, sqlx::Error>;
+
+        /// What the ledger holds for `(consumer, key)`.
+        async fn ledger_entry(
+            pool: &Pool<Self>,
+            consumer: &str,
+            key: &str,
+        ) -> Result<Option<LedgerEntry>, sqlx::Error>;
+
+        /// Deletes up to `batch` of `consumer`'s ledger rows applied more than `older_than`
+        /// ago, oldest first, unless another instance is purging `consumer`'s ledger now
+        /// (`Ok(None)`): a PostgreSQL advisory lock, a lease on SQLite held by `holder`.
+        async fn ledger_purge(
+            pool: &Pool<Self>,
+            consumer: &str,
+            older_than: Duration,
+            batch: i64,
+            holder: &str,
+        ) -> Result<Option<u64>, sqlx::Error>;
 
         /// The fingerprint the ledger holds for `(consumer, key)`, if the key was applied.
         async fn applied_fingerprint(

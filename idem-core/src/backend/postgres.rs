@@ -6,7 +6,9 @@ use super::shared::{
     millis, outbox_row, OUTBOX_COLUMNS,
 };
 use super::{Backend, Claim, Store, TxState, Unit};
+use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
+use crate::ledger::LedgerEntry;
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
@@ -90,8 +92,9 @@ impl Store for sqlx::Postgres {
         consumer: &str,
         key: &str,
         payload_hash: &[u8],
+        origin: &Metadata,
     ) -> Result<Claim, sqlx::Error> {
-        claim_in!(conn, consumer, key, payload_hash, "txid_current()")
+        claim_in!(conn, consumer, key, payload_hash, origin, "txid_current()")
     }
 
     /// The transaction id seen at the claim must still be the current one: a handler that ran
@@ -126,6 +129,57 @@ impl Store for sqlx::Postgres {
             }
             Err(error) => Err(error),
         }
+    }
+
+    async fn ledger_entry(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<Option<LedgerEntry>, sqlx::Error> {
+        let row = sqlx::query_as(
+            "SELECT payload_hash, (extract(epoch FROM processed_at) * 1000)::bigint,
+                    message_id, correlation_id
+             FROM idem_ledger WHERE consumer = $1 AND key = $2",
+        )
+        .bind(consumer)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+        Ok(row.map(|row| LedgerEntry::from_parts(consumer, key, row)))
+    }
+
+    /// One batch in one transaction, under a transaction-level advisory lock on the consumer:
+    /// a second instance finds it taken and leaves the work to the first.
+    async fn ledger_purge(
+        pool: &Pool<Self>,
+        consumer: &str,
+        older_than: Duration,
+        batch: i64,
+        _holder: &str,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let ours: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(493140225, hashtext($1))")
+                .bind(consumer)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !ours {
+            return Ok(None);
+        }
+        // Through idem_ledger_age: the oldest rows of this consumer, a bounded range.
+        let done = sqlx::query(
+            "DELETE FROM idem_ledger WHERE consumer = $1 AND key IN (
+                 SELECT key FROM idem_ledger
+                 WHERE consumer = $1 AND processed_at < now() - $2 * interval '1 millisecond'
+                 ORDER BY processed_at LIMIT $3)",
+        )
+        .bind(consumer)
+        .bind(millis(older_than) as f64)
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(done.rows_affected()))
     }
 
     async fn applied_fingerprint(

@@ -13,15 +13,19 @@ use std::time::Duration;
 /// did not end it). Only a loser reads the stored fingerprint (a second round trip, off the hot
 /// path).
 macro_rules! claim_in {
-    ($conn:expr, $consumer:expr, $key:expr, $payload_hash:expr, $txid:literal) => {{
+    ($conn:expr, $consumer:expr, $key:expr, $payload_hash:expr, $origin:expr, $txid:literal) => {{
         let conn = $conn;
+        let origin: &$crate::delivery::Metadata = $origin;
         let won: Option<i64> = sqlx::query_scalar(concat!(
-            "INSERT INTO idem_ledger (consumer, key, payload_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING ",
+            "INSERT INTO idem_ledger (consumer, key, payload_hash, message_id, correlation_id) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING ",
             $txid
         ))
         .bind($consumer)
         .bind($key)
         .bind($payload_hash)
+        .bind(origin.message_id.as_deref())
+        .bind(origin.correlation_id.as_deref())
         .fetch_optional(&mut *conn)
         .await?;
         if let Some(txid) = won {

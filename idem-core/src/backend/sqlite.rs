@@ -6,7 +6,9 @@ use super::shared::{
     millis, outbox_row, OUTBOX_COLUMNS,
 };
 use super::{Backend, Claim, Store, TxState, Unit};
+use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
+use crate::ledger::LedgerEntry;
 use crate::outbox::relay::{OutboxBatch, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
@@ -97,8 +99,9 @@ impl Store for sqlx::Sqlite {
         consumer: &str,
         key: &str,
         payload_hash: &[u8],
+        origin: &Metadata,
     ) -> Result<Claim, sqlx::Error> {
-        claim_in!(conn, consumer, key, payload_hash, "0")
+        claim_in!(conn, consumer, key, payload_hash, origin, "0")
     }
 
     /// SQLite has no transaction ids, and no SQL that reads the autocommit flag: the claim row
@@ -123,6 +126,64 @@ impl Store for sqlx::Sqlite {
         sqlx::Executor::execute(&mut *unit.conn, "COMMIT").await?;
         unit.open = false;
         Ok(TxState::Committed)
+    }
+
+    async fn ledger_entry(
+        pool: &Pool<Self>,
+        consumer: &str,
+        key: &str,
+    ) -> Result<Option<LedgerEntry>, sqlx::Error> {
+        let row = sqlx::query_as(
+            "SELECT payload_hash,
+                    CAST(round((julianday(processed_at) - 2440587.5) * 86400000) AS INTEGER),
+                    message_id, correlation_id
+             FROM idem_ledger WHERE consumer = $1 AND key = $2",
+        )
+        .bind(consumer)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+        Ok(row.map(|row| LedgerEntry::from_parts(consumer, key, row)))
+    }
+
+    /// One batch, while `holder` holds the consumer's purge lease (taken when free or expired,
+    /// renewed by its holder; a minute, many batches' worth).
+    async fn ledger_purge(
+        pool: &Pool<Self>,
+        consumer: &str,
+        older_than: Duration,
+        batch: i64,
+        holder: &str,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let now = crate::backoff::unix_millis();
+        let leased = sqlx::query(
+            "INSERT INTO idem_purge_lease (consumer, holder, expires_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (consumer) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
+             WHERE idem_purge_lease.holder = excluded.holder OR idem_purge_lease.expires_ms < $4",
+        )
+        .bind(consumer)
+        .bind(holder)
+        .bind(now + 60_000)
+        .bind(now)
+        .execute(pool)
+        .await?;
+        if leased.rows_affected() != 1 {
+            return Ok(None);
+        }
+        // processed_at is ISO 8601 text in UTC: its order is time order.
+        let done = sqlx::query(
+            "DELETE FROM idem_ledger WHERE consumer = $1 AND key IN (
+                 SELECT key FROM idem_ledger
+                 WHERE consumer = $1
+                   AND processed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || $2 || ' seconds')
+                 ORDER BY processed_at LIMIT $3)",
+        )
+        .bind(consumer)
+        .bind(older_than.as_secs_f64())
+        .bind(batch)
+        .execute(pool)
+        .await?;
+        Ok(Some(done.rows_affected()))
     }
 
     async fn applied_fingerprint(

@@ -1,0 +1,115 @@
+//! The dedup ledger after the claim: what it says about an applied key, and how long it
+//! remembers one.
+//!
+//! A key is remembered for the consumer's ledger retention (30 days by default). Past it, the
+//! row is purged and a copy of the message that arrives later would be applied again: the
+//! retention must outlast every way a copy can still come — the whole retry schedule, and the
+//! window in which an operator may replay dead letters — which [`Policy::validate`] checks.
+//!
+//! [`Policy::validate`]: crate::Policy::validate
+
+use crate::backend::Backend;
+use crate::error::Error;
+use sqlx::Pool;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// What the ledger remembers of one applied key: when, from which message, with which payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LedgerEntry {
+    /// The consumer that applied it (the ledger's scope).
+    pub consumer: String,
+    /// The idempotency key.
+    pub key: String,
+    /// The payload fingerprint (SHA-256) a later copy must match to be a duplicate.
+    pub fingerprint: Vec<u8>,
+    /// When the transaction that applied it committed (the database's clock).
+    pub processed_at: SystemTime,
+    /// The AMQP message id of the delivery that applied it, if it had one.
+    pub message_id: Option<String>,
+    /// The AMQP correlation id of that delivery, if it had one.
+    pub correlation_id: Option<String>,
+}
+
+impl LedgerEntry {
+    pub(crate) fn from_parts(
+        consumer: &str,
+        key: &str,
+        (fingerprint, processed_ms, message_id, correlation_id): (
+            Vec<u8>,
+            i64,
+            Option<String>,
+            Option<String>,
+        ),
+    ) -> Self {
+        let since_epoch = Duration::from_millis(u64::try_from(processed_ms).unwrap_or(0));
+        Self {
+            consumer: consumer.to_owned(),
+            key: key.to_owned(),
+            fingerprint,
+            processed_at: SystemTime::UNIX_EPOCH + since_epoch,
+            message_id,
+            correlation_id,
+        }
+    }
+}
+
+/// What the ledger holds for `key` of `consumer`: when, from which message and with which
+/// payload fingerprint it was applied; `None` when it was never applied (or was purged).
+pub async fn lookup<DB: Backend>(
+    pool: &Pool<DB>,
+    consumer: &str,
+    key: &str,
+) -> Result<Option<LedgerEntry>, Error> {
+    DB::ledger_entry(pool, consumer, key)
+        .await
+        .map_err(Error::database("reading the ledger"))
+}
+
+/// Rows deleted per transaction: short enough that a claim waiting on one of them waits
+/// milliseconds, large enough that a day of a busy consumer goes in seconds.
+const PURGE_BATCH: i64 = 5_000;
+
+/// A pause between two batches, so the purge takes turns with the consumer's own writes.
+const BETWEEN_BATCHES: Duration = Duration::from_millis(20);
+
+/// Deletes `consumer`'s ledger rows older than `retention` every `interval`, in bounded
+/// batches, on one instance at a time; never returns (the caller drops it to stop it; a batch
+/// cut short rolls back). Counts what it deleted in `purged`. For transport adapters: the
+/// AMQP consumer runs it beside its consume loop.
+#[doc(hidden)]
+pub async fn keep_ledger<DB: Backend>(
+    pool: &Pool<DB>,
+    consumer: &str,
+    retention: Duration,
+    interval: Duration,
+    purged: &AtomicU64,
+) {
+    let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    loop {
+        let mut round = 0_u64;
+        loop {
+            match DB::ledger_purge(pool, consumer, retention, PURGE_BATCH, &holder).await {
+                Ok(Some(deleted)) => {
+                    round += deleted;
+                    purged.fetch_add(deleted, Ordering::Relaxed);
+                    if deleted < u64::try_from(PURGE_BATCH).unwrap_or(u64::MAX) {
+                        break;
+                    }
+                    tokio::time::sleep(BETWEEN_BATCHES).await;
+                }
+                // Another instance is purging this consumer's ledger.
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%consumer, %error, "cannot purge the ledger; trying again later");
+                    break;
+                }
+            }
+        }
+        if round > 0 {
+            tracing::info!(%consumer, rows = round, older_than = ?retention, "purged the ledger");
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
