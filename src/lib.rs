@@ -65,8 +65,8 @@
 
 pub use idem_core::{
     async_trait, redact_url, Backend, BoxError, Classify, DecodeError, DecodeErrorKind, Error,
-    ErrorClass, ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message,
-    Metadata, PublishError, Reason, RetryPolicy, Tx,
+    ErrorClass, ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message, Metadata,
+    PublishError, Reason, RetryPolicy, Tx,
 };
 
 pub use idem_core::{ledger, outbox};

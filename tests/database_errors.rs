@@ -182,9 +182,11 @@ impl PgHandler {
                 // This transaction holds row a; another one takes row b, then waits for row a;
                 // then this one asks for row b. The other transaction waits 10 s before it
                 // looks for a deadlock, this one 10 ms: PostgreSQL cancels this one.
-                sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {t} SET n = n + 1 WHERE id = 'a'")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET n = n + 1 WHERE id = 'a'"
+                )))
+                .execute(&mut *conn)
+                .await?;
                 let (took_b, waits) = tokio::sync::oneshot::channel::<i32>();
                 let side = self.side.clone();
                 let table = t.clone();
@@ -193,16 +195,20 @@ impl PgHandler {
                     sqlx::query("SET LOCAL deadlock_timeout = '10s'")
                         .execute(&mut *tx)
                         .await?;
-                    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {table} SET n = n + 1 WHERE id = 'b'")))
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE {table} SET n = n + 1 WHERE id = 'b'"
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
                     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                         .fetch_one(&mut *tx)
                         .await?;
                     let _ = took_b.send(pid);
-                    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {table} SET n = n + 1 WHERE id = 'a'")))
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE {table} SET n = n + 1 WHERE id = 'a'"
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
                     tx.commit().await
                 });
                 *self.other.lock().unwrap() = Some(other);
@@ -221,9 +227,11 @@ impl PgHandler {
                 sqlx::query("SET LOCAL deadlock_timeout = '10ms'")
                     .execute(&mut *conn)
                     .await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {t} SET n = n + 1 WHERE id = 'b'")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET n = n + 1 WHERE id = 'b'"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             PgTrouble::NowaitOnALockedRow => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -236,9 +244,11 @@ impl PgHandler {
                 sqlx::query("SET LOCAL lock_timeout = '50ms'")
                     .execute(&mut *conn)
                     .await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {t} SET n = n + 1 WHERE id = 'a'")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET n = n + 1 WHERE id = 'a'"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             PgTrouble::StatementTimeout => {
                 sqlx::query("SET LOCAL statement_timeout = '50ms'")
@@ -263,9 +273,11 @@ impl PgHandler {
                     .await?;
             }
             PgTrouble::UniqueViolation => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {t} (id) VALUES ('a')")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {t} (id) VALUES ('a')"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             PgTrouble::ForeignKeyViolation => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -275,19 +287,25 @@ impl PgHandler {
                 .await?;
             }
             PgTrouble::NotNullViolation => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {t} (id, n) VALUES ('z', NULL)")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {t} (id, n) VALUES ('z', NULL)"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             PgTrouble::CheckViolation => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {t} SET n = -1 WHERE id = 'a'")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET n = -1 WHERE id = 'a'"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             PgTrouble::UndefinedColumn => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT no_such_column FROM {t}")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT no_such_column FROM {t}"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             PgTrouble::DivisionByZero => {
                 sqlx::query(sqlx::AssertSqlSafe(format!("SELECT n / 0 FROM {t}")))
@@ -499,10 +517,12 @@ async fn postgres_a_statement_timeout_is_retried() {
 async fn postgres_too_many_connections_holds_the_delivery() {
     let role = fresh_name("idem_limited");
     let admin = sqlx::PgPool::connect(&pg_url()).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 1"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
     let options = pg_url()
         .parse::<sqlx::postgres::PgConnectOptions>()
         .unwrap()
@@ -632,9 +652,11 @@ impl LiteHandler {
                     .busy_timeout(Duration::ZERO)
                     .connect()
                     .await?;
-                let written = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {t} SET n = n + 1 WHERE id = 'a'")))
-                    .execute(&mut beside)
-                    .await;
+                let written = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET n = n + 1 WHERE id = 'a'"
+                )))
+                .execute(&mut beside)
+                .await;
                 beside.close().await?;
                 written?;
             }
@@ -643,9 +665,11 @@ impl LiteHandler {
                 sqlx::query("PRAGMA query_only = ON")
                     .execute(&mut *conn)
                     .await?;
-                let written = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {t} SET n = n + 1 WHERE id = 'a'")))
-                    .execute(&mut *conn)
-                    .await;
+                let written = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET n = n + 1 WHERE id = 'a'"
+                )))
+                .execute(&mut *conn)
+                .await;
                 // The pragma stays with the pooled connection: give it back writable.
                 sqlx::query("PRAGMA query_only = OFF")
                     .execute(&mut *conn)
@@ -668,19 +692,25 @@ impl LiteHandler {
                 written?;
             }
             LiteTrouble::UniqueViolation => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {t} (id) VALUES ('a')")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {t} (id) VALUES ('a')"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             LiteTrouble::CheckViolation => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {t} SET n = -1 WHERE id = 'a'")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET n = -1 WHERE id = 'a'"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             LiteTrouble::NotNullViolation => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {t} (id, n) VALUES ('z', NULL)")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {t} (id, n) VALUES ('z', NULL)"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
             LiteTrouble::ForeignKeyViolation => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -690,9 +720,11 @@ impl LiteHandler {
                 .await?;
             }
             LiteTrouble::NoSuchColumn => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT no_such_column FROM {t}")))
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT no_such_column FROM {t}"
+                )))
+                .execute(&mut *conn)
+                .await?;
             }
         }
         Ok(())
