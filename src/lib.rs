@@ -45,7 +45,8 @@
 //!
 //! ## What is where
 //!
-//! - Messages: [`Message`] (derive it), its [`Key`], [`DecodeError`].
+//! - Messages: [`Message`] (derive it) for what a handler consumes, its [`Key`],
+//!   [`DecodeError`]; [`Publish`] (derive it) for a type this service only publishes.
 //! - Handlers: [`Handler`] (or `#[handler]`), the transaction handle [`Tx`] (with
 //!   [`Tx::publish`]), [`HandlerError`] and its [`ErrorClass`].
 //! - Databases: [`Backend`] for [`Postgres`] and [`Sqlite`] (features `postgres`, `sqlite`):
@@ -64,8 +65,8 @@
 
 pub use idem_core::{
     async_trait, redact_url, Backend, BoxError, DecodeError, DecodeErrorKind, Error, ErrorClass,
-    ErrorClassExt, Handler, HandlerError, Key, KeyError, Message, Metadata, Reason, RetryPolicy,
-    Tx,
+    ErrorClassExt, Handler, HandlerError, Key, KeyError, Message, Metadata, Publish, Reason,
+    RetryPolicy, Tx,
 };
 
 pub use idem_core::outbox;
@@ -85,7 +86,7 @@ pub use idem_core::sqlx::Sqlite;
 
 #[cfg(feature = "macros")]
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
-pub use idem_macros::{handler, Message};
+pub use idem_macros::{handler, Message, Publish};
 
 #[cfg(feature = "amqp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
@@ -107,10 +108,10 @@ pub mod transport {
 pub mod __private {
     pub use idem_core::__private::{
         decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
-        KeyField,
+        KeyField, Serialize,
     };
     pub use idem_core::{
-        async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Tx,
+        async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Publish, Tx,
     };
 }
 

@@ -35,7 +35,7 @@ on_both_backends!(
 );
 
 /// What the forwarding handler publishes.
-#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
+#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message, idem::Publish)]
 #[idem(kind = "transfer.forwarded")]
 struct Forwarded {
     #[idem(key)]

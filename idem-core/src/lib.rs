@@ -8,7 +8,7 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | `message`, `key` | [`Message`] (decode + key), [`Key`], JSON decoding with idem's limits |
+//! | `message`, `key` | [`Message`] (decode + key: what consuming needs), [`Publish`] (serialize + kind: what publishing needs), [`Key`], JSON decoding with idem's limits |
 //! | `handler`, `tx` | [`Handler`], [`HandlerError`] and its [`ErrorClass`], the handler's [`Tx`] |
 //! | `process`, `delivery`, `outcome`, `policy` | the unit of work: [`process()`], its [`Delivery`] input, its [`Outcome`], the limits ([`Policy`], [`RetryPolicy`]) |
 //! | `backend` | [`Backend`]: PostgreSQL and SQLite, migrations, the ledger's SQL |
@@ -42,7 +42,7 @@ pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};
 pub use handler::{BoxError, ErrorClass, ErrorClassExt, Handler, HandlerError};
 pub use key::{Key, KeyError};
-pub use message::{DecodeError, DecodeErrorKind, Message, MAX_JSON_DEPTH};
+pub use message::{DecodeError, DecodeErrorKind, Message, Publish, MAX_JSON_DEPTH};
 pub use outcome::{Outcome, Processed, Reason};
 pub use policy::{Policy, RetryPolicy};
 pub use process::{delivery_span, process};
@@ -58,4 +58,5 @@ pub mod __private {
     pub use crate::message::{
         decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
     };
+    pub use serde::Serialize;
 }

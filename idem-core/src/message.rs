@@ -10,6 +10,9 @@ use sha2::{Digest, Sha256};
 /// Usually derived: `#[derive(serde::Deserialize, idem::Message)]` decodes the body as JSON and
 /// takes the key from the field marked `#[idem(key)]` (or, without one, from the AMQP
 /// `message_id`). Implement it by hand for another encoding.
+///
+/// What a handler publishes needs [`Publish`] instead: serialize and a kind, no key. A type that
+/// is consumed and published derives both.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an idem message",
     label = "a handler's second argument must be a message type",
@@ -43,6 +46,44 @@ pub trait Message: Sized + Send + 'static {
         let _ = key;
         Sha256::digest(body).into()
     }
+}
+
+/// A message type that can be published through the outbox ([`Tx::publish`](crate::Tx::publish),
+/// [`Outgoing::json`](crate::outbox::Outgoing::json)): a JSON body (`serde::Serialize`) and a
+/// kind, sent as the AMQP `type`.
+///
+/// Publishing needs less than consuming: no `Deserialize`, no idempotency key (the outbox gives
+/// every message its own deterministic message id, which the next consumer dedups on). So a type
+/// this service only publishes derives just this —
+/// `#[derive(serde::Serialize, idem::Publish)]` with `#[idem(kind = "inventory.reserved")]` — or
+/// implements it by hand, which is one constant:
+///
+/// ```
+/// #[derive(serde::Serialize)]
+/// struct InventoryReserved<'a> {
+///     order_id: uuid::Uuid,
+///     sku: &'a str, // a published type may borrow: it is only serialized
+///     quantity: u32,
+/// }
+///
+/// impl idem_core::Publish for InventoryReserved<'_> {
+///     const KIND: &'static str = "inventory.reserved";
+/// }
+/// ```
+///
+/// A type this service both consumes and publishes (a contract shared by two services) derives
+/// both, `serde::Serialize, serde::Deserialize, idem::Message, idem::Publish`: they read the same
+/// `#[idem(kind = "...")]`, so the kind it is published with is the kind its consumer expects.
+/// (With both traits in scope, name the constant as `<T as idem::Publish>::KIND`.)
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be published: idem does not know its message kind",
+    label = "a published message must implement idem::Publish",
+    note = "add #[derive(serde::Serialize, idem::Publish)] and #[idem(kind = \"...\")] to `{Self}` (next to idem::Message if it is consumed too), or implement idem::Publish for it: one `const KIND`"
+)]
+pub trait Publish: serde::Serialize {
+    /// The message kind: the AMQP `type` the relay sends it with (a consumer refuses a message
+    /// of another kind), and the queue [`Tx::publish`](crate::Tx::publish) routes it to.
+    const KIND: &'static str;
 }
 
 /// Why a body did not become a message.

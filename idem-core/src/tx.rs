@@ -4,7 +4,7 @@ use crate::backend::Backend;
 use crate::delivery::Metadata;
 use crate::handler::HandlerError;
 use crate::key::Key;
-use crate::message::Message;
+use crate::message::Publish;
 use crate::outbox::{handler_message_id, Outgoing, Route};
 use uuid::Uuid;
 
@@ -64,10 +64,11 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// Publishes `message` (as JSON) to the queue named after its kind, through the outbox:
     /// the row is written in this transaction, so the message goes out if and only if the
     /// handler's effect commits. See [`Tx::publish_to`].
-    pub async fn publish<M: Message + serde::Serialize>(
-        &mut self,
-        message: &M,
-    ) -> Result<Uuid, HandlerError> {
+    ///
+    /// `M` needs [`Publish`] — `serde::Serialize` and a kind, as
+    /// `#[derive(serde::Serialize, idem::Publish)]` gives a type this service only publishes;
+    /// a [`Message`](crate::Message) that is also `serde::Serialize` has it already.
+    pub async fn publish<M: Publish>(&mut self, message: &M) -> Result<Uuid, HandlerError> {
         self.publish_to(Route::queue(M::KIND), message).await
     }
 
@@ -78,7 +79,7 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// deduplicates them. The correlation id is the inbound one (or, when the inbound message
     /// had none, its message id: the flow starts here); the causation id is the inbound message
     /// id. Returns the message id.
-    pub async fn publish_to<M: Message + serde::Serialize>(
+    pub async fn publish_to<M: Publish>(
         &mut self,
         route: Route,
         message: &M,

@@ -116,7 +116,8 @@ pub fn fresh_queue(story: &str) -> String {
 }
 
 /// The message the tests send: a transfer with a key, and a switch to make the handler fail.
-#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
+/// (Publishable too: the outbox stories write transfers for a downstream consumer.)
+#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message, idem::Publish)]
 pub struct Transfer {
     #[idem(key)]
     pub id: Uuid,

@@ -1,5 +1,6 @@
-//! The attributes `#[derive(Message)]` reads: its own `#[idem(...)]` on the struct and on the
-//! fields, and the parts of `#[serde(...)]` that decide the key's JSON name.
+//! The attributes the derives read: `#[idem(...)]` on the struct and on the fields (both derives
+//! read them, with the same words, so that a type deriving both gets each error once), and the
+//! parts of `#[serde(...)]` that decide the key's JSON name.
 //!
 //! The errors reported here are the attribute parser's: options it cannot read, and values it
 //! refuses as it reads them (an empty or repeated `kind`, a second key field). syn's parser stops

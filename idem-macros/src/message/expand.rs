@@ -1,6 +1,7 @@
-//! The `idem::Message` implementation `#[derive(Message)]` generates.
+//! The implementations the derives generate: `idem::Message` for `#[derive(Message)]`,
+//! `idem::Publish` for `#[derive(Publish)]`.
 
-use super::ast::{KeyField, MessageInput};
+use super::ast::{KeyField, MessageInput, PublishInput};
 use crate::errors::{at, Errors};
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
@@ -79,9 +80,43 @@ fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
     }
 }
 
+/// The errors found, then the `idem::Publish` implementation: emitted even on an error (it is one
+/// constant), so that publishing this type adds no "cannot be published" error to the real one.
+pub(super) fn expand_publish(input: &PublishInput<'_>, errors: &Errors) -> TokenStream {
+    let compile_errors = errors.to_compile_errors();
+    let name = input.ident;
+    let kind = input
+        .kind
+        .clone()
+        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
+    let (impl_generics, type_generics, _) = input.generics.split_for_impl();
+    // Publish requires Serialize; serde's derive implements it for a generic struct only under
+    // its parameters' bounds, so the implementation asks for the same.
+    let where_clause = where_clause_with(
+        input.generics,
+        syn::parse_quote!(Self: ::idem::__private::Serialize),
+    );
+    quote! {
+        #compile_errors
+        #[automatically_derived]
+        impl #impl_generics ::idem::__private::Publish for #name #type_generics #where_clause {
+            const KIND: &'static ::core::primitive::str = #kind;
+        }
+    }
+}
+
 /// The struct's where clause; a generic message is a message for the parameters that make it one.
 fn where_clause(generics: &Generics) -> Option<WhereClause> {
-    if generics.type_params().next().is_none() {
+    where_clause_with(
+        generics,
+        syn::parse_quote!(Self: ::core::marker::Send + 'static),
+    )
+}
+
+/// The struct's where clause, plus `bound` when the struct has type or const parameters (on a
+/// struct without, a bound that does not hold would be an error of its own, not a missing impl).
+fn where_clause_with(generics: &Generics, bound: syn::WherePredicate) -> Option<WhereClause> {
+    if generics.type_params().next().is_none() && generics.const_params().next().is_none() {
         return generics.where_clause.clone();
     }
     let mut where_clause = generics
@@ -91,9 +126,7 @@ fn where_clause(generics: &Generics) -> Option<WhereClause> {
             where_token: Default::default(),
             predicates: Punctuated::new(),
         });
-    where_clause
-        .predicates
-        .push(syn::parse_quote!(Self: ::core::marker::Send + 'static));
+    where_clause.predicates.push(bound);
     Some(where_clause)
 }
 
