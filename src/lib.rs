@@ -54,8 +54,9 @@
 //! - Failures: [`RetryPolicy`], the dead-letter [`Reason`]s, idem's own [`Error`].
 //! - [`outbox`]: messages published in the handler's transaction, or by service code in its own.
 //! - [`amqp`] (feature `amqp`): the RabbitMQ adapter — [`amqp::Consumer`] (topology, consume
-//!   loop, ack after commit, retries and dead letters with confirms, reconnect, health) and the
-//!   outbox [`amqp::Relay`].
+//!   loop, ack after commit, retries and dead letters with confirms, reconnect, health), the
+//!   outbox [`amqp::Relay`] (which declares the queues and exchanges its messages go to), and
+//!   [`amqp::Shutdown`]: one SIGTERM / SIGINT handler that stops every loop of a service.
 //! - [`transport`]: the unit of work itself, for writing an adapter to another transport.
 //!
 //! All four features (`postgres`, `sqlite`, `amqp`, `macros`) are on by default; `amqp-tls`
