@@ -277,10 +277,7 @@ async fn main() -> std::process::ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
+        .with_env_filter(log_filter(default_filter))
         .init();
     let url = cli.database_url.as_str();
     let result = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -301,6 +298,14 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `RUST_LOG` (or `default`), with lapin's line about a returned message off: lapin logs a
+/// message the broker returns (unroutable) whole, body bytes included, at WARN, and payment
+/// details do not belong in logs. idem logs it on one line, destination and message id.
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
+    tracing_subscriber::EnvFilter::new(format!("lapin::returned_messages=off,{spec}"))
 }
 
 /// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.

@@ -62,7 +62,9 @@ impl Shutdown {
     ///
     /// Fails when called outside a Tokio runtime (call it inside `#[tokio::main]`), or when the
     /// operating system refuses the signal handlers: without them a stop signal would kill the
-    /// process mid-delivery (redelivered and deduplicated, but not a graceful stop).
+    /// process mid-delivery (redelivered and deduplicated, but not a graceful stop). The
+    /// runtime needs its IO driver, as `#[tokio::main]` has (Tokio panics on a runtime built
+    /// without `enable_io`).
     pub fn on_signals() -> Result<Self, Error> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config(

@@ -218,6 +218,11 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// absorbs it. On PostgreSQL several relays share one outbox (`FOR UPDATE SKIP LOCKED`); on
 /// SQLite one relay holds a lease and the others stand by.
 ///
+/// On every connection, before it publishes, it declares the destinations it was given
+/// ([`RelayBuilder::declare_queue`], [`RelayBuilder::declare_exchange`],
+/// [`RelayBuilder::bind_queue`]): a service's first run delivers to queues that no consumer
+/// has declared yet.
+///
 /// A row the broker will not take (unroutable, nacked, or refused with a channel close: an
 /// exchange that does not exist, one the user may not publish to) records the attempt and
 /// the broker's reason in its row and backs off (1 s doubling to 5 min); the later rows of its
