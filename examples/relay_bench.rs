@@ -55,7 +55,7 @@ struct Config {
 }
 
 /// What the producer publishes and the downstream consumer applies.
-#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message, idem::Publish)]
+#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
 #[idem(kind = "bench.order-placed")]
 struct OrderPlaced {
     #[idem(key)]

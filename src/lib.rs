@@ -109,7 +109,7 @@ pub mod transport {
 pub mod __private {
     pub use idem_core::__private::{
         decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
-        KeyField, Serialize,
+        KeyField, MessageKind, Serialize,
     };
     pub use idem_core::{
         async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Publish, Tx,

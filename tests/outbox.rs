@@ -40,7 +40,7 @@ on_both_backends!(
 );
 
 /// What the forwarding handler publishes.
-#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message, idem::Publish)]
+#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
 #[idem(kind = "transfer.forwarded")]
 struct Forwarded {
     #[idem(key)]

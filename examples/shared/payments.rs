@@ -14,8 +14,8 @@ pub const CONSUMER: &str = "payments";
 
 /// A request to capture a payment. Every field is validated while decoding: anything else is
 /// dead-lettered as `malformed` (or `missing-key`) before a transaction is even opened.
-/// `Serialize` and `idem::Publish` are for producers that share this type (the orders service).
-#[derive(Debug, Serialize, Deserialize, idem::Message, idem::Publish)]
+/// `Serialize` is for producers that share this type (the orders service).
+#[derive(Debug, Serialize, Deserialize, idem::Message)]
 #[idem(kind = "payment.requested")]
 pub struct PaymentRequested {
     #[idem(key)]
@@ -31,9 +31,8 @@ pub struct PaymentRequested {
 }
 
 /// What the payments service announces after capturing a payment an order asked for. Keyed by
-/// the payment: the orders service's ledger marks an order paid once per payment. Published here,
-/// consumed by the orders service: one type, both derives, one kind.
-#[derive(Debug, Serialize, Deserialize, idem::Message, idem::Publish)]
+/// the payment: the orders service's ledger marks an order paid once per payment.
+#[derive(Debug, Serialize, Deserialize, idem::Message)]
 #[idem(kind = "payment.captured")]
 pub struct PaymentCaptured {
     pub order_id: String,

@@ -57,6 +57,7 @@ pub mod __private {
     pub use crate::key::KeyField;
     pub use crate::message::{
         decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
+        MessageKind,
     };
     pub use serde::Serialize;
 }

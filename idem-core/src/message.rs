@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 /// takes the key from the field marked `#[idem(key)]` (or, without one, from the AMQP
 /// `message_id`). Implement it by hand for another encoding.
 ///
-/// What a handler publishes needs [`Publish`] instead: serialize and a kind, no key. A type that
-/// is consumed and published derives both.
+/// What a handler publishes needs [`Publish`] instead: serialize and a kind, no key. A derived
+/// `Message` that is also `serde::Serialize` is publishable as it is.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an idem message",
     label = "a handler's second argument must be a message type",
@@ -54,9 +54,8 @@ pub trait Message: Sized + Send + 'static {
 ///
 /// Publishing needs less than consuming: no `Deserialize`, no idempotency key (the outbox gives
 /// every message its own deterministic message id, which the next consumer dedups on). So a type
-/// this service only publishes derives just this —
-/// `#[derive(serde::Serialize, idem::Publish)]` with `#[idem(kind = "inventory.reserved")]` — or
-/// implements it by hand, which is one constant:
+/// this service only publishes derives `serde::Serialize, idem::Publish` with
+/// `#[idem(kind = "inventory.reserved")]`, or implements this by hand, which is one constant:
 ///
 /// ```
 /// #[derive(serde::Serialize)]
@@ -71,19 +70,42 @@ pub trait Message: Sized + Send + 'static {
 /// }
 /// ```
 ///
-/// A type this service both consumes and publishes (a contract shared by two services) derives
-/// both, `serde::Serialize, serde::Deserialize, idem::Message, idem::Publish`: they read the same
-/// `#[idem(kind = "...")]`, so the kind it is published with is the kind its consumer expects.
-/// (With both traits in scope, name the constant as `<T as idem::Publish>::KIND`.)
+/// A type that derives `idem::Message` and `serde::Serialize` is publishable already, under
+/// the kind its consumers expect: a contract shared by the publishing and the consuming service
+/// derives `serde::Serialize, serde::Deserialize, idem::Message` (not `idem::Publish` too: the
+/// two would conflict). A hand-written [`Message`] implements this by hand to be published.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be published: idem does not know its message kind",
     label = "a published message must implement idem::Publish",
-    note = "add #[derive(serde::Serialize, idem::Publish)] and #[idem(kind = \"...\")] to `{Self}` (next to idem::Message if it is consumed too), or implement idem::Publish for it: one `const KIND`"
+    note = "add #[derive(serde::Serialize, idem::Publish)] and #[idem(kind = \"...\")] to `{Self}` (a type that derives idem::Message needs only serde::Serialize), or implement idem::Publish for it: one `const KIND`"
 )]
 pub trait Publish: serde::Serialize {
     /// The message kind: the AMQP `type` the relay sends it with (a consumer refuses a message
     /// of another kind), and the queue [`Tx::publish`](crate::Tx::publish) routes it to.
     const KIND: &'static str;
+}
+
+/// The kind the derives give a type: `#[derive(Message)]` and `#[derive(Publish)]` implement
+/// this, and a `serde::Serialize` type with it is [`Publish`]. Not an API: implement
+/// [`Publish`] by hand instead.
+///
+/// Why not `impl<M: Message + Serialize> Publish for M`: publishing a type that is neither
+/// would then fail on `M: Message`, and rustc would show `Message`'s advice (derive
+/// `Deserialize` and `Message`) for a type that is only published. This trait fails instead,
+/// with the advice for publishing.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be published: idem does not know its message kind",
+    label = "a published message must implement idem::Publish",
+    note = "add #[derive(serde::Serialize, idem::Publish)] and #[idem(kind = \"...\")] to `{Self}` (a type that derives idem::Message needs only serde::Serialize), or implement idem::Publish for it: one `const KIND`"
+)]
+pub trait MessageKind {
+    /// The `#[idem(kind = "...")]` of the type, or its name.
+    const KIND: &'static str;
+}
+
+impl<M: MessageKind + serde::Serialize> Publish for M {
+    const KIND: &'static str = <M as MessageKind>::KIND;
 }
 
 /// Why a body did not become a message.

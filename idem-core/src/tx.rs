@@ -64,10 +64,6 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// Publishes `message` (as JSON) to the queue named after its kind, through the outbox:
     /// the row is written in this transaction, so the message goes out if and only if the
     /// handler's effect commits. See [`Tx::publish_to`].
-    ///
-    /// `M` needs [`Publish`] — `serde::Serialize` and a kind, as
-    /// `#[derive(serde::Serialize, idem::Publish)]` gives a type this service only publishes;
-    /// a [`Message`](crate::Message) that is also `serde::Serialize` has it already.
     pub async fn publish<M: Publish>(&mut self, message: &M) -> Result<Uuid, HandlerError> {
         self.publish_to(Route::queue(M::KIND), message).await
     }

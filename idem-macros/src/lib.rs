@@ -46,8 +46,8 @@ mod types;
 
 /// Implements `idem::Message` for a struct with named fields, decoding the body as JSON.
 ///
-/// The struct must also derive (or implement) `serde::Deserialize`. To publish it as well, derive
-/// `serde::Serialize` and `idem::Publish` too.
+/// The struct must also derive (or implement) `serde::Deserialize`. With `serde::Serialize` it
+/// can be published as well (`idem::Publish`), under the same kind.
 ///
 /// - `#[idem(key)]` on one field makes it the idempotency key. Allowed types: `Uuid`, `String`,
 ///   `i16`, `i32`, `i64`, `i128`, `u16`, `u32`, `u64`, `u128`, or an `Option` of one of those
@@ -108,9 +108,9 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 ///   for the parameters that make it `serde::Serialize`.
 ///
 /// A type that is consumed too (a contract shared by the publishing and the consuming service)
-/// derives both, `serde::Serialize, serde::Deserialize, idem::Message, idem::Publish`: they read
-/// the same `#[idem(kind)]`, so it is published under the kind its consumer expects; its
-/// `#[idem(key)]` field is `Message`'s, and `Publish` ignores it.
+/// derives `serde::Serialize, serde::Deserialize, idem::Message` instead: a derived `Message`
+/// that is `serde::Serialize` is publishable as it is, under the kind its consumers expect.
+/// Deriving `Publish` as well is refused (two implementations of the kind).
 #[proc_macro_derive(Publish, attributes(idem))]
 pub fn derive_publish(input: TokenStream) -> TokenStream {
     match syn::parse::<syn::DeriveInput>(input) {

@@ -116,8 +116,7 @@ pub fn fresh_queue(story: &str) -> String {
 }
 
 /// The message the tests send: a transfer with a key, and a switch to make the handler fail.
-/// (Publishable too: the outbox stories write transfers for a downstream consumer.)
-#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message, idem::Publish)]
+#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
 pub struct Transfer {
     #[idem(key)]
     pub id: Uuid,

@@ -6,9 +6,18 @@ use proc_macro2::Span;
 use syn::punctuated::Punctuated;
 use syn::{Data, DeriveInput, Field, Fields, FieldsUnnamed, Generics, Ident, LitStr, Token, Type};
 
+/// Which of the two derives reads the item: they share `#[idem(kind)]` and the shape rule, and
+/// their errors name the one the user wrote.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Derive {
+    /// `#[derive(idem::Message)]`: what a handler consumes.
+    Message,
+    /// `#[derive(idem::Publish)]`: what this service only publishes.
+    Publish,
+}
+
 /// A `#[derive(Publish)]` input as read: the kind and the shape. No key and no serde
-/// attributes: publishing reads neither. (A field may still carry `#[idem(key)]` for
-/// `#[derive(Message)]` on the same type.)
+/// attributes: publishing reads neither.
 pub(super) struct PublishInput<'a> {
     pub(super) ident: &'a Ident,
     pub(super) generics: &'a Generics,
@@ -20,14 +29,12 @@ pub(super) struct PublishInput<'a> {
 impl<'a> PublishInput<'a> {
     /// Reads the item and its attributes, reporting what cannot be read.
     pub(super) fn from_syn(input: &'a DeriveInput, errors: &mut Errors) -> Self {
-        let kind = attr::container_kind(&input.attrs, errors);
+        let kind = attr::container_kind(&input.attrs, Derive::Publish, errors);
         let shape = match &input.data {
             Data::Struct(data) => match &data.fields {
                 Fields::Named(named) => {
-                    // Checked as Message checks them (with its words, so that a type deriving
-                    // both gets each error once), the key mark itself ignored.
                     for field in &named.named {
-                        attr::marks_key(&field.attrs, None, errors);
+                        attr::refuse_field_options(&field.attrs, errors);
                     }
                     Shape::Named
                 }
@@ -85,7 +92,7 @@ pub(super) struct KeyField<'a> {
 impl<'a> MessageInput<'a> {
     /// Reads the item and its attributes, reporting what cannot be read.
     pub(super) fn from_syn(input: &'a DeriveInput, errors: &mut Errors) -> Self {
-        let kind = attr::container_kind(&input.attrs, errors);
+        let kind = attr::container_kind(&input.attrs, Derive::Message, errors);
         let serde = attr::serde_container(&input.attrs);
         let (shape, key, aliases) = match &input.data {
             Data::Struct(data) => match &data.fields {

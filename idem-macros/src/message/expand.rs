@@ -1,5 +1,6 @@
-//! The implementations the derives generate: `idem::Message` for `#[derive(Message)]`,
-//! `idem::Publish` for `#[derive(Publish)]`.
+//! The implementations the derives generate: `idem::Message` for `#[derive(Message)]`, and for
+//! both derives the type's kind (`MessageKind`), which makes a `serde::Serialize` type
+//! `idem::Publish` (idem-core's blanket implementation).
 
 use super::ast::{KeyField, MessageInput, PublishInput};
 use crate::errors::{at, Errors};
@@ -28,12 +29,27 @@ pub(super) fn expand(input: &MessageInput<'_>, errors: &Errors) -> TokenStream {
     }
 }
 
+/// `#[idem(kind = "...")]`, or the struct's name.
+fn kind_of(name: &syn::Ident, kind: Option<&LitStr>) -> LitStr {
+    kind.cloned()
+        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()))
+}
+
+/// `MessageKind` for the struct: with `serde::Serialize`, it is `idem::Publish`.
+fn kind_implementation(name: &syn::Ident, generics: &Generics, kind: &LitStr) -> TokenStream {
+    let (impl_generics, type_generics, where_clause) = generics.split_for_impl();
+    quote! {
+        #[automatically_derived]
+        impl #impl_generics ::idem::__private::MessageKind for #name #type_generics #where_clause {
+            const KIND: &'static ::core::primitive::str = #kind;
+        }
+    }
+}
+
 fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
     let name = input.ident;
-    let kind = input
-        .kind
-        .clone()
-        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
+    let kind = kind_of(name, input.kind.as_ref());
+    let kind_implementation = kind_implementation(name, input.generics, &kind);
     let (impl_generics, type_generics, _) = input.generics.split_for_impl();
     let where_clause = where_clause(input.generics);
     let (decode, key_of, fingerprint) = if valid {
@@ -51,6 +67,8 @@ fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
     };
 
     quote! {
+        #kind_implementation
+
         #[automatically_derived]
         impl #impl_generics ::idem::__private::Message for #name #type_generics #where_clause {
             const KIND: &'static ::core::primitive::str = #kind;
@@ -80,43 +98,33 @@ fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
     }
 }
 
-/// The errors found, then the `idem::Publish` implementation: emitted even on an error (it is one
-/// constant), so that publishing this type adds no "cannot be published" error to the real one.
+/// The errors found, then the type's kind: emitted even on an error (it is one constant), so
+/// that publishing this type adds no "cannot be published" error to the real one.
 pub(super) fn expand_publish(input: &PublishInput<'_>, errors: &Errors) -> TokenStream {
     let compile_errors = errors.to_compile_errors();
     let name = input.ident;
-    let kind = input
-        .kind
-        .clone()
-        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
-    let (impl_generics, type_generics, _) = input.generics.split_for_impl();
-    // Publish requires Serialize; serde's derive implements it for a generic struct only under
-    // its parameters' bounds, so the implementation asks for the same.
-    let where_clause = where_clause_with(
-        input.generics,
-        syn::parse_quote!(Self: ::idem::__private::Serialize),
-    );
+    let kind = kind_of(name, input.kind.as_ref());
+    let kind_implementation = kind_implementation(name, input.generics, &kind);
+    // The kind alone does not publish: without `serde::Serialize` the type would fail only
+    // where it is published. Said here instead, for a type without parameters to name.
+    let serializable = input.generics.params.is_empty().then(|| {
+        quote_spanned! {at(name.span())=>
+            const _: () = {
+                fn serializable<T: ?::core::marker::Sized + ::idem::__private::Serialize>() {}
+                let _ = serializable::<#name>;
+            };
+        }
+    });
     quote! {
         #compile_errors
-        #[automatically_derived]
-        impl #impl_generics ::idem::__private::Publish for #name #type_generics #where_clause {
-            const KIND: &'static ::core::primitive::str = #kind;
-        }
+        #kind_implementation
+        #serializable
     }
 }
 
 /// The struct's where clause; a generic message is a message for the parameters that make it one.
 fn where_clause(generics: &Generics) -> Option<WhereClause> {
-    where_clause_with(
-        generics,
-        syn::parse_quote!(Self: ::core::marker::Send + 'static),
-    )
-}
-
-/// The struct's where clause, plus `bound` when the struct has type or const parameters (on a
-/// struct without, a bound that does not hold would be an error of its own, not a missing impl).
-fn where_clause_with(generics: &Generics, bound: syn::WherePredicate) -> Option<WhereClause> {
-    if generics.type_params().next().is_none() && generics.const_params().next().is_none() {
+    if generics.type_params().next().is_none() {
         return generics.where_clause.clone();
     }
     let mut where_clause = generics
@@ -126,7 +134,9 @@ fn where_clause_with(generics: &Generics, bound: syn::WherePredicate) -> Option<
             where_token: Default::default(),
             predicates: Punctuated::new(),
         });
-    where_clause.predicates.push(bound);
+    where_clause
+        .predicates
+        .push(syn::parse_quote!(Self: ::core::marker::Send + 'static));
     Some(where_clause)
 }
 

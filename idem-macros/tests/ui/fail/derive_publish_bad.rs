@@ -8,21 +8,22 @@ enum Event {
 
 #[derive(serde::Serialize, idem::Publish)]
 #[idem(kind = "inventory.reserved", version = 2)]
-struct UnknownOptions {
-    #[idem(unique)]
+struct CopiedFromTheConsumer {
+    #[idem(key)]
     order_id: uuid::Uuid,
+    #[idem(unique)]
+    sku: String,
+}
+
+#[derive(serde::Serialize, idem::Publish)]
+#[idem(key)]
+struct KeyOnStruct {
+    id: String,
 }
 
 #[derive(serde::Serialize, idem::Publish)]
 #[idem(kind = "")]
 struct EmptyKind {
-    id: String,
-}
-
-/// Deriving both reports a bad option once.
-#[derive(serde::Serialize, serde::Deserialize, idem::Message, idem::Publish)]
-struct Both {
-    #[idem(key, unique)]
     id: String,
 }
 

@@ -1,5 +1,6 @@
 //! A type that is only published needs `Serialize` and a kind: no `Deserialize`, no key. It may
-//! borrow and be generic. A type both consumed and published derives both, under one kind.
+//! borrow and be generic. A derived `Message` that is `Serialize` is publishable under its kind;
+//! a hand-written one implements `Publish` by hand.
 #![deny(warnings)]
 
 use idem::outbox::{Outgoing, Route};
@@ -25,12 +26,32 @@ struct Audited<T> {
     entry: T,
 }
 
-/// Shared by a publisher and a consumer: both derives, one kind, the key is `Message`'s.
-#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message, idem::Publish)]
+/// Shared by a publisher and a consumer: `Message` + `Serialize` is publishable as it is.
+#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
 #[idem(kind = "payment.captured")]
 struct PaymentCaptured {
     #[idem(key)]
     payment_id: uuid::Uuid,
+}
+
+/// A hand-written message, published through a hand-written `Publish`.
+#[derive(serde::Serialize)]
+struct Ping {
+    id: String,
+}
+
+impl Message for Ping {
+    const KIND: &'static str = "ping";
+    fn decode(_: &[u8]) -> Result<Self, idem::DecodeError> {
+        Ok(Ping { id: String::new() })
+    }
+    fn key(&self) -> Result<Option<idem::Key>, idem::KeyError> {
+        Ok(None)
+    }
+}
+
+impl Publish for Ping {
+    const KIND: &'static str = <Ping as Message>::KIND;
 }
 
 fn kind_of<M: Publish>(_: &M) -> &'static str {
@@ -54,4 +75,5 @@ fn main() {
     assert_eq!(kind_of(&captured), <PaymentCaptured as Message>::KIND);
     assert_eq!(captured.key().unwrap().unwrap().as_str(), id.to_string());
     assert_eq!(Outgoing::json(&captured, id).unwrap().kind, "payment.captured");
+    assert_eq!(kind_of(&Ping { id: "p".into() }), "ping");
 }

@@ -1,8 +1,7 @@
-//! A consumed message is not publishable by itself: publishing needs `idem::Publish` too, and
-//! the error says so.
+//! A consumed message is publishable once it is `Serialize`; without it, publishing says so.
 use idem::outbox::Outgoing;
 
-#[derive(Debug, serde::Serialize, serde::Deserialize, idem::Message)]
+#[derive(Debug, serde::Deserialize, idem::Message)]
 #[idem(kind = "payment.captured")]
 struct PaymentCaptured {
     #[idem(key)]
