@@ -24,7 +24,9 @@
 //! `IDEM_CONCURRENCY` (default 8, or the prefetch if smaller). The orders and the payments
 //! processes must share one database (the same `DATABASE_URL`), and the payments example's
 //! `IDEM_QUEUE` must be this `IDEM_PAYMENTS_QUEUE`. Every process declares the queues it
-//! consumes or publishes to. Relays: on PostgreSQL run as many as you like (the payments process
+//! consumes or publishes to: a consumer its own, a relay the ones its messages go to
+//! (`RelayBuilder::declare_queue`). Every long-running command stops on one SIGTERM / SIGINT
+//! (`Shutdown::on_signals`), the demo's relay and both consumers together. Relays: on PostgreSQL run as many as you like (the payments process
 //! runs one); on SQLite one relay publishes at a time (it holds a lease, a second one stands
 //! by), so with `orders relay` on SQLite run payments with `IDEM_RELAY=off`.
 //!
@@ -35,7 +37,7 @@
 mod payments;
 
 use clap::{Parser, Subcommand};
-use idem::amqp::{Consumer, Relay};
+use idem::amqp::{Consumer, Relay, Shutdown};
 use idem::outbox::{self, Outgoing, Route};
 use idem::{Backend, Handler, HandlerError, Postgres, Sqlite, Tx};
 use payments::{
@@ -43,7 +45,6 @@ use payments::{
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -276,10 +277,7 @@ async fn main() -> std::process::ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
+        .with_env_filter(log_filter(default_filter))
         .init();
     let url = cli.database_url.as_str();
     let result = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -302,6 +300,14 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// `RUST_LOG` (or `default`), with lapin's line about a returned message off: lapin logs a
+/// message the broker returns (unroutable) whole, body bytes included, at WARN, and payment
+/// details do not belong in logs. idem logs it on one line, destination and message id.
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
+    tracing_subscriber::EnvFilter::new(format!("lapin::returned_messages=off,{spec}"))
+}
+
 /// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.
 fn amqp_url_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
     match error.downcast_ref::<idem::amqp::Error>() {
@@ -313,16 +319,6 @@ fn amqp_url_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
 }
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Declares the queues of the given consumers exactly as they declare them themselves (a queue
-/// declared with other arguments would be refused), on a connection of its own.
-macro_rules! declare {
-    ($cli:expr, $($consumer:expr),+) => {{
-        let connection = idem::amqp::connect(&$cli.amqp_url).await?;
-        $($consumer.declare(&connection).await?;)+
-        let _ = connection.close(200, "queues declared".into()).await;
-    }};
-}
 
 async fn run<DB, M>(cli: &Cli, mark_paid: M) -> Result<(), AnyError>
 where
@@ -343,9 +339,7 @@ where
             let pool = DB::connect(&cli.database_url, 2).await?;
             DB::migrate(&pool).await?;
             DB::create_orders_table(&pool).await?;
-            // The relays publish with `mandatory`: until the payments queue exists the requests
-            // would bounce and wait out a backoff.
-            declare!(cli, payments_consumer(cli, &pool, concurrency)?);
+            // No queue to declare first: every relay declares the queues it publishes to.
             let placed = place(cli, &pool, orders, prefix.as_deref(), first, accounts).await?;
             println!(
                 "placed {} orders ({} new, {} already placed) with their payment requests",
@@ -356,31 +350,24 @@ where
             Ok(())
         }
         Command::Relay { poll_ms } => {
+            let shutdown = Shutdown::on_signals()?;
             // One connection for the batch being published (LISTEN has one of its own).
             let pool = DB::connect(&cli.database_url, 2).await?;
             DB::migrate(&pool).await?;
-            // The relay publishes to both queues (with `mandatory`): make sure they exist.
-            let orders = orders_consumer(cli, &pool, mark_paid, concurrency)?;
-            let payments = payments_consumer(cli, &pool, concurrency)?;
-            declare!(cli, orders, payments);
-            let relay = Relay::builder(pool)
-                .poll_interval(
-                    poll_ms.map_or_else(relay_poll_interval::<DB>, Duration::from_millis),
-                )
-                .build()?;
-            relay
-                .serve(&cli.amqp_url, idem::amqp::shutdown_signal())
+            relay(cli, pool, poll_ms.map(Duration::from_millis))?
+                .serve(&cli.amqp_url, shutdown.requested())
                 .await?;
             Ok(())
         }
         Command::Consume => {
+            let shutdown = Shutdown::on_signals()?;
             let pool = DB::connect(&cli.database_url, concurrency).await?;
             DB::migrate(&pool).await?;
             DB::create_orders_table(&pool).await?;
             // Reconnects by itself after a broker restart; waits (without dead-lettering) while
             // the database is away; fails fast only on what a restart cannot fix.
             orders_consumer(cli, &pool, mark_paid, concurrency)?
-                .serve(&cli.amqp_url, idem::amqp::shutdown_signal())
+                .serve(&cli.amqp_url, shutdown.requested())
                 .await?;
             Ok(())
         }
@@ -419,6 +406,21 @@ where
             .concurrency(concurrency as usize)
             .build()?,
     )
+}
+
+/// A relay of this database's outbox: payment requests go to the payments queue, captures to
+/// the orders queue. It declares both on every connection (as their consumers do), so a row
+/// committed before either consumer ever ran is delivered, not bounced as unroutable.
+fn relay<DB: Backend>(
+    cli: &Cli,
+    pool: sqlx::Pool<DB>,
+    poll_interval: Option<Duration>,
+) -> Result<Relay<DB>, AnyError> {
+    Ok(Relay::builder(pool)
+        .poll_interval(poll_interval.unwrap_or_else(relay_poll_interval::<DB>))
+        .declare_queue(&cli.payments_queue)
+        .declare_queue(&cli.orders_queue)
+        .build()?)
 }
 
 /// How long a relay sleeps without a wake-up: on PostgreSQL LISTEN/NOTIFY wakes it right after
@@ -520,16 +522,15 @@ where
     let placed = place(cli, &pool, count, Some(&run), 0, 5).await?;
 
     // One relay: on SQLite there must be only one per database.
-    let relay = Relay::builder(pool.clone())
-        .poll_interval(relay_poll_interval::<DB>().min(Duration::from_millis(100)))
-        .build()?;
-    let (stop, stopped) = watch::channel(false);
-    let until = |mut stopped: watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
+    let relay = relay(
+        cli,
+        pool.clone(),
+        Some(relay_poll_interval::<DB>().min(Duration::from_millis(100))),
+    )?;
+    // One stop for the relay, both consumers and the watch below: SIGTERM / SIGINT, or the
+    // watch once every order is paid (or it gave up).
+    let shutdown = Shutdown::on_signals()?;
     let watch = async {
-        let signal = idem::amqp::shutdown_signal();
-        tokio::pin!(signal);
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         loop {
@@ -538,7 +539,7 @@ where
                 break;
             }
             tokio::select! {
-                () = &mut signal => break,
+                () = shutdown.requested() => break,
                 () = &mut deadline => {
                     tracing::warn!(paid, count, ?timeout, "not every order is paid: giving up");
                     break;
@@ -551,12 +552,12 @@ where
         while outbox::pending::<DB>(&pool).await.unwrap_or(0) > 0 && Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        stop.send_replace(true);
+        shutdown.request("the demo is done");
     };
     let (relayed, captured, marked, ()) = tokio::join!(
-        relay.serve(&cli.amqp_url, until(stopped.clone())),
-        payments.run(&connection, until(stopped.clone())),
-        orders.run(&connection, until(stopped.clone())),
+        relay.serve(&cli.amqp_url, shutdown.requested()),
+        payments.run(&connection, shutdown.requested()),
+        orders.run(&connection, shutdown.requested()),
         watch,
     );
     let _ = connection.close(200, "demo done".into()).await;

@@ -25,18 +25,14 @@ mod service;
 
 use clap::builder::BoolishValueParser;
 use clap::Parser;
-use idem::amqp::lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use idem::amqp::lapin::types::FieldTable;
+use idem::amqp::lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use idem::amqp::lapin::{BasicProperties, Connection};
-use idem::amqp::{headers, Consumer, Relay};
+use idem::amqp::{headers, Consumer, Relay, Shutdown};
 use idem::{Backend, Handler, Postgres, Sqlite};
 use service::{Capture, PaymentRequested, PaymentsStore};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -82,10 +78,7 @@ async fn main() -> std::process::ExitCode {
     // The demo prints a summary; per-delivery lines would bury it (RUST_LOG=info shows them).
     let default_filter = if config.demo { "warn" } else { "info" };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
+        .with_env_filter(log_filter(default_filter))
         .init();
     let url = config.database_url.as_str();
     let result = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -106,6 +99,14 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `RUST_LOG` (or `default`), with lapin's line about a returned message off: lapin logs a
+/// message the broker returns (unroutable) whole, body bytes included, at WARN, and payment
+/// details do not belong in logs. idem logs it on one line, destination and message id.
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
+    tracing_subscriber::EnvFilter::new(format!("lapin::returned_messages=off,{spec}"))
 }
 
 /// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.
@@ -146,60 +147,54 @@ where
         consumer.declare(&connection).await?;
         return demo(config, &connection, &consumer, &pool).await;
     }
+    // One stop for the whole process: SIGTERM / SIGINT, logged once, stops the consumer (which
+    // finishes and acks what is in flight) and the relay (which settles its batch).
+    let shutdown = Shutdown::on_signals()?;
     if !relay {
         // Reconnects by itself after a broker restart; waits (without dead-lettering) while the
         // database is away; fails fast only on what a restart cannot fix.
         consumer
-            .serve(&config.amqp_url, idem::amqp::shutdown_signal())
+            .serve(&config.amqp_url, shutdown.requested())
             .await?;
         return Ok(());
     }
-    declare_orders_queue(config).await?;
-    // One signal stops both: the consumer finishes and acks what is in flight, the relay
-    // finishes its batch. A relay that fails stops the consumer too, rather than leave it
-    // capturing payments whose announcements nobody sends.
-    let (stop, stopped) = watch::channel(false);
-    let stop = Arc::new(stop);
-    tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move {
-            idem::amqp::shutdown_signal().await;
-            stop.send_replace(true);
-        }
-    });
     let relay = Arc::new(
         Relay::builder(pool.clone())
             .poll_interval(relay_poll_interval::<DB>())
+            // Where this outbox's messages go: `payment.captured` to the orders queue (before
+            // the orders service ever ran, it would bounce), and the payment requests an orders
+            // service writes into the same database, to this consumer's queue.
+            .declare_queue(&config.orders_queue)
+            .declare_queue(&config.queue)
             .build()?,
     );
-    // On its own task: the relay's publishing loop stays off the consumer's path.
+    // On its own task: the relay's publishing loop stays off the consumer's path. A relay that
+    // fails stops the consumer too, rather than leave it capturing payments whose announcements
+    // nobody sends.
     let relaying = tokio::spawn({
-        let (relay, url, stop) = (
+        let (relay, url, shutdown) = (
             Arc::clone(&relay),
             config.amqp_url.clone(),
-            Arc::clone(&stop),
+            shutdown.clone(),
         );
-        let stopped = stopped.clone();
         async move {
-            let relayed = relay.serve(&url, until(stopped)).await;
+            let relayed = relay.serve(&url, shutdown.requested()).await;
             if relayed.is_err() {
-                stop.send_replace(true);
+                shutdown.request("the outbox relay failed");
             }
             relayed
         }
     });
-    let consumed = consumer.serve(&config.amqp_url, until(stopped)).await;
+    let consumed = consumer.serve(&config.amqp_url, shutdown.requested()).await;
     // However the consumer ended, the relay ends with it.
-    stop.send_replace(true);
+    shutdown.request(match consumed {
+        Ok(()) => "the consumer stopped",
+        Err(_) => "the consumer failed",
+    });
     let relayed = relaying.await;
     consumed?;
     relayed??;
     Ok(())
-}
-
-/// Resolves once `stopped` turns true (or its sender is gone).
-async fn until(mut stopped: watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stop| *stop).await;
 }
 
 /// How long the relay sleeps when it has no wake-up: on PostgreSQL LISTEN/NOTIFY wakes it right
@@ -211,24 +206,6 @@ fn relay_poll_interval<DB: Backend>() -> Duration {
     } else {
         Duration::from_millis(100)
     }
-}
-
-/// Declares the orders queue this process's relay publishes `payment.captured` to, as its
-/// consumer declares it (durable, no arguments): the relay publishes with `mandatory`, so
-/// before the queue exists an announcement is refused and retried with a growing backoff.
-async fn declare_orders_queue(config: &Config) -> Result<(), AnyError> {
-    let connection = idem::amqp::connect(&config.amqp_url).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_declare(
-            config.orders_queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| format!("declaring the orders queue {:?}: {e}", config.orders_queue))?;
-    let _ = connection.close(200, "orders queue declared".into()).await;
-    Ok(())
 }
 
 /// What the demo sent, to check the database against.

@@ -45,7 +45,8 @@
 //!
 //! ## What is where
 //!
-//! - Messages: [`Message`] (derive it), its [`Key`], [`DecodeError`].
+//! - Messages: [`Message`] (derive it) for what a handler consumes, its [`Key`],
+//!   [`DecodeError`]; [`Publish`] (derive it) for a type this service only publishes.
 //! - Handlers: [`Handler`] (or `#[handler]`), the transaction handle [`Tx`] (with
 //!   [`Tx::publish`] and its [`PublishError`]), [`HandlerError`] and its [`ErrorClass`];
 //!   [`Classify`] makes your own error type say its class.
@@ -54,8 +55,9 @@
 //! - Failures: [`RetryPolicy`], the dead-letter [`Reason`]s, idem's own [`Error`].
 //! - [`outbox`]: messages published in the handler's transaction, or by service code in its own.
 //! - [`amqp`] (feature `amqp`): the RabbitMQ adapter — [`amqp::Consumer`] (topology, consume
-//!   loop, ack after commit, retries and dead letters with confirms, reconnect, health) and the
-//!   outbox [`amqp::Relay`].
+//!   loop, ack after commit, retries and dead letters with confirms, reconnect, health), the
+//!   outbox [`amqp::Relay`] (which declares the queues and exchanges its messages go to), and
+//!   [`amqp::Shutdown`]: one SIGTERM / SIGINT handler that stops every loop of a service.
 //! - [`transport`]: the unit of work itself, for writing an adapter to another transport.
 //!
 //! All four features (`postgres`, `sqlite`, `amqp`, `macros`) are on by default; `amqp-tls`
@@ -66,7 +68,7 @@
 pub use idem_core::{
     async_trait, redact_url, Backend, BoxError, Classify, DecodeError, DecodeErrorKind, Error,
     ErrorClass, ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message, Metadata,
-    PublishError, Reason, RetryPolicy, Tx,
+    Publish, PublishError, Reason, RetryPolicy, Tx,
 };
 
 pub use idem_core::{ledger, outbox};
@@ -86,7 +88,7 @@ pub use idem_core::sqlx::Sqlite;
 
 #[cfg(feature = "macros")]
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
-pub use idem_macros::{handler, Message};
+pub use idem_macros::{handler, Message, Publish};
 
 #[cfg(feature = "amqp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
@@ -108,10 +110,10 @@ pub mod transport {
 pub mod __private {
     pub use idem_core::__private::{
         decode_json, error_kind, json_message_fingerprint, json_value_parses_as, JsonKeyField,
-        JsonSpelling, KeyField,
+        JsonSpelling, KeyField, MessageKind, Serialize,
     };
     pub use idem_core::{
-        async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Tx,
+        async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Publish, Tx,
     };
 }
 

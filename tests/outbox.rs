@@ -3,7 +3,9 @@
 //! between commit and publish delays a message but never loses it, a relay that dies between the
 //! broker's confirm and its own mark causes one extra delivery that the next ledger absorbs, and
 //! two relays on PostgreSQL publish each row once. The relay's stories against a broker that
-//! will not take a row (refused, unroutable, silent) are in `outbox/refusals.rs`.
+//! will not take a row (refused, unroutable, silent) are in `outbox/refusals.rs`; a new
+//! service's first run (a type it only publishes, destinations the relay declares, the log
+//! line of an unroutable message) in `outbox/first_run.rs`.
 //!
 //! Over 400 lines on purpose: every outbox story, each on both ledgers, in one file.
 
@@ -25,6 +27,9 @@ use uuid::Uuid;
 
 #[path = "outbox/refusals.rs"]
 mod refusals;
+
+#[path = "outbox/first_run.rs"]
+mod first_run;
 
 on_both_backends!(
     what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_rollback,

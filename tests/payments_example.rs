@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use idem::amqp::lapin::options::QueueDeclareOptions;
 use idem::amqp::lapin::types::FieldTable;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -112,6 +114,78 @@ async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_clea
     assert!(letters[0].headers["x-idem-error"].contains("amount_cents must be greater than 0"));
     assert_eq!(balance().await, Some(1500));
     delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
+}
+
+/// A service runs its consumer and its relay in one process: one SIGTERM stops both — the
+/// consumer finishes and acks, the relay settles and hands over — logged once, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sigterm_stops_the_consumer_and_the_relay_and_is_logged_once() {
+    let (connection, queue) = (connection().await, fresh_queue("one-stop"));
+    let orders = fresh_queue("one-stop-orders");
+    let mut child = Command::new(example_binary("payments"))
+        .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", pg_url())
+        .env("IDEM_QUEUE", &queue)
+        .env("IDEM_ORDERS_QUEUE", &orders)
+        .env("IDEM_RELAY", "on")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its log, line by line, as it comes.
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = std::thread::spawn({
+        let (stdout, log) = (child.stdout.take().unwrap(), Arc::clone(&log));
+        move || {
+            for line in BufReader::new(stdout).lines() {
+                log.lock().unwrap().push(line.unwrap_or_default());
+            }
+        }
+    });
+    let has = |text: &str| log.lock().unwrap().iter().any(|line| line.contains(text));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(has("ready: consuming") && has("outbox relay publishing")) {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer and the relay did not both start: {:#?}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The relay declared the queue its announcements go to, before any orders consumer ran.
+    assert_eq!(queue_depth(&connection, &orders).await, Some(0));
+
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "payments did not exit within 30 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    reader.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(status.success(), "exited with {status}: {log:#?}");
+    let count = |text: &str| log.iter().filter(|line| line.contains(text)).count();
+    assert_eq!(count("SIGTERM received"), 1, "{log:#?}");
+    let stops = log
+        .iter()
+        .filter(|line| line.contains("idem_amqp") && line.contains("stopping"))
+        .count();
+    assert_eq!(stops, 1, "one stop, logged once: {log:#?}");
+    assert_eq!(count("consumer stopped"), 1, "{log:#?}");
+    assert_eq!(count("outbox relay stopped"), 1, "{log:#?}");
+    delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
+    delete_queues(&connection, &orders, &idem::RetryPolicy::default()).await;
 }
 
 /// Either ledger the example runs on, for the few queries this story reads back.

@@ -1,4 +1,5 @@
-//! Connecting to the broker and waiting for the stop signal.
+//! Connecting to the broker, and the one-future stop signal ([`crate::Shutdown`] is the one for
+//! a whole service).
 
 use crate::error::Error;
 use idem_core::{redact_url, Backoff};
@@ -66,33 +67,23 @@ pub(crate) async fn reconnect_after(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C): pass it to [`crate::Consumer::serve`] or [`crate::Relay::serve`]
-/// for a graceful stop.
+/// Resolves on SIGTERM or SIGINT (Ctrl-C), logging which: the stop of a program with **one**
+/// serve future, `consumer.serve(url, shutdown_signal())`.
+///
+/// Each call installs a handler of its own and logs the signal itself, so a service that runs
+/// several loops (a consumer and a relay, an HTTP server) takes one [`crate::Shutdown`] instead
+/// and hands each loop `shutdown.requested()`: one handler, one log line, every loop stopped.
 pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut terminate), Ok(mut interrupt)) => {
-                tokio::select! {
-                    _ = terminate.recv() => tracing::info!("SIGTERM received: stopping"),
-                    _ = interrupt.recv() => tracing::info!("SIGINT received: stopping"),
-                }
-            }
-            _ => {
-                tracing::warn!(
-                    "cannot install signal handlers; only Ctrl-C will stop the consumer"
-                );
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    match crate::shutdown::signals::Listener::install() {
+        Ok(listener) => {
+            let received = listener.next().await;
+            tracing::info!("{received} received: stopping");
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        Err(error) => {
+            tracing::warn!(%error, "only Ctrl-C will stop this program");
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C received: stopping");
+        }
     }
 }
 

@@ -99,6 +99,28 @@ pub enum Error {
         frame_max: u32,
     },
 
+    /// The relay could not declare a destination it was given
+    /// ([`crate::RelayBuilder::declare_queue`], `declare_exchange`, `bind_queue`).
+    #[error("the outbox relay cannot declare {destination}: {source}. A queue or exchange that already exists with other arguments or of another type is refused (PRECONDITION_FAILED): declare it here as its owner does (idem declares a durable queue without arguments, as an idem consumer does), or leave it to its owner and drop this declaration; a binding needs its queue and exchange to exist (declare them too)")]
+    Declare {
+        /// What was declared: `queue "x"`, `exchange "y" (topic)`, or a binding.
+        destination: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// The operating system refused to install a stop-signal handler
+    /// ([`crate::Shutdown::on_signals`]).
+    #[error("cannot install the {signal} handler: {source}. Without it a stop signal would kill the process mid-delivery (redelivered and deduplicated, but not a graceful stop)")]
+    Signals {
+        /// Which signal.
+        signal: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Something idem guarantees itself did not hold (say, a publish that needs a confirm went
     /// out on a channel not in confirm mode).
     #[error("{0}; this is a bug in idem")]
@@ -124,10 +146,12 @@ fn destination(exchange: &str, routing_key: &str) -> String {
 /// What to do about an unroutable publish.
 fn unroutable_fix(exchange: &str, routing_key: &str) -> String {
     if exchange.is_empty() {
-        format!("there is no queue {routing_key:?}; declare it (its consumer does on start)")
+        format!(
+            "there is no queue {routing_key:?}; declare it (its consumer does on start; an outbox relay does with RelayBuilder::declare_queue)"
+        )
     } else {
         format!(
-            "nothing is bound to exchange {exchange:?} with routing key {routing_key:?}; declare the queue and its binding (its consumer declares the queue on start)"
+            "nothing is bound to exchange {exchange:?} with routing key {routing_key:?}; declare the queue and its binding (its consumer declares the queue on start; an outbox relay does with RelayBuilder::declare_queue and bind_queue)"
         )
     }
 }
@@ -145,7 +169,7 @@ mod tests {
         };
         assert_eq!(
             to_queue.to_string(),
-            "the broker returned the message unroutable (NO_ROUTE): there is no queue \"payments.dlq\"; declare it (its consumer does on start)"
+            "the broker returned the message unroutable (NO_ROUTE): there is no queue \"payments.dlq\"; declare it (its consumer does on start; an outbox relay does with RelayBuilder::declare_queue)"
         );
         let to_exchange = Error::Nacked {
             exchange: "events".into(),

@@ -16,7 +16,9 @@
 //! and ack, and closes its channels.
 //!
 //! Retries and dead letters carry idem's [`headers`] (`x-idem-*`); [`Relay::serve`] publishes
-//! the transactional outbox with the same publisher confirms.
+//! the transactional outbox with the same publisher confirms, after declaring the queues and
+//! exchanges it was told its messages go to ([`RelayBuilder::declare_queue`]). One
+//! [`Shutdown`] stops every loop of a service on one signal.
 
 mod connect;
 mod consumer;
@@ -26,6 +28,7 @@ pub mod headers;
 mod health;
 mod publish;
 mod relay;
+mod shutdown;
 mod topology;
 
 pub use connect::{connect, shutdown_signal};
@@ -35,4 +38,5 @@ pub use health::Health;
 /// The lapin version idem is built on.
 pub use lapin;
 pub use relay::{Relay, RelayBuilder, RelayStats};
+pub use shutdown::Shutdown;
 pub use topology::{dead_letter_queue, retry_queue};

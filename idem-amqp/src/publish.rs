@@ -222,8 +222,36 @@ pub(crate) fn confirmed(
 
 #[cfg(test)]
 mod tests {
-    use super::republishable;
-    use lapin::BasicProperties;
+    use super::{confirmed, republishable};
+    use lapin::message::{BasicReturnMessage, Delivery};
+    use lapin::{BasicProperties, Confirmation};
+
+    /// An unroutable publish is reported (and logged, by the relay) by where it went and the
+    /// broker's reply: the returned message, body and headers, stays out of the error.
+    #[test]
+    fn an_unroutable_publish_names_its_destination_and_never_its_body() {
+        let mut delivery = Delivery::mock(
+            0,
+            "".into(),
+            "inventory.reserved".into(),
+            false,
+            br#"{"card":"4242 4242 4242 4242"}"#.to_vec(),
+        );
+        delivery.properties = BasicProperties::default().with_message_id("m-1".into());
+        let returned = BasicReturnMessage {
+            delivery,
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        };
+        let error =
+            confirmed(Confirmation::Ack(Some(returned)), "", "inventory.reserved").unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("NO_ROUTE"), "{text}");
+        assert!(text.contains("\"inventory.reserved\""), "{text}");
+        assert!(text.contains("RelayBuilder::declare_queue"), "{text}");
+        assert!(!text.contains("4242"), "{text}");
+        assert!(!format!("{error:?}").contains("4242"), "{error:?}");
+    }
 
     #[test]
     fn a_copy_keeps_every_property_but_the_ttl_and_the_user_id() {

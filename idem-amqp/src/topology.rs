@@ -1,12 +1,13 @@
 //! The queues a consumer uses: its queue, the dead-letter queue `<queue>.dlq`, and one delay
 //! queue `<queue>.retry.<delay>` per retry delay, whose TTL expires messages back into the
-//! queue through the default exchange. Their names, declare arguments and declaration.
+//! queue through the default exchange. Their names, declare arguments and declaration. And the
+//! [`Destination`]s an outbox relay declares before it publishes.
 
 use crate::error::Error;
 use idem_core::RetryPolicy;
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Channel;
+use lapin::{Channel, Connection, ExchangeKind};
 use std::time::Duration;
 
 /// Longest queue name RabbitMQ accepts.
@@ -86,9 +87,258 @@ pub(crate) async fn declare(
     Ok(())
 }
 
+/// Somewhere a service publishes to, which an outbox relay declares on every connection before
+/// it publishes (`RelayBuilder::declare_queue`, `declare_exchange`, `bind_queue`): so that a
+/// first run, before any consumer declared it, does not bounce every row as unroutable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Destination {
+    /// A durable exchange of this kind.
+    Exchange { name: String, kind: ExchangeKind },
+    /// A durable queue without arguments: as an idem consumer declares its queue, so the two
+    /// declarations agree.
+    Queue(String),
+    /// `queue` bound to `exchange` with `routing_key`.
+    Binding {
+        queue: String,
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exchange { name, kind } => {
+                let kind = match kind {
+                    ExchangeKind::Custom(custom) => custom.as_str(),
+                    ExchangeKind::Direct => "direct",
+                    ExchangeKind::Fanout => "fanout",
+                    ExchangeKind::Headers => "headers",
+                    ExchangeKind::Topic => "topic",
+                };
+                write!(f, "exchange {name:?} ({kind}, durable)")
+            }
+            Self::Queue(name) => write!(f, "queue {name:?} (durable)"),
+            Self::Binding {
+                queue,
+                exchange,
+                routing_key,
+            } => write!(
+                f,
+                "the binding of queue {queue:?} to exchange {exchange:?} with routing key {routing_key:?}"
+            ),
+        }
+    }
+}
+
+impl Destination {
+    /// What RabbitMQ would refuse, said at build time: `Err` names the fix.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Queue(name) => queue_name(name),
+            Self::Exchange { name, .. } => {
+                if name.is_empty() {
+                    return Err(
+                        "declare_exchange(\"\"): the default exchange always exists and cannot be \
+                                declared; a message to a queue needs only declare_queue"
+                            .into(),
+                    );
+                }
+                if name.len() > MAX_QUEUE_NAME {
+                    return Err(format!(
+                        "the exchange name {name:?} is {} bytes, over RabbitMQ's {MAX_QUEUE_NAME}",
+                        name.len()
+                    ));
+                }
+                if name.starts_with("amq.") {
+                    return Err(format!(
+                        "the exchange {name:?} starts with `amq.`, which RabbitMQ reserves: its amq.* \
+                         exchanges exist already; leave out declare_exchange (bind_queue to it works)"
+                    ));
+                }
+                Ok(())
+            }
+            Self::Binding {
+                queue, exchange, ..
+            } => {
+                queue_name(queue)?;
+                if exchange.is_empty() {
+                    return Err(format!(
+                        "bind_queue({queue:?}, \"\", ..): the default exchange routes to the queue named by \
+                         the routing key and takes no bindings; declare_queue({queue:?}) is all it needs"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        match self {
+            Self::Exchange { name, kind } => {
+                let options = ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                };
+                channel
+                    .exchange_declare(
+                        name.as_str().into(),
+                        kind.clone(),
+                        options,
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+            Self::Queue(name) => channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop),
+            Self::Binding {
+                queue,
+                exchange,
+                routing_key,
+            } => {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        routing_key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        }
+    }
+}
+
+/// A queue name RabbitMQ takes for a declare.
+fn queue_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(
+            "declare_queue(\"\"): an empty name asks RabbitMQ for a server-named queue, which no \
+             message of the outbox is addressed to; name the queue"
+                .into(),
+        );
+    }
+    if name.len() > MAX_QUEUE_NAME {
+        return Err(format!(
+            "the queue name {name:?} is {} bytes, over RabbitMQ's {MAX_QUEUE_NAME}",
+            name.len()
+        ));
+    }
+    if name.starts_with("amq.") {
+        return Err(format!(
+            "the queue name {name:?} starts with `amq.`, which RabbitMQ reserves"
+        ));
+    }
+    Ok(())
+}
+
+/// Declares `destinations` (exchanges, then queues, then the bindings between them) on a channel
+/// of its own on `connection`, each wait bounded by `timeout`. The first refusal is returned: the
+/// broker closes the channel over it.
+pub(crate) async fn declare_destinations(
+    connection: &Connection,
+    destinations: &[Destination],
+    timeout: Duration,
+) -> Result<(), Error> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
+    let timed_out = |what: String| Error::Broker {
+        operation: what,
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )
+        .into(),
+    };
+    let channel = tokio::time::timeout(timeout, connection.create_channel())
+        .await
+        .map_err(|_| timed_out("open the relay's declare channel".into()))?
+        .map_err(Error::broker("open the relay's declare channel"))?;
+    // Exchanges and queues before the bindings that need them.
+    let rank = |destination: &&Destination| match destination {
+        Destination::Exchange { .. } => 0,
+        Destination::Queue(_) => 1,
+        Destination::Binding { .. } => 2,
+    };
+    let mut ordered: Vec<&Destination> = destinations.iter().collect();
+    ordered.sort_by_key(rank);
+    for destination in ordered {
+        tokio::time::timeout(timeout, destination.declare(&channel))
+            .await
+            .map_err(|_| timed_out(format!("declare {destination}")))?
+            .map_err(|source| Error::Declare {
+                destination: destination.to_string(),
+                source,
+            })?;
+    }
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(timeout, channel.close(200, "declared".into())).await;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::Destination;
+    use lapin::ExchangeKind;
     use std::time::Duration;
+
+    #[test]
+    fn destinations_rabbitmq_would_refuse_are_refused_with_the_fix() {
+        let queue = |name: &str| Destination::Queue(name.into()).check();
+        assert_eq!(queue("inventory.reserved"), Ok(()));
+        assert!(queue("").unwrap_err().contains("name the queue"));
+        assert!(queue("amq.x").unwrap_err().contains("reserves"));
+        assert!(queue(&"q".repeat(256))
+            .unwrap_err()
+            .contains("over RabbitMQ's 255"));
+        let exchange = |name: &str| {
+            Destination::Exchange {
+                name: name.into(),
+                kind: ExchangeKind::Topic,
+            }
+            .check()
+        };
+        assert_eq!(exchange("inventory"), Ok(()));
+        assert!(exchange("").unwrap_err().contains("default exchange"));
+        assert!(exchange("amq.topic")
+            .unwrap_err()
+            .contains("bind_queue to it works"));
+        let bind = |exchange: &str| {
+            Destination::Binding {
+                queue: "q".into(),
+                exchange: exchange.into(),
+                routing_key: "k".into(),
+            }
+            .check()
+        };
+        assert_eq!(bind("amq.topic"), Ok(()));
+        assert!(bind("").unwrap_err().contains("takes no bindings"));
+    }
+
+    #[test]
+    fn a_destination_says_what_it_is() {
+        let exchange = Destination::Exchange {
+            name: "inventory".into(),
+            kind: ExchangeKind::Topic,
+        };
+        assert_eq!(
+            exchange.to_string(),
+            "exchange \"inventory\" (topic, durable)"
+        );
+        assert_eq!(
+            Destination::Queue("q".into()).to_string(),
+            "queue \"q\" (durable)"
+        );
+    }
 
     #[test]
     fn delay_queues_are_named_by_their_delay() {

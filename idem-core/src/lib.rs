@@ -8,7 +8,7 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | `message`, `key` | [`Message`] (decode + key), [`Key`], JSON decoding with idem's limits |
+//! | `message`, `key` | [`Message`] (decode + key: what consuming needs), [`Publish`] (serialize + kind: what publishing needs), [`Key`], JSON decoding with idem's limits |
 //! | `handler`, `tx` | [`Handler`], [`HandlerError`] and its [`ErrorClass`], [`Classify`] for your own errors, the handler's [`Tx`] |
 //! | `process`, `delivery`, `outcome`, `policy` | the unit of work: [`process()`], its [`Delivery`] input, its [`Outcome`], the limits ([`Policy`], [`RetryPolicy`]) |
 //! | `backend` | [`Backend`]: PostgreSQL and SQLite, migrations, the ledger's SQL |
@@ -43,7 +43,7 @@ pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};
 pub use handler::{BoxError, Classify, ErrorClass, ErrorClassExt, Handler, HandlerError};
 pub use key::{Key, KeyError};
-pub use message::{DecodeError, DecodeErrorKind, Message, MAX_JSON_DEPTH};
+pub use message::{DecodeError, DecodeErrorKind, Message, Publish, MAX_JSON_DEPTH};
 pub use outbox::PublishError;
 pub use outcome::{Outcome, Processed, Reason};
 pub use policy::{Isolation, Policy, RetryPolicy};
@@ -60,5 +60,7 @@ pub mod __private {
     pub use crate::key::KeyField;
     pub use crate::message::{
         decode_json, json_message_fingerprint, json_value_parses_as, JsonKeyField, JsonSpelling,
+        MessageKind,
     };
+    pub use serde::Serialize;
 }

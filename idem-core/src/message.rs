@@ -10,6 +10,9 @@ use sha2::{Digest, Sha256};
 /// Usually derived: `#[derive(serde::Deserialize, idem::Message)]` decodes the body as JSON and
 /// takes the key from the field marked `#[idem(key)]` (or, without one, from the AMQP
 /// `message_id`). Implement it by hand for another encoding.
+///
+/// What a handler publishes needs [`Publish`] instead: serialize and a kind, no key. A derived
+/// `Message` that is also `serde::Serialize` is publishable as it is.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an idem message",
     label = "a handler's second argument must be a message type",
@@ -43,6 +46,66 @@ pub trait Message: Sized + Send + 'static {
         let _ = key;
         Sha256::digest(body).into()
     }
+}
+
+/// A message type that can be published through the outbox ([`Tx::publish`](crate::Tx::publish),
+/// [`Outgoing::json`](crate::outbox::Outgoing::json)): a JSON body (`serde::Serialize`) and a
+/// kind, sent as the AMQP `type`.
+///
+/// Publishing needs less than consuming: no `Deserialize`, no idempotency key (the outbox gives
+/// every message its own deterministic message id, which the next consumer dedups on). So a type
+/// this service only publishes derives `serde::Serialize, idem::Publish` with
+/// `#[idem(kind = "inventory.reserved")]`, or implements this by hand, which is one constant:
+///
+/// ```
+/// #[derive(serde::Serialize)]
+/// struct InventoryReserved<'a> {
+///     order_id: uuid::Uuid,
+///     sku: &'a str, // a published type may borrow: it is only serialized
+///     quantity: u32,
+/// }
+///
+/// impl idem_core::Publish for InventoryReserved<'_> {
+///     const KIND: &'static str = "inventory.reserved";
+/// }
+/// ```
+///
+/// A type that derives `idem::Message` and `serde::Serialize` is publishable already, under
+/// the kind its consumers expect: a contract shared by the publishing and the consuming service
+/// derives `serde::Serialize, serde::Deserialize, idem::Message` (not `idem::Publish` too: the
+/// two would conflict). A hand-written [`Message`] implements this by hand to be published.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be published: idem does not know its message kind",
+    label = "a published message must implement idem::Publish",
+    note = "add #[derive(serde::Serialize, idem::Publish)] and #[idem(kind = \"...\")] to `{Self}` (a type that derives idem::Message needs only serde::Serialize), or implement idem::Publish for it: one `const KIND`"
+)]
+pub trait Publish: serde::Serialize {
+    /// The message kind: the AMQP `type` the relay sends it with (a consumer refuses a message
+    /// of another kind), and the queue [`Tx::publish`](crate::Tx::publish) routes it to.
+    const KIND: &'static str;
+}
+
+/// The kind the derives give a type: `#[derive(Message)]` and `#[derive(Publish)]` implement
+/// this, and a `serde::Serialize` type with it is [`Publish`]. Not an API: implement
+/// [`Publish`] by hand instead.
+///
+/// Why not `impl<M: Message + Serialize> Publish for M`: publishing a type that is neither
+/// would then fail on `M: Message`, and rustc would show `Message`'s advice (derive
+/// `Deserialize` and `Message`) for a type that is only published. This trait fails instead,
+/// with the advice for publishing.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be published: idem does not know its message kind",
+    label = "a published message must implement idem::Publish",
+    note = "add #[derive(serde::Serialize, idem::Publish)] and #[idem(kind = \"...\")] to `{Self}` (a type that derives idem::Message needs only serde::Serialize), or implement idem::Publish for it: one `const KIND`"
+)]
+pub trait MessageKind {
+    /// The `#[idem(kind = "...")]` of the type, or its name.
+    const KIND: &'static str;
+}
+
+impl<M: MessageKind + serde::Serialize> Publish for M {
+    const KIND: &'static str = <M as MessageKind>::KIND;
 }
 
 /// Why a body did not become a message.

@@ -3,7 +3,7 @@
 use crate::backend::Backend;
 use crate::delivery::Metadata;
 use crate::key::Key;
-use crate::message::Message;
+use crate::message::Publish;
 use crate::outbox::{handler_message_id, Outgoing, PublishError, Route};
 use uuid::Uuid;
 
@@ -67,10 +67,7 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// # Errors
     ///
     /// [`PublishError`]: the message does not serialize, or the outbox row was not written.
-    pub async fn publish<M: Message + serde::Serialize>(
-        &mut self,
-        message: &M,
-    ) -> Result<Uuid, PublishError> {
+    pub async fn publish<M: Publish>(&mut self, message: &M) -> Result<Uuid, PublishError> {
         self.publish_to(Route::queue(M::KIND), message).await
     }
 
@@ -87,7 +84,7 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// [`PublishError`]: the message does not serialize (permanent), or the outbox row was not
     /// written (what the database said decides). It converts into a
     /// [`HandlerError`](crate::HandlerError) with `?`, or into your own error with `#[from]`.
-    pub async fn publish_to<M: Message + serde::Serialize>(
+    pub async fn publish_to<M: Publish>(
         &mut self,
         route: Route,
         message: &M,

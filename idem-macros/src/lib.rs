@@ -1,4 +1,5 @@
-//! The macros of [idem](https://docs.rs/idem): `#[derive(Message)]` and `#[handler]`.
+//! The macros of [idem](https://docs.rs/idem): `#[derive(Message)]`, `#[derive(Publish)]` and
+//! `#[handler]`.
 //!
 //! Use them through the `idem` facade (`#[derive(idem::Message)]`, `#[idem::handler(...)]`);
 //! the code they generate names only `::idem::__private::…`, so this crate is not meant to be
@@ -45,7 +46,8 @@ mod types;
 
 /// Implements `idem::Message` for a struct with named fields, decoding the body as JSON.
 ///
-/// The struct must also derive (or implement) `serde::Deserialize`.
+/// The struct must also derive (or implement) `serde::Deserialize`. With `serde::Serialize` it
+/// can be published as well (`idem::Publish`), under the same kind.
 ///
 /// - `#[idem(key)]` on one field makes it the idempotency key. Allowed types: `Uuid`, `String`,
 ///   `i16`, `i32`, `i64`, `i128`, `u16`, `u32`, `u64`, `u128`, or an `Option` of one of those
@@ -64,6 +66,55 @@ mod types;
 pub fn derive_message(input: TokenStream) -> TokenStream {
     match syn::parse::<syn::DeriveInput>(input) {
         Ok(input) => message::derive(&input).into(),
+        Err(error) => error.to_compile_error().into(),
+    }
+}
+
+/// Implements `idem::Publish` for a struct this service only publishes: its kind, for a
+/// `serde::Serialize` body. No `Deserialize`, no key field — publishing needs neither (the
+/// outbox gives each message its own deterministic message id, which the consumer dedups on).
+///
+/// ```
+/// #[derive(serde::Serialize, idem::Publish)]
+/// #[idem(kind = "inventory.reserved")]
+/// struct InventoryReserved<'a> {
+///     order_id: uuid::Uuid,
+///     sku: &'a str, // a published type may borrow: it is only serialized
+///     quantity: u32,
+/// }
+///
+/// # #[derive(Debug, serde::Deserialize, idem::Message)]
+/// # struct ReserveStock { #[idem(key)] order_id: uuid::Uuid, sku: String, quantity: u32 }
+/// #[idem::handler(consumer = "inventory")]
+/// async fn reserve(
+///     tx: &mut idem::Tx<'_, idem::Postgres>,
+///     msg: ReserveStock,
+/// ) -> Result<(), idem::HandlerError> {
+///     // ... the reservation itself, on tx.conn() ...
+///     let reserved = InventoryReserved {
+///         order_id: msg.order_id,
+///         sku: &msg.sku,
+///         quantity: msg.quantity,
+///     };
+///     tx.publish(&reserved).await?; // to the queue `inventory.reserved`, after the commit
+///     Ok(())
+/// }
+/// ```
+///
+/// - `#[idem(kind = "inventory.reserved")]` on the struct sets the kind: the AMQP `type` it is
+///   published with, and the queue `Tx::publish` sends it to. It defaults to the struct's name.
+/// - The struct must have named fields, so that its body is a JSON object, which is what an idem
+///   consumer reads. Generic and borrowing structs are accepted; a generic one is publishable
+///   for the parameters that make it `serde::Serialize`.
+///
+/// A type that is consumed too (a contract shared by the publishing and the consuming service)
+/// derives `serde::Serialize, serde::Deserialize, idem::Message` instead: a derived `Message`
+/// that is `serde::Serialize` is publishable as it is, under the kind its consumers expect.
+/// Deriving `Publish` as well is refused (two implementations of the kind).
+#[proc_macro_derive(Publish, attributes(idem))]
+pub fn derive_publish(input: TokenStream) -> TokenStream {
+    match syn::parse::<syn::DeriveInput>(input) {
+        Ok(input) => message::derive_publish(&input).into(),
         Err(error) => error.to_compile_error().into(),
     }
 }

@@ -176,7 +176,7 @@ impl Link {
 
 /// Closes `connection`, waiting at most `timeout` (a broker that stopped answering must not
 /// hold the relay up).
-async fn close_connection(connection: &Connection, timeout: Duration, reason: &str) {
+pub(super) async fn close_connection(connection: &Connection, timeout: Duration, reason: &str) {
     let _ = bounded(
         timeout,
         "closing the connection",

@@ -8,6 +8,10 @@
 //! relays can share one outbox; on SQLite one relay holds a lease (`idem_relay_lease`, renewed
 //! every round) and any other stands by until it lapses.
 //!
+//! Before it publishes, on every connection, it declares the queues, exchanges and bindings it
+//! was given ([`RelayBuilder::declare_queue`], `declare_exchange`, `bind_queue`): a service's
+//! first run publishes to queues that no consumer has declared yet.
+//!
 //! A row the broker will not take — returned unroutable, nacked, or refused with a channel
 //! close (an exchange that does not exist, one the user may not publish to) — is that row's
 //! failure: it backs off, the later rows of its destination wait behind it, every other
@@ -23,8 +27,9 @@ mod link;
 mod round;
 
 use crate::error::Error;
+use crate::topology::{self, Destination};
 use idem_core::{Backend, Backoff};
-use lapin::Connection;
+use lapin::{Connection, ExchangeKind};
 use link::Link;
 use round::{RoundError, Wakeups};
 use sqlx::Pool;
@@ -74,9 +79,54 @@ pub struct RelayBuilder<DB: Backend> {
     retention: Duration,
     park_after: u32,
     confirm_timeout: Duration,
+    destinations: Vec<Destination>,
 }
 
 impl<DB: Backend> RelayBuilder<DB> {
+    /// Declares queue `queue` — durable, without arguments, as an idem consumer declares its
+    /// queue — on every connection, before the relay publishes: so that a first run, before the
+    /// consumer ever started, delivers to it rather than having the broker return every message
+    /// unroutable (`NO_ROUTE`) until the row is parked. For each queue the service publishes to
+    /// by name (`Tx::publish` sends a message to the queue named after its kind;
+    /// `Route::queue(name)`).
+    ///
+    /// A queue that exists with other arguments (a quorum queue, a TTL…) is refused by the
+    /// broker: `serve` then fails at start with [`Error::Declare`]; leave such a queue to its
+    /// owner and drop this call.
+    pub fn declare_queue(mut self, queue: impl Into<String>) -> Self {
+        self.destinations.push(Destination::Queue(queue.into()));
+        self
+    }
+
+    /// Declares exchange `exchange` of `kind`, durable, on every connection before the relay
+    /// publishes: for messages routed through it (`Route::exchange`). An exchange routes only to
+    /// the queues bound to it: [`RelayBuilder::bind_queue`] the ones that must get the messages
+    /// from the first run on.
+    pub fn declare_exchange(mut self, exchange: impl Into<String>, kind: ExchangeKind) -> Self {
+        self.destinations.push(Destination::Exchange {
+            name: exchange.into(),
+            kind,
+        });
+        self
+    }
+
+    /// Binds `queue` to `exchange` with `routing_key` (a pattern, on a topic exchange) on every
+    /// connection, after declaring the queues and exchanges: both must exist, declared here or
+    /// by their owners.
+    pub fn bind_queue(
+        mut self,
+        queue: impl Into<String>,
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+    ) -> Self {
+        self.destinations.push(Destination::Binding {
+            queue: queue.into(),
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        });
+        self
+    }
+
     /// Rows taken and published per round trip (default 100).
     pub fn batch_size(mut self, rows: u16) -> Self {
         self.batch_size = rows;
@@ -144,6 +194,9 @@ impl<DB: Backend> RelayBuilder<DB> {
                 "the relay's confirm_timeout must be above zero (default 10 s)".into(),
             ));
         }
+        for destination in &self.destinations {
+            destination.check().map_err(Error::Config)?;
+        }
         Ok(Relay {
             pool: self.pool,
             batch_size: self.batch_size,
@@ -151,6 +204,7 @@ impl<DB: Backend> RelayBuilder<DB> {
             retention: self.retention,
             park_after: self.park_after,
             confirm_timeout: self.confirm_timeout,
+            destinations: self.destinations,
             counters: Counters::default(),
             holder: format!("{}-{}", std::process::id(), rand::random::<u64>()),
             standing_by: AtomicBool::new(false),
@@ -163,6 +217,11 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// the mark publishes the row again, with the same message id, and the next consumer's ledger
 /// absorbs it. On PostgreSQL several relays share one outbox (`FOR UPDATE SKIP LOCKED`); on
 /// SQLite one relay holds a lease and the others stand by.
+///
+/// On every connection, before it publishes, it declares the destinations it was given
+/// ([`RelayBuilder::declare_queue`], [`RelayBuilder::declare_exchange`],
+/// [`RelayBuilder::bind_queue`]): a service's first run delivers to queues that no consumer
+/// has declared yet.
 ///
 /// A row the broker will not take (unroutable, nacked, or refused with a channel close: an
 /// exchange that does not exist, one the user may not publish to) records the attempt and
@@ -190,6 +249,8 @@ pub struct Relay<DB: Backend> {
     park_after: u32,
     /// The bound of every wait on the broker.
     confirm_timeout: Duration,
+    /// Declared on every connection before publishing.
+    destinations: Vec<Destination>,
     counters: Counters,
     /// This relay's name in the SQLite lease.
     holder: String,
@@ -216,6 +277,7 @@ impl<DB: Backend> Relay<DB> {
             retention: Duration::from_secs(7 * 24 * 3600),
             park_after: 10,
             confirm_timeout: Duration::from_secs(10),
+            destinations: Vec::new(),
         }
     }
 
@@ -231,8 +293,12 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    /// Publishes until `shutdown` resolves, reconnecting to the broker by itself. Fails fast
-    /// only at start, when the broker cannot be reached.
+    /// Publishes until `shutdown` resolves, reconnecting to the broker by itself; on every
+    /// connection it first declares the destinations it was given
+    /// ([`RelayBuilder::declare_queue`]).
+    ///
+    /// Fails fast only at start: a broker that cannot be reached, or a destination it refuses
+    /// to declare ([`Error::Declare`]: say, a queue declared elsewhere with other arguments).
     pub async fn serve(
         &self,
         amqp_url: &str,
@@ -242,21 +308,38 @@ impl<DB: Backend> Relay<DB> {
         let mut wakeups = self.wakeups().await;
         tokio::pin!(shutdown);
         let mut pace = Pace::default();
+        let mut first = true;
         loop {
-            let lost = match Link::open(connection, self.confirm_timeout).await {
-                Ok(mut link) => {
-                    let lost = self
-                        .relay_on(&mut link, &mut wakeups, &mut shutdown, &mut pace)
-                        .await;
-                    let Some(error) = lost else {
-                        self.stop(link).await;
-                        return Ok(());
-                    };
-                    link.close("relay reconnecting").await;
-                    error
+            let timeout = self.confirm_timeout;
+            let declared =
+                topology::declare_destinations(&connection, &self.destinations, timeout).await;
+            let lost = match declared {
+                Err(error) if first && connection.status().connected() => {
+                    // Refused on a healthy connection before it published anything: a
+                    // configuration problem, which reconnecting would only repeat.
+                    link::close_connection(&connection, timeout, "relay stopped").await;
+                    return Err(error);
                 }
-                Err(error) => format!("cannot open its channel: {error}"),
+                Err(error) => {
+                    link::close_connection(&connection, timeout, "relay reconnecting").await;
+                    format!("cannot declare its destinations: {error}")
+                }
+                Ok(()) => match Link::open(connection, timeout).await {
+                    Ok(mut link) => {
+                        let lost = self
+                            .relay_on(&mut link, &mut wakeups, &mut shutdown, &mut pace)
+                            .await;
+                        let Some(error) = lost else {
+                            self.stop(link).await;
+                            return Ok(());
+                        };
+                        link.close("relay reconnecting").await;
+                        error
+                    }
+                    Err(error) => format!("cannot open its channel: {error}"),
+                },
             };
+            first = false;
             tracing::warn!(error = %lost, "relay lost the broker; reconnecting");
             connection = match self.reconnect(amqp_url, &mut shutdown).await {
                 Some(connection) => connection,

@@ -14,12 +14,12 @@
 //! ```no_run
 //! # async fn place(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
 //! use idem_core::outbox::{self, Outgoing, Route};
-//! # #[derive(serde::Serialize, serde::Deserialize)] struct PaymentRequested { order_id: String }
-//! # impl idem_core::Message for PaymentRequested {
-//! #     const KIND: &'static str = "payment.requested";
-//! #     fn decode(b: &[u8]) -> Result<Self, idem_core::DecodeError> { serde_json::from_slice(b).map_err(|e| idem_core::DecodeError::malformed(e.to_string())) }
-//! #     fn key(&self) -> Result<Option<idem_core::Key>, idem_core::KeyError> { Ok(None) }
-//! # }
+//! #[derive(serde::Serialize)] // with idem: #[derive(serde::Serialize, idem::Publish)]
+//! struct PaymentRequested { order_id: String }
+//! impl idem_core::Publish for PaymentRequested {
+//!     const KIND: &'static str = "payment.requested";
+//! }
+//!
 //! let mut tx = pool.begin().await?;
 //! sqlx::query("INSERT INTO orders (order_id) VALUES ($1)").bind("o-1").execute(&mut *tx).await?;
 //! let request = PaymentRequested { order_id: "o-1".into() };
@@ -30,7 +30,7 @@
 //! ```
 
 use crate::backend::Backend;
-use crate::message::Message;
+use crate::message::Publish;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -110,10 +110,7 @@ pub struct Outgoing {
 impl Outgoing {
     /// `message` as JSON, of kind `M::KIND`, with id `message_id`; routed to the queue named
     /// after the kind unless [`Outgoing::route`] says otherwise.
-    pub fn json<M: Message + serde::Serialize>(
-        message: &M,
-        message_id: Uuid,
-    ) -> Result<Self, serde_json::Error> {
+    pub fn json<M: Publish>(message: &M, message_id: Uuid) -> Result<Self, serde_json::Error> {
         Ok(Self {
             message_id,
             route: Route::queue(M::KIND),

@@ -1,10 +1,57 @@
-//! The derive's input in types: what the item is, its kind, and its key field.
+//! The derives' input in types: what the item is, its kind, and (for `Message`) its key field.
 
 use super::attr::{self, SerdeContainer, SerdeField};
 use crate::errors::Errors;
 use proc_macro2::Span;
 use syn::punctuated::Punctuated;
 use syn::{Data, DeriveInput, Field, Fields, FieldsUnnamed, Generics, Ident, LitStr, Token, Type};
+
+/// Which of the two derives reads the item: they share `#[idem(kind)]` and the shape rule, and
+/// their errors name the one the user wrote.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Derive {
+    /// `#[derive(idem::Message)]`: what a handler consumes.
+    Message,
+    /// `#[derive(idem::Publish)]`: what this service only publishes.
+    Publish,
+}
+
+/// A `#[derive(Publish)]` input as read: the kind and the shape. No key and no serde
+/// attributes: publishing reads neither.
+pub(super) struct PublishInput<'a> {
+    pub(super) ident: &'a Ident,
+    pub(super) generics: &'a Generics,
+    /// `#[idem(kind = "...")]`; the struct's name when absent.
+    pub(super) kind: Option<LitStr>,
+    pub(super) shape: Shape<'a>,
+}
+
+impl<'a> PublishInput<'a> {
+    /// Reads the item and its attributes, reporting what cannot be read.
+    pub(super) fn from_syn(input: &'a DeriveInput, errors: &mut Errors) -> Self {
+        let kind = attr::container_kind(&input.attrs, Derive::Publish, errors);
+        let shape = match &input.data {
+            Data::Struct(data) => match &data.fields {
+                Fields::Named(named) => {
+                    for field in &named.named {
+                        attr::refuse_field_options(&field.attrs, errors);
+                    }
+                    Shape::Named
+                }
+                Fields::Unnamed(unnamed) => Shape::Tuple(unnamed),
+                Fields::Unit => Shape::Unit,
+            },
+            Data::Enum(data) => Shape::Enum(data.enum_token.span),
+            Data::Union(data) => Shape::Union(data.union_token.span),
+        };
+        Self {
+            ident: &input.ident,
+            generics: &input.generics,
+            kind,
+            shape,
+        }
+    }
+}
 
 /// A `#[derive(Message)]` input as read; valid.rs checks it, expand.rs implements it.
 pub(super) struct MessageInput<'a> {
@@ -21,7 +68,8 @@ pub(super) struct MessageInput<'a> {
     pub(super) aliases: Vec<(String, String)>,
 }
 
-/// What the derive is on; only a struct with named fields can be a message.
+/// What the derive is on; only a struct with named fields can be a message (its JSON body an
+/// object).
 pub(super) enum Shape<'a> {
     Named,
     Tuple(&'a FieldsUnnamed),
@@ -44,7 +92,7 @@ pub(super) struct KeyField<'a> {
 impl<'a> MessageInput<'a> {
     /// Reads the item and its attributes, reporting what cannot be read.
     pub(super) fn from_syn(input: &'a DeriveInput, errors: &mut Errors) -> Self {
-        let kind = attr::container_kind(&input.attrs, errors);
+        let kind = attr::container_kind(&input.attrs, Derive::Message, errors);
         let serde = attr::serde_container(&input.attrs);
         let (shape, key, aliases) = match &input.data {
             Data::Struct(data) => match &data.fields {

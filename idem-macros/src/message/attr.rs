@@ -1,11 +1,13 @@
-//! The attributes `#[derive(Message)]` reads: its own `#[idem(...)]` on the struct and on the
-//! fields, and the parts of `#[serde(...)]` that decide the key's JSON name.
+//! The attributes the derives read: `#[idem(...)]` on the struct (both) and on the fields
+//! (`Message`'s key; `Publish` takes none), and the parts of `#[serde(...)]` that decide the
+//! key's JSON name.
 //!
 //! The errors reported here are the attribute parser's: options it cannot read, and values it
 //! refuses as it reads them (an empty or repeated `kind`, a second key field). syn's parser stops
 //! at the first error in an attribute, so moving these checks to valid.rs would change which of
 //! the options after them are read and reported; valid.rs checks everything else.
 
+use super::ast::Derive;
 use crate::errors::Errors;
 use crate::types::path_text;
 use syn::ext::IdentExt;
@@ -34,8 +36,19 @@ pub(super) struct SerdeField {
     pub(super) aliases: Vec<String>,
 }
 
+/// Why a published message takes no `#[idem(key)]`.
+const PUBLISH_HAS_NO_KEY: &str =
+    "publishing reads no idempotency key: the outbox gives every message its own deterministic \
+     message id, which the consumer dedups on. Remove #[idem(key)]; or, if this service also \
+     consumes this type, derive serde::Deserialize and idem::Message instead of idem::Publish: \
+     a Message that is serde::Serialize is publishable too";
+
 /// `#[idem(kind = "...")]` on the struct.
-pub(super) fn container_kind(attrs: &[Attribute], errors: &mut Errors) -> Option<LitStr> {
+pub(super) fn container_kind(
+    attrs: &[Attribute],
+    derive: Derive,
+    errors: &mut Errors,
+) -> Option<LitStr> {
     let mut kind: Option<LitStr> = None;
     for attr in attrs.iter().filter(|attr| attr.path().is_ident("idem")) {
         let parsed = attr.parse_nested_meta(|meta| {
@@ -57,15 +70,23 @@ pub(super) fn container_kind(attrs: &[Attribute], errors: &mut Errors) -> Option
                 kind = Some(value);
                 Ok(())
             } else if meta.path.is_ident("key") {
-                Err(meta.error(
-                    "#[idem(key)] goes on the key field, not on the struct: `#[idem(key)] payment_id: Uuid`",
-                ))
+                Err(meta.error(match derive {
+                    Derive::Message => "#[idem(key)] goes on the key field, not on the struct: `#[idem(key)] payment_id: Uuid`",
+                    Derive::Publish => PUBLISH_HAS_NO_KEY,
+                }))
             } else {
-                Err(meta.error(format!(
-                    "unknown idem option `{}`: the struct takes #[idem(kind = \"...\")] and its key field takes \
-                     #[idem(key)]",
-                    path_text(&meta.path)
-                )))
+                Err(meta.error(match derive {
+                    Derive::Message => format!(
+                        "unknown idem option `{}`: the struct takes #[idem(kind = \"...\")] and its key field takes \
+                         #[idem(key)]",
+                        path_text(&meta.path)
+                    ),
+                    Derive::Publish => format!(
+                        "unknown idem option `{}`: #[derive(idem::Publish)] takes only #[idem(kind = \"...\")] on \
+                         the struct",
+                        path_text(&meta.path)
+                    ),
+                }))
             }
         });
         if let Err(error) = parsed {
@@ -114,6 +135,27 @@ pub(super) fn marks_key(
         }
     }
     marked
+}
+
+/// A field's `#[idem(...)]` under `#[derive(Publish)]`, which takes none: each is an error.
+pub(super) fn refuse_field_options(attrs: &[Attribute], errors: &mut Errors) {
+    for attr in attrs.iter().filter(|attr| attr.path().is_ident("idem")) {
+        let parsed = attr.parse_nested_meta(|meta| {
+            Err(if meta.path.is_ident("key") {
+                meta.error(PUBLISH_HAS_NO_KEY)
+            } else if meta.path.is_ident("kind") {
+                meta.error("`kind` names the whole message: put #[idem(kind = \"...\")] on the struct")
+            } else {
+                meta.error(format!(
+                    "unknown idem field option `{}`: #[derive(idem::Publish)] takes no field options",
+                    path_text(&meta.path)
+                ))
+            })
+        });
+        if let Err(error) = parsed {
+            errors.push(error);
+        }
+    }
 }
 
 /// What `#[serde(...)]` on the struct says: `rename_all` and `default`.

@@ -1,6 +1,8 @@
-//! The `idem::Message` implementation `#[derive(Message)]` generates.
+//! The implementations the derives generate: `idem::Message` for `#[derive(Message)]`, and for
+//! both derives the type's kind (`MessageKind`), which makes a `serde::Serialize` type
+//! `idem::Publish` (idem-core's blanket implementation).
 
-use super::ast::{KeyField, MessageInput};
+use super::ast::{KeyField, MessageInput, PublishInput};
 use crate::errors::{at, Errors};
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
@@ -27,12 +29,27 @@ pub(super) fn expand(input: &MessageInput<'_>, errors: &Errors) -> TokenStream {
     }
 }
 
+/// `#[idem(kind = "...")]`, or the struct's name.
+fn kind_of(name: &syn::Ident, kind: Option<&LitStr>) -> LitStr {
+    kind.cloned()
+        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()))
+}
+
+/// `MessageKind` for the struct: with `serde::Serialize`, it is `idem::Publish`.
+fn kind_implementation(name: &syn::Ident, generics: &Generics, kind: &LitStr) -> TokenStream {
+    let (impl_generics, type_generics, where_clause) = generics.split_for_impl();
+    quote! {
+        #[automatically_derived]
+        impl #impl_generics ::idem::__private::MessageKind for #name #type_generics #where_clause {
+            const KIND: &'static ::core::primitive::str = #kind;
+        }
+    }
+}
+
 fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
     let name = input.ident;
-    let kind = input
-        .kind
-        .clone()
-        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
+    let kind = kind_of(name, input.kind.as_ref());
+    let kind_implementation = kind_implementation(name, input.generics, &kind);
     let (impl_generics, type_generics, _) = input.generics.split_for_impl();
     let where_clause = where_clause(input.generics);
     let (decode, key_of, fingerprint) = if valid {
@@ -50,6 +67,8 @@ fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
     };
 
     quote! {
+        #kind_implementation
+
         #[automatically_derived]
         impl #impl_generics ::idem::__private::Message for #name #type_generics #where_clause {
             const KIND: &'static ::core::primitive::str = #kind;
@@ -76,6 +95,30 @@ fn implementation(input: &MessageInput<'_>, valid: bool) -> TokenStream {
                 #fingerprint
             }
         }
+    }
+}
+
+/// The errors found, then the type's kind: emitted even on an error (it is one constant), so
+/// that publishing this type adds no "cannot be published" error to the real one.
+pub(super) fn expand_publish(input: &PublishInput<'_>, errors: &Errors) -> TokenStream {
+    let compile_errors = errors.to_compile_errors();
+    let name = input.ident;
+    let kind = kind_of(name, input.kind.as_ref());
+    let kind_implementation = kind_implementation(name, input.generics, &kind);
+    // The kind alone does not publish: without `serde::Serialize` the type would fail only
+    // where it is published. Said here instead, for a type without parameters to name.
+    let serializable = input.generics.params.is_empty().then(|| {
+        quote_spanned! {at(name.span())=>
+            const _: () = {
+                fn serializable<T: ?::core::marker::Sized + ::idem::__private::Serialize>() {}
+                let _ = serializable::<#name>;
+            };
+        }
+    });
+    quote! {
+        #compile_errors
+        #kind_implementation
+        #serializable
     }
 }
 

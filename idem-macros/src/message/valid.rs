@@ -1,6 +1,7 @@
-//! The checks of `#[derive(Message)]`: one error per problem, all collected.
+//! The checks of `#[derive(Message)]` and `#[derive(Publish)]`: one error per problem, all
+//! collected.
 
-use super::ast::{KeyField, MessageInput, Shape};
+use super::ast::{KeyField, MessageInput, PublishInput, Shape};
 use super::attr::SerdeContainer;
 use crate::errors::Errors;
 use crate::types::{option_inner, path_text, text, unqualified_last_segment};
@@ -21,6 +22,46 @@ pub(super) fn check(input: &MessageInput<'_>, errors: &mut Errors) {
         check_key(key, &input.serde, errors);
     }
     check_lifetimes(input.generics, errors);
+}
+
+/// Reports every problem of a `#[derive(Publish)]` input. Only the shape can be wrong here: a
+/// published message may borrow (it is only serialized), and its attributes were checked as
+/// they were read.
+pub(super) fn check_publish(input: &PublishInput<'_>, errors: &mut Errors) {
+    // An idem consumer reads only a JSON object; serde writes anything else for these shapes.
+    let (not_an_object, advice) = (
+        "its JSON body must be an object for an idem consumer to read it",
+        "or implement idem::Publish by hand (one `const KIND`) for a type published to consumers that read it",
+    );
+    match input.shape {
+        Shape::Named => {}
+        Shape::Tuple(unnamed) => errors.spanned(
+            unnamed,
+            format!(
+                "#[derive(idem::Publish)] needs a struct with named fields: {not_an_object}, and a tuple struct \
+                 is written as an array (a newtype as its one field). Write `struct Name {{ .. }}`, {advice}"
+            ),
+        ),
+        Shape::Unit => errors.at(
+            input.ident.span(),
+            format!(
+                "#[derive(idem::Publish)] needs a struct with named fields: {not_an_object}, and a unit struct \
+                 is written as `null`. Write `struct Name {{ .. }}`, {advice}"
+            ),
+        ),
+        Shape::Enum(enum_token) => errors.at(
+            enum_token,
+            format!(
+                "#[derive(idem::Publish)] supports structs with named fields, not enums: {not_an_object}, and \
+                 a unit variant is written as a bare string. Wrap the enum in a struct \
+                 (`struct Name {{ #[serde(flatten)] event: YourEnum }}`), {advice}"
+            ),
+        ),
+        Shape::Union(union_token) => errors.at(
+            union_token,
+            "#[derive(idem::Publish)] supports structs with named fields, not unions",
+        ),
+    }
 }
 
 fn check_shape(input: &MessageInput<'_>, errors: &mut Errors) {
