@@ -34,8 +34,24 @@ struct Payout {
 /// Writes the tests' effect row and remembers what it was given.
 struct Payouts<DB> {
     consumer: String,
-    seen: Arc<Mutex<Vec<(f64, u128)>>>,
+    seen: Seen,
     _db: std::marker::PhantomData<fn() -> DB>,
+}
+
+/// What a payouts handler saw, in order.
+type Seen = Arc<Mutex<Vec<(f64, u128)>>>;
+
+impl<DB: TestDb> Payouts<DB> {
+    /// A handler for `story`'s consumer, and what it will have seen.
+    fn for_story(story: &Story<DB>) -> (Self, Seen) {
+        let seen = Seen::default();
+        let handler = Self {
+            consumer: story.consumer.clone(),
+            seen: Arc::clone(&seen),
+            _db: Default::default(),
+        };
+        (handler, seen)
+    }
 }
 
 #[async_trait]
@@ -64,12 +80,7 @@ async fn a_re_serialized_duplicate_is_a_duplicate_and_a_number_differing_past_2_
     DB: TestDb,
 >() {
     let story = Story::<DB>::begin("fingerprint").await;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let handler = Payouts::<DB> {
-        consumer: story.consumer.clone(),
-        seen: Arc::clone(&seen),
-        _db: Default::default(),
-    };
+    let (handler, seen) = Payouts::<DB>::for_story(&story);
     let running = story.run(handler).await;
     let id = Uuid::new_v4();
 
@@ -148,12 +159,7 @@ async fn the_same_payout_with_its_key_spelled_another_way_is_a_duplicate_and_ano
     DB: TestDb,
 >() {
     let story = Story::<DB>::begin("fingerprint-key").await;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let handler = Payouts::<DB> {
-        consumer: story.consumer.clone(),
-        seen: Arc::clone(&seen),
-        _db: Default::default(),
-    };
+    let (handler, seen) = Payouts::<DB>::for_story(&story);
     let running = story.run(handler).await;
     let id = Uuid::new_v4();
     let payout = |id: &str, amount: &str| {
@@ -216,12 +222,7 @@ async fn the_same_payout_with_its_key_spelled_another_way_is_a_duplicate_and_ano
 /// case and exponent spelling) is still the same payload; another value there is not.
 async fn unknown_fields_json_cannot_hold_as_text_still_compare_as_values<DB: TestDb>() {
     let story = Story::<DB>::begin("fingerprint-odd").await;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let handler = Payouts::<DB> {
-        consumer: story.consumer.clone(),
-        seen: Arc::clone(&seen),
-        _db: Default::default(),
-    };
+    let (handler, seen) = Payouts::<DB>::for_story(&story);
     let running = story.run(handler).await;
     let id = Uuid::new_v4();
 
@@ -259,6 +260,7 @@ async fn unknown_fields_json_cannot_hold_as_text_still_compare_as_values<DB: Tes
         (1, 1, 1),
         "another unpaired surrogate is another payload: {stats:?}"
     );
+    assert_eq!(*seen.lock().unwrap(), [(3.0, 1)], "the handler ran once");
     let letters = drain_dead_letters(&story.connection, &story.queue).await;
     assert_eq!(letters[0].reason(), "key-conflict");
     story.end().await;

@@ -12,7 +12,6 @@ use common::*;
 use idem::amqp::lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use idem::amqp::lapin::types::FieldTable;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 fn reserve(id: Uuid, order: &str, sku: &str, quantity: i64) -> Vec<u8> {
@@ -120,22 +119,7 @@ async fn the_first_service_reserves_once_publishes_once_and_rejects_what_no_retr
     .await;
 
     // One SIGTERM stops both loops: exit 0.
-    let signalled = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "inventory did not exit within 30 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = terminate(child, "inventory").await;
     assert!(
         status.success(),
         "inventory exited with {status} after SIGTERM"

@@ -78,22 +78,7 @@ async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_clea
     .await;
 
     // SIGTERM: stop consuming, finish in-flight work, exit 0.
-    let signalled = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "payments did not exit within 30 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = terminate(&mut child, "payments").await;
     assert!(
         status.success(),
         "payments exited with {status} after SIGTERM"
@@ -156,22 +141,7 @@ async fn one_sigterm_stops_the_consumer_and_the_relay_and_is_logged_once() {
     // The relay declared the queue its announcements go to, before any orders consumer ran.
     assert_eq!(queue_depth(&connection, &orders).await, Some(0));
 
-    let signalled = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "payments did not exit within 30 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = terminate(&mut child, "payments").await;
     reader.join().unwrap();
     let log = log.lock().unwrap().clone();
     assert!(status.success(), "exited with {status}: {log:#?}");

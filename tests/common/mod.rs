@@ -73,6 +73,28 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     binary
 }
 
+/// Sends SIGTERM to `child` (an example run as a service) and waits up to 30 s for it to exit;
+/// its exit status.
+#[allow(dead_code)] // not every test binary stops a child process
+pub async fn terminate(child: &mut std::process::Child, name: &str) -> std::process::ExitStatus {
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success(), "kill -TERM {name}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not exit within 30 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `url` (a PostgreSQL URL) pointing at `database` instead, query string kept.
 pub fn with_database(url: &str, database: &str) -> String {
     let (base, query) = url
