@@ -258,41 +258,11 @@ mod tests {
     #[cfg(feature = "sqlite")]
     #[tokio::test]
     async fn sqlite_errors_are_read_as_sqlite_codes() {
-        // One connection: the PRAGMA below must apply to the connection the INSERT runs on.
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let error = sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&pool)
-            .await
-            .unwrap_err();
-        assert_eq!(class_of(&error), ErrorClass::Permanent);
-        assert_eq!(cause_of(&error), Cause::Statement);
-        let error = sqlx::query("SELECT nope FROM t")
-            .execute(&pool)
-            .await
-            .unwrap_err();
-        assert_eq!(class_of(&error), ErrorClass::Permanent);
-        // A read-only database: SQLITE_READONLY (8) is the database's state, not the message's.
-        sqlx::query("PRAGMA query_only = ON")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let error = sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&pool)
-            .await
-            .unwrap_err();
-        assert_eq!(cause_of(&error), Cause::ServerUnavailable, "{error}");
+        let (unique, read_only) = unique_violation_and_read_only().await;
+        assert_eq!(class_of(&unique), ErrorClass::Permanent);
+        assert_eq!(cause_of(&unique), Cause::Statement);
+        // SQLITE_READONLY (8) is the database's state, not the message's.
+        assert_eq!(cause_of(&read_only), Cause::ServerUnavailable, "{read_only}");
     }
 
     /// A user's error as the docs suggest it: business rules say their class, database errors
