@@ -78,6 +78,12 @@ struct Config {
     /// PostgreSQL only, e.g. postgres://postgres@127.0.0.1:5432/idem_bench.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
+    /// With M > 0, a third contestant: before its run, M ledger rows of the idem consumer
+    /// aged past the ledger retention (40 days) are written, and idem's background purge
+    /// deletes them while it consumes. Plain idem keeps its ledger (a retention of a century):
+    /// the two side by side give the purge's cost.
+    #[arg(long, default_value_t = 0)]
+    ledger_rows: u64,
 }
 
 /// The message both contestants decode (with serde_json) and apply.
@@ -174,6 +180,8 @@ struct Bench {
 enum Contestant {
     Idem,
     Raw,
+    /// idem with its ledger purge deleting `--ledger-rows` aged rows meanwhile.
+    IdemPurging,
 }
 
 impl Contestant {
@@ -181,6 +189,7 @@ impl Contestant {
         match self {
             Self::Idem => "idem",
             Self::Raw => "raw",
+            Self::IdemPurging => "idem+purge",
         }
     }
 }
@@ -241,6 +250,7 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     let mut idem_rates = Vec::new();
     let mut raw_rates = Vec::new();
     let mut ratios = Vec::new();
+    let mut purge_ratios = Vec::new();
     let mut ack_only = None;
     for round in 1..=bench.config.rounds {
         if round == 1 {
@@ -248,15 +258,21 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
             println!("round 1: ack-only {rate:.0} msgs/s (consume + ack, no database)");
             ack_only = Some(rate);
         }
-        let order = if round % 2 == 1 {
-            [Contestant::Idem, Contestant::Raw]
+        let mut order = if round % 2 == 1 {
+            vec![Contestant::Idem, Contestant::Raw]
         } else {
-            [Contestant::Raw, Contestant::Idem]
+            vec![Contestant::Raw, Contestant::Idem]
         };
+        if bench.config.ledger_rows > 0 {
+            // Next to plain idem, on alternating sides.
+            let at = order.iter().position(|c| *c == Contestant::Idem).unwrap_or(0);
+            order.insert(at + usize::from(round % 2 == 1), Contestant::IdemPurging);
+        }
         let mut idem_rate = 0.0;
         let mut raw_rate = 0.0;
+        let mut purging_rate = None;
         let mut line = Vec::new();
-        for contestant in order {
+        for &contestant in &order {
             let timed = bench
                 .contest(contestant, round)
                 .await
@@ -264,16 +280,22 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
             match contestant {
                 Contestant::Idem => idem_rate = timed.rate,
                 Contestant::Raw => raw_rate = timed.rate,
+                Contestant::IdemPurging => purging_rate = Some(timed.rate),
             }
             line.push(timed.describe(contestant));
         }
         let ratio = idem_rate / raw_rate;
+        let purge_ratio = purging_rate.map(|rate| rate / idem_rate);
+        let purge_note = purge_ratio
+            .map(|r| format!(", idem+purge/idem {r:.2}"))
+            .unwrap_or_default();
         println!(
-            "round {round}/{} ({} first): {}, idem/raw {ratio:.2}",
+            "round {round}/{} ({} first): {}, idem/raw {ratio:.2}{purge_note}",
             bench.config.rounds,
             order[0].name(),
             line.join(", ")
         );
+        purge_ratios.extend(purge_ratio);
         idem_rates.push(idem_rate);
         raw_rates.push(raw_rate);
         ratios.push(ratio);
@@ -283,6 +305,13 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     }
     println!("idem: {:.0} msgs/s", median(&mut idem_rates));
     println!("raw: {:.0} msgs/s", median(&mut raw_rates));
+    if !purge_ratios.is_empty() {
+        println!(
+            "idem+purge/idem throughput ratio: {:.2} (the purge deleting {} aged ledger rows meanwhile)",
+            median(&mut purge_ratios),
+            bench.config.ledger_rows
+        );
+    }
     println!("idem/raw throughput ratio: {:.2}", median(&mut ratios));
     Ok(())
 }
@@ -338,13 +367,17 @@ impl Bench {
     async fn contest(&self, contestant: Contestant, round: u32) -> anyhow::Result<Timed> {
         let queue = self.queue_name(round, contestant.name());
         self.publish(&queue).await?;
+        if contestant == Contestant::IdemPurging {
+            age_ledger(&self.pool, round, self.config.ledger_rows).await?;
+        }
         settle(&self.pool).await?;
         let before = captures(&self.pool).await?;
         tracing::info!(round, contestant = contestant.name(), %queue, "timing starts");
         let cpu_before = process_cpu();
         let took = match contestant {
-            Contestant::Idem => self.time_idem(&queue).await?,
+            Contestant::Idem => self.time_idem(&queue, false).await?,
             Contestant::Raw => self.time_raw(&queue).await?,
+            Contestant::IdemPurging => self.time_idem(&queue, true).await?,
         };
         let cpu = process_cpu()
             .zip(cpu_before)
@@ -366,12 +399,20 @@ impl Bench {
         })
     }
 
-    async fn time_idem(&self, queue: &str) -> anyhow::Result<Duration> {
+    /// `purging`: with the default ledger retention, so that the purge deletes the aged rows;
+    /// otherwise with a century's, so that it deletes nothing.
+    async fn time_idem(&self, queue: &str, purging: bool) -> anyhow::Result<Duration> {
+        let retention = if purging {
+            Duration::from_secs(30 * 86_400)
+        } else {
+            Duration::from_secs(100 * 365 * 86_400)
+        };
         let consumer = Consumer::builder(self.pool.clone(), capture)
             .queue(queue)
             .prefetch(self.config.prefetch)
             .concurrency(self.config.concurrency as usize)
             .shutdown_deadline(Duration::from_secs(5))
+            .ledger_retention(retention)
             .build()
             .context("building the idem consumer")?;
         let outcome = OnceLock::new();
@@ -389,6 +430,12 @@ impl Bench {
             .run(&self.consume, done)
             .await
             .context("the idem consumer stopped")?;
+        if purging {
+            tracing::warn!(
+                purged = consumer.stats().ledger_purged,
+                "aged ledger rows the purge deleted during the run"
+            );
+        }
         finished(&outcome)
     }
 
@@ -749,6 +796,23 @@ async fn warm_pool(pool: &PgPool, connections: u32) -> anyhow::Result<()> {
 /// account upserts leave dead rows), checkpoint so that no contestant pays for a checkpoint (and
 /// the full-page writes after it) that the other did not, then give the broker a moment after
 /// the publish.
+/// Writes `rows` ledger rows of the idem consumer applied 40 days ago: past the default
+/// retention, so the purge deletes them.
+async fn age_ledger(pool: &PgPool, round: u32, rows: u64) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO idem_ledger (consumer, key, payload_hash, processed_at)
+         SELECT $1, 'aged-' || $2 || '-' || n, '\\x00', now() - interval '40 days'
+         FROM generate_series(1, $3) n",
+    )
+    .bind(IDEM_CONSUMER)
+    .bind(i64::from(round))
+    .bind(i64::try_from(rows)?)
+    .execute(pool)
+    .await
+    .context("writing aged ledger rows")?;
+    Ok(())
+}
+
 async fn settle(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("VACUUM bench_accounts, bench_captures, idem_ledger")
         .execute(pool)
