@@ -71,7 +71,13 @@ pub async fn lookup<DB: Backend>(
 /// milliseconds, large enough that a day of a busy consumer goes in seconds.
 const PURGE_BATCH: i64 = 5_000;
 
-/// A pause between two batches, so the purge takes turns with the consumer's own writes.
+/// Between two batches the purge waits this many times as long as the batch took: it keeps
+/// to about 5 % of one connection's time, so the consumer's own transactions keep the
+/// database (measured in the bench: deleting flat out cost a third of the throughput on two
+/// cores). At ~0.1 s a batch that is still ~2,500 rows/s, over 200 million a day.
+const PAUSE_PER_BATCH_TIME: u32 = 19;
+
+/// The least pause between two batches.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(20);
 
 /// Deletes `consumer`'s ledger rows older than `retention` every `interval`, in bounded
@@ -90,6 +96,7 @@ pub async fn keep_ledger<DB: Backend>(
     loop {
         let mut round = 0_u64;
         loop {
+            let started = tokio::time::Instant::now();
             match DB::ledger_purge(pool, consumer, retention, PURGE_BATCH, &holder).await {
                 Ok(Some(deleted)) => {
                     round += deleted;
@@ -97,7 +104,8 @@ pub async fn keep_ledger<DB: Backend>(
                     if deleted < u64::try_from(PURGE_BATCH).unwrap_or(u64::MAX) {
                         break;
                     }
-                    tokio::time::sleep(BETWEEN_BATCHES).await;
+                    let pause = started.elapsed().saturating_mul(PAUSE_PER_BATCH_TIME);
+                    tokio::time::sleep(pause.max(BETWEEN_BATCHES)).await;
                 }
                 // Another instance is purging this consumer's ledger.
                 Ok(None) => break,
