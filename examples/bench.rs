@@ -265,7 +265,10 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
         };
         if bench.config.ledger_rows > 0 {
             // Next to plain idem, on alternating sides.
-            let at = order.iter().position(|c| *c == Contestant::Idem).unwrap_or(0);
+            let at = order
+                .iter()
+                .position(|c| *c == Contestant::Idem)
+                .unwrap_or(0);
             order.insert(at + usize::from(round % 2 == 1), Contestant::IdemPurging);
         }
         let mut idem_rate = 0.0;

@@ -16,6 +16,7 @@ mod common;
 
 use common::*;
 use idem::amqp::lapin::options::BasicGetOptions;
+use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::lapin::{BasicProperties, Connection};
 use idem::amqp::{Relay, RelayStats};
 use idem::outbox::{self, Outgoing, Route};
@@ -233,9 +234,22 @@ async fn what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_ro
     let relay = start_relay(fast_relay(&story.pool));
 
     let (kept, rolled_back) = (Uuid::new_v4(), Uuid::new_v4());
-    story
-        .publish(&transfer_body(kept, "acct-o1", 70), Some("inbound-1"))
-        .await;
+    // The producer is traced (W3C Trace Context): what the handler publishes continues it.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    publish_with(
+        &story.connection,
+        &story.queue,
+        &transfer_body(kept, "acct-o1", 70),
+        Some("inbound-1"),
+        |p| {
+            let mut headers = FieldTable::default();
+            for (name, value) in [("traceparent", traceparent), ("tracestate", "idem=t1")] {
+                headers.insert(name.into(), AMQPValue::LongString(value.into()));
+            }
+            p.with_headers(headers)
+        },
+    )
+    .await;
     let failing =
         serde_json::json!({ "id": rolled_back, "account": "acct-o1", "amount": 5, "fail": true });
     story
@@ -282,6 +296,8 @@ async fn what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_ro
             r.header("x-idem-causation-id").as_deref(),
             Some("inbound-1")
         );
+        assert_eq!(r.header("traceparent").as_deref(), Some(traceparent));
+        assert_eq!(r.header("tracestate").as_deref(), Some("idem=t1"));
         assert_eq!(r.properties.delivery_mode(), &Some(2));
     }
     // Deterministic ids: (consumer, inbound key, ordinal).

@@ -262,7 +262,11 @@ mod tests {
         assert_eq!(class_of(&unique), ErrorClass::Permanent);
         assert_eq!(cause_of(&unique), Cause::Statement);
         // SQLITE_READONLY (8) is the database's state, not the message's.
-        assert_eq!(cause_of(&read_only), Cause::ServerUnavailable, "{read_only}");
+        assert_eq!(
+            cause_of(&read_only),
+            Cause::ServerUnavailable,
+            "{read_only}"
+        );
     }
 
     /// A user's error as the docs suggest it: business rules say their class, database errors

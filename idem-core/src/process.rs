@@ -16,8 +16,9 @@ use crate::transaction::{hex, panic_text, run_transaction, Ended};
 use sqlx::Pool;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// A tracing span for one delivery, carrying consumer, message id, correlation id and the
-/// redelivered flag; [`process`] records the key into it once decoded.
+/// A tracing span for one delivery, carrying consumer, message id, correlation id, the
+/// producer's W3C `traceparent` (when it sent one) and the redelivered flag; [`process`]
+/// records the key into it once decoded.
 pub fn delivery_span(consumer: &str, metadata: &Metadata) -> tracing::Span {
     tracing::info_span!(
         "delivery",
@@ -25,6 +26,7 @@ pub fn delivery_span(consumer: &str, metadata: &Metadata) -> tracing::Span {
         key = tracing::field::Empty,
         message_id = metadata.message_id.as_deref().unwrap_or(""),
         correlation_id = metadata.correlation_id.as_deref().unwrap_or(""),
+        traceparent = metadata.headers.get("traceparent").map_or("", String::as_str),
         redelivered = metadata.redelivered,
     )
 }

@@ -7,6 +7,10 @@ use crate::message::Publish;
 use crate::outbox::{handler_message_id, Outgoing, PublishError, Route};
 use uuid::Uuid;
 
+/// The W3C Trace Context headers (`traceparent`, `tracestate`) carried from a delivery onto
+/// everything its handler publishes.
+const TRACE_CONTEXT: [&str; 2] = ["traceparent", "tracestate"];
+
 /// The handler's only door to the database: the open transaction in which idem has already
 /// claimed this message's key.
 ///
@@ -103,6 +107,17 @@ impl<'t, DB: Backend> Tx<'t, DB> {
             .clone()
             .or_else(|| inbound.message_id.clone());
         outgoing.causation_id = inbound.message_id.clone();
+        // W3C trace context: what the handler publishes continues the inbound message's trace
+        // (a header the route sets itself wins).
+        for name in TRACE_CONTEXT {
+            if let Some(value) = inbound.headers.get(name) {
+                outgoing
+                    .route
+                    .headers
+                    .entry(name.to_owned())
+                    .or_insert_with(|| value.clone());
+            }
+        }
         DB::enqueue(self.conn, &outgoing)
             .await
             .map_err(|source| PublishError::Outbox {

@@ -236,10 +236,10 @@ async fn a_destination_declared_elsewhere_with_other_arguments_stops_the_relay_a
     let connection = connection().await;
     let queue = fresh_queue("declared-elsewhere");
     let channel = connection.create_channel().await.unwrap();
-    let mut arguments = lapin::types::FieldTable::default();
+    let mut arguments = FieldTable::default();
     arguments.insert(
         "x-message-ttl".into(),
-        lapin::types::AMQPValue::LongUInt(60_000),
+        AMQPValue::LongUInt(60_000),
     );
     channel
         .queue_declare(
