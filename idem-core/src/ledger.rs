@@ -57,6 +57,20 @@ impl LedgerEntry {
 
 /// What the ledger holds for `key` of `consumer`: when, from which message and with which
 /// payload fingerprint it was applied; `None` when it was never applied (or was purged).
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn at_3am(pool: sqlx::SqlitePool) -> Result<(), idem_core::Error> {
+/// match idem_core::ledger::lookup(&pool, "payments", "7b0c2a4e-8a3e-4a53-9a52-1f7f2d8a0c11").await? {
+///     Some(entry) => println!(
+///         "applied at {:?} from message {:?} (correlation {:?})",
+///         entry.processed_at, entry.message_id, entry.correlation_id
+///     ),
+///     None => println!("never applied, or purged after the ledger retention"),
+/// }
+/// # Ok(()) }
+/// ```
 pub async fn lookup<DB: Backend>(
     pool: &Pool<DB>,
     consumer: &str,

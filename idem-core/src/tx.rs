@@ -71,6 +71,21 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// # Errors
     ///
     /// [`PublishError`]: the message does not serialize, or the outbox row was not written.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use idem_core::{Publish, PublishError, Tx};
+    /// #[derive(serde::Serialize)] // with idem: #[derive(serde::Serialize, idem::Publish)]
+    /// struct StockReserved { order_id: String, quantity: i64 }
+    /// # impl Publish for StockReserved { const KIND: &'static str = "inventory.reserved"; }
+    ///
+    /// async fn reserved(tx: &mut Tx<'_, sqlx::Postgres>) -> Result<(), PublishError> {
+    ///     // Goes to the queue `inventory.reserved` once this transaction commits, never before.
+    ///     tx.publish(&StockReserved { order_id: "o-1".into(), quantity: 3 }).await?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub async fn publish<M: Publish>(&mut self, message: &M) -> Result<Uuid, PublishError> {
         self.publish_to(Route::queue(M::KIND), message).await
     }
