@@ -29,6 +29,7 @@ mod health;
 mod publish;
 mod relay;
 mod shutdown;
+mod telemetry;
 mod topology;
 
 pub use connect::{connect, shutdown_signal};
