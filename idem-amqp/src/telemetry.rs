@@ -8,7 +8,8 @@
 //! installed after the consumer was built still sees everything.
 
 use idem_core::Reason;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, SharedString};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `idem_deliveries_total{consumer, outcome}`: settled deliveries by outcome.
@@ -63,17 +64,19 @@ pub(crate) enum Settled {
 /// One consumer's series: its name, labelled on each.
 #[derive(Debug)]
 pub(crate) struct ConsumerMetrics {
-    consumer: String,
+    /// Shared, not owned: a label per call on the hot path costs a reference count, not an
+    /// allocation.
+    consumer: SharedString,
 }
 
 impl ConsumerMetrics {
     pub(crate) fn new(consumer: &str) -> Self {
         Self {
-            consumer: consumer.to_owned(),
+            consumer: SharedString::from(Arc::<str>::from(consumer)),
         }
     }
 
-    fn label(&self) -> String {
+    fn label(&self) -> SharedString {
         self.consumer.clone()
     }
 
@@ -177,8 +180,11 @@ mod tests {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
     use metrics_util::MetricKind;
 
-    /// Every (kind, name, sorted labels, value) the recorder saw.
-    fn recorded(f: impl FnOnce()) -> Vec<(MetricKind, String, Vec<(String, String)>, DebugValue)> {
+    /// One series as recorded: kind, name, sorted labels, value.
+    type Seen = (MetricKind, String, Vec<(String, String)>, DebugValue);
+
+    /// Every series the recorder saw while `f` ran.
+    fn recorded(f: impl FnOnce()) -> Vec<Seen> {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         metrics::with_local_recorder(&recorder, f);
