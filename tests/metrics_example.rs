@@ -197,6 +197,17 @@ async fn the_metrics_endpoint_counts_what_the_database_and_the_queues_show() {
         5.0,
         "{metrics}"
     );
+    // The relay in the process sampled the outbox: these payments name no order, so it is empty.
+    for gauge in [
+        "idem_outbox_pending",
+        "idem_outbox_parked",
+        "idem_outbox_oldest_seconds",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == format!("{gauge} 0")),
+            "{gauge} 0 missing: {metrics}"
+        );
+    }
     assert!(
         metrics.contains("# TYPE idem_deliveries_total counter"),
         "{metrics}"
