@@ -15,11 +15,15 @@
 //! PostgreSQL), `IDEM_QUEUE` (default `payments`), `IDEM_PREFETCH` (default 200),
 //! `IDEM_CONCURRENCY` (default 8), `IDEM_ORDERS_QUEUE` (default `orders`: where captures of
 //! order payments are announced), `IDEM_RELAY` (default `on`; `off` when another process relays
-//! this database's outbox — on SQLite only one relay may run per database).
+//! this database's outbox — on SQLite only one relay may run per database), `IDEM_METRICS_ADDR`
+//! (unset by default; e.g. `127.0.0.1:9464` serves Prometheus metrics at `/metrics`, liveness at
+//! `/healthz` and readiness at `/readyz`: 200, or 503 while not ready).
 //!
 //! Over 400 lines on purpose: the contract the tests drive (configuration, consumer, relay, demo)
 //! stays one example a user reads top to bottom.
 
+#[path = "shared/observe.rs"]
+mod observe;
 #[path = "shared/payments.rs"]
 mod service;
 
@@ -70,6 +74,10 @@ struct Config {
     /// database's outbox: on SQLite only one relay may run per database.
     #[arg(long, env = "IDEM_RELAY", default_value = "on", value_parser = BoolishValueParser::new(), hide_possible_values = true, action = clap::ArgAction::Set)]
     relay: bool,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address, e.g.
+    /// 127.0.0.1:9464.
+    #[arg(long, env = "IDEM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[tokio::main]
@@ -125,6 +133,11 @@ async fn run<DB: PaymentsStore>(config: &Config) -> Result<(), AnyError>
 where
     Capture: Handler<DB, Message = PaymentRequested>,
 {
+    // Before the consumer exists: every series it records from its first delivery on is kept.
+    let endpoint = match &config.metrics_addr {
+        Some(addr) if !config.demo => Some(observe::install(addr).await?),
+        _ => None,
+    };
     let concurrency = config
         .concurrency
         .unwrap_or_else(|| 8.min(u32::from(config.prefetch)));
@@ -136,11 +149,13 @@ where
         .map_err(|error| format!("{error} (the URL comes from DATABASE_URL or --database-url)"))?;
     DB::migrate(&pool).await?;
     DB::create_tables(&pool).await?;
-    let consumer = Consumer::builder(pool.clone(), Capture::new(&config.orders_queue))
-        .queue(&config.queue)
-        .prefetch(config.prefetch)
-        .concurrency(concurrency as usize)
-        .build()?;
+    let consumer = Arc::new(
+        Consumer::builder(pool.clone(), Capture::new(&config.orders_queue))
+            .queue(&config.queue)
+            .prefetch(config.prefetch)
+            .concurrency(concurrency as usize)
+            .build()?,
+    );
     if config.demo {
         // The demo's payments name no order: nothing goes through the outbox, no relay needed.
         let connection = idem::amqp::connect(&config.amqp_url).await?;
@@ -150,6 +165,17 @@ where
     // One stop for the whole process: SIGTERM / SIGINT, logged once, stops the consumer (which
     // finishes and acks what is in flight) and the relay (which settles its batch).
     let shutdown = Shutdown::on_signals()?;
+    // Aborted when `run` returns: the endpoint lives as long as the service.
+    let _endpoint = endpoint.map(|endpoint| {
+        if let Ok(addr) = endpoint.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        let health: observe::HealthSource = {
+            let consumer = Arc::clone(&consumer);
+            Arc::new(move || consumer.health())
+        };
+        AbortOnDrop(tokio::spawn(endpoint.serve(health)))
+    });
     if !relay {
         // Reconnects by itself after a broker restart; waits (without dead-lettering) while the
         // database is away; fails fast only on what a restart cannot fix.
@@ -195,6 +221,15 @@ where
     consumed?;
     relayed??;
     Ok(())
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How long the relay sleeps when it has no wake-up: on PostgreSQL LISTEN/NOTIFY wakes it right

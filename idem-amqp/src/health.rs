@@ -1,5 +1,6 @@
 //! Liveness and readiness, for a probe endpoint or an operator's log search.
 
+use crate::telemetry::ConsumerMetrics;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// A consumer's health; see [`crate::Consumer::health`].
@@ -26,11 +27,14 @@ pub(crate) struct HealthState {
     database: AtomicBool,
     /// What was last logged: 0 nothing yet, 1 ready, 2 not ready.
     logged: AtomicU8,
+    /// `idem_ready`, set on every change.
+    metrics: ConsumerMetrics,
 }
 
-impl Default for HealthState {
-    fn default() -> Self {
+impl HealthState {
+    pub(crate) fn new(metrics: ConsumerMetrics) -> Self {
         Self {
+            metrics,
             live: AtomicBool::new(false),
             broker: AtomicBool::new(false),
             // Innocent until a delivery finds otherwise: the pool connected at start.
@@ -38,9 +42,7 @@ impl Default for HealthState {
             logged: AtomicU8::new(0),
         }
     }
-}
 
-impl HealthState {
     pub(crate) fn snapshot(&self) -> Health {
         let live = self.live.load(Ordering::Relaxed);
         let broker = self.broker.load(Ordering::Relaxed);
@@ -71,6 +73,8 @@ impl HealthState {
 
     fn log_change(&self, error: Option<&str>) {
         let health = self.snapshot();
+        // The gauge follows every change, the start-up "not ready" included.
+        self.metrics.ready(health.ready);
         let state = if health.ready { 1 } else { 2 };
         // Starting up is not an outage: the first line is "ready".
         if state == 2 && self.logged.load(Ordering::Relaxed) == 0 {

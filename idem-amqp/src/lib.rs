@@ -19,6 +19,14 @@
 //! the transactional outbox with the same publisher confirms, after declaring the queues and
 //! exchanges it was told its messages go to ([`RelayBuilder::declare_queue`]). One
 //! [`Shutdown`] stops every loop of a service on one signal.
+//!
+//! Consumers and relays record metrics through the [`metrics`](https://docs.rs/metrics) facade
+//! (`idem_deliveries_total{consumer, outcome}`, `idem_dead_letters_total{consumer, reason}`,
+//! `idem_handler_seconds`, `idem_ready`, `idem_dlq_messages{consumer, queue}`,
+//! `idem_outbox_pending`…; the README lists them all): install any exporter in the service,
+//! before building the consumer, and they appear; without one they cost next to nothing. A
+//! consumer also watches its dead-letter queue and logs one WARN when its depth reaches
+//! [`ConsumerBuilder::dlq_alert_threshold`], one INFO when it is back under.
 
 mod connect;
 mod consumer;
@@ -29,6 +37,7 @@ mod health;
 mod publish;
 mod relay;
 mod shutdown;
+mod telemetry;
 mod topology;
 
 pub use connect::{connect, shutdown_signal};

@@ -11,7 +11,6 @@
 use crate::backend::Backend;
 use crate::error::Error;
 use sqlx::Pool;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// What the ledger remembers of one applied key: when, from which message, with which payload.
@@ -96,7 +95,7 @@ const BETWEEN_BATCHES: Duration = Duration::from_millis(20);
 
 /// Deletes `consumer`'s ledger rows older than `retention` every `interval`, in bounded
 /// batches, on one instance at a time; never returns (the caller drops it to stop it; a batch
-/// cut short rolls back). Counts what it deleted in `purged`. For transport adapters: the
+/// cut short rolls back). Tells `purged` how many rows each batch deleted. For transport adapters: the
 /// AMQP consumer runs it beside its consume loop.
 #[doc(hidden)]
 pub async fn keep_ledger<DB: Backend>(
@@ -104,7 +103,7 @@ pub async fn keep_ledger<DB: Backend>(
     consumer: &str,
     retention: Duration,
     interval: Duration,
-    purged: &AtomicU64,
+    purged: impl Fn(u64),
 ) {
     let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     loop {
@@ -114,7 +113,7 @@ pub async fn keep_ledger<DB: Backend>(
             match DB::ledger_purge(pool, consumer, retention, PURGE_BATCH, &holder).await {
                 Ok(Some(deleted)) => {
                     round += deleted;
-                    purged.fetch_add(deleted, Ordering::Relaxed);
+                    purged(deleted);
                     if deleted < u64::try_from(PURGE_BATCH).unwrap_or(u64::MAX) {
                         break;
                     }

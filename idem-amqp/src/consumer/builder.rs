@@ -1,9 +1,11 @@
 //! [`ConsumerBuilder`]: the settings of a consumer, and the checks that refuse an impossible
 //! one at start with the fix in the message.
 
+use super::stats::Counters;
 use super::{Consumer, Shared};
 use crate::error::Error;
 use crate::health::HealthState;
+use crate::telemetry::ConsumerMetrics;
 use crate::topology::{self, MAX_QUEUE_NAME};
 use idem_core::{Backend, Backoff, Handler, Isolation, Policy, RetryPolicy};
 use sqlx::Pool;
@@ -29,6 +31,8 @@ pub struct ConsumerBuilder<DB: Backend, H> {
     database_backoff: Duration,
     shutdown_deadline: Duration,
     ledger_purge_interval: Duration,
+    dlq_alert_threshold: u32,
+    dlq_poll_interval: Duration,
 }
 
 impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
@@ -44,6 +48,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             database_backoff: Duration::from_secs(1),
             shutdown_deadline: Duration::from_secs(30),
             ledger_purge_interval: Duration::from_secs(300),
+            dlq_alert_threshold: 1,
+            dlq_poll_interval: Duration::from_secs(5),
         }
     }
 
@@ -137,6 +143,22 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
         self
     }
 
+    /// How many messages in the dead-letter queue make the consumer log a warning (default 1:
+    /// any dead letter needs a look). One WARN when the depth reaches it, one INFO when it is
+    /// back under, however many polls in between; the depth itself is the
+    /// `idem_dlq_messages{consumer, queue}` gauge and [`ConsumerStats::dlq_messages`](super::ConsumerStats::dlq_messages).
+    pub fn dlq_alert_threshold(mut self, messages: u32) -> Self {
+        self.dlq_alert_threshold = messages;
+        self
+    }
+
+    /// How often the consumer looks at its dead-letter queue's depth (default 5 s; a passive
+    /// declare on a channel of its own, so the check costs the broker next to nothing).
+    pub fn dlq_poll_interval(mut self, interval: Duration) -> Self {
+        self.dlq_poll_interval = interval;
+        self
+    }
+
     /// Checks the settings.
     pub fn build(self) -> Result<Consumer<DB, H>, Error> {
         let queue = self
@@ -145,6 +167,11 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             .unwrap_or_else(|| self.handler.consumer().to_owned());
         self.check(&queue)?;
         let concurrency = self.checked_concurrency()?;
+        let consumer = self.handler.consumer();
+        let (counters, health) = (
+            Counters::new(consumer),
+            HealthState::new(ConsumerMetrics::new(consumer)),
+        );
         Ok(Consumer {
             shared: Arc::new(Shared {
                 pool: self.pool,
@@ -152,14 +179,16 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
                 queue,
                 policy: self.policy,
                 database_backoff: Backoff::new(self.database_backoff, MAX_DATABASE_WAIT),
-                counters: Default::default(),
-                health: HealthState::default(),
+                counters,
+                health,
                 suspects_alone: tokio::sync::RwLock::new(()),
             }),
             prefetch: self.prefetch,
             concurrency,
             shutdown_deadline: self.shutdown_deadline,
             ledger_purge_interval: self.ledger_purge_interval,
+            dlq_alert_threshold: self.dlq_alert_threshold,
+            dlq_poll_interval: self.dlq_poll_interval,
         })
     }
 
@@ -192,6 +221,11 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
         if self.ledger_purge_interval.is_zero() {
             return Err(Error::Config(
                 "ledger_purge_interval must be above zero (default 5 minutes)".into(),
+            ));
+        }
+        if self.dlq_poll_interval.is_zero() || self.dlq_alert_threshold == 0 {
+            return Err(Error::Config(
+                "dlq_poll_interval and dlq_alert_threshold must be above zero (defaults 5 s and 1 message)".into(),
             ));
         }
         if self.database_backoff.is_zero() {

@@ -6,16 +6,16 @@
 //! acked or nacked once the connection is known lost: the broker requeues it by itself.
 
 use super::metadata::metadata_of;
-use super::stats::Counters;
 use super::unreadable::unreadable_part;
 use super::Shared;
 use crate::error::Error;
 use crate::headers::DeadLetter;
 use crate::publish::{self, Publisher};
+use crate::telemetry::Settled;
 use idem_core::{delivery_span, process, Backend, Delivery, Handler, Metadata, Outcome, Reason};
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -59,6 +59,7 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
         metadata: &metadata,
         exits,
     };
+    let _in_flight = shared.counters.metrics.in_flight();
     async {
         let outcome = match unreadable_part(&delivery) {
             Some(part) => Outcome::DeadLetter {
@@ -72,10 +73,14 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
                 None => return,
             },
         };
+        let committed_at = Instant::now();
+        if matches!(outcome, Outcome::Applied) {
+            task.end_to_end();
+        }
         // Every wait on the broker from here on ends when the connection is found lost: then
         // nothing is acked and the broker redelivers.
         tokio::select! {
-            () = task.settle(outcome) => {}
+            () = task.settle(outcome, committed_at) => {}
             () = exits.lost.cancelled() => {
                 tracing::warn!("the connection was lost before the broker answered; the message will be redelivered");
             }
@@ -125,9 +130,10 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
                 } else {
                     _beside = shared.suspects_alone.read().await;
                 }
-                process(&shared.pool, &shared.handler, unit, &shared.policy)
-                    .await
-                    .outcome
+                let started = Instant::now();
+                let processed = process(&shared.pool, &shared.handler, unit, &shared.policy).await;
+                shared.counters.metrics.handler_time(started.elapsed());
+                processed.outcome
             };
             let Outcome::Unavailable { error } = &outcome else {
                 if !matches!(outcome, Outcome::DeadLetter { .. }) {
@@ -149,19 +155,34 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         }
     }
 
+    /// Records how long ago the producer stamped the message (the AMQP `timestamp` property,
+    /// whole seconds), when it did: the latency a user of the service sees.
+    fn end_to_end(&self) {
+        let Some(&stamped) = self.delivery.properties.timestamp().as_ref() else {
+            return;
+        };
+        let stamped = UNIX_EPOCH + Duration::from_secs(stamped);
+        // A producer clock ahead of ours would make it negative: not recorded.
+        if let Ok(took) = SystemTime::now().duration_since(stamped) {
+            self.shared.counters.metrics.end_to_end(took);
+        }
+    }
+
     /// Acts on the outcome: ack, or publish the retry or dead letter and then ack.
-    async fn settle(&self, outcome: Outcome) {
+    /// `committed_at`: when the unit of work ended.
+    async fn settle(&self, outcome: Outcome, committed_at: Instant) {
         let counters = &self.shared.counters;
         match outcome {
             Outcome::Applied => {
                 if self.ack().await {
-                    Counters::bump(&counters.applied);
+                    counters.metrics.commit_to_ack(committed_at.elapsed());
+                    counters.settled(Settled::Applied);
                     tracing::info!(outcome = "applied", "applied");
                 }
             }
             Outcome::Duplicate => {
                 if self.ack().await {
-                    Counters::bump(&counters.duplicates);
+                    counters.settled(Settled::Duplicate);
                     tracing::info!(
                         outcome = "duplicate",
                         "duplicate: already in the ledger, handler not run"
@@ -200,7 +221,7 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         match published {
             Ok(()) => {
                 if self.ack().await {
-                    Counters::bump(&shared.counters.dead_lettered);
+                    shared.counters.settled(Settled::DeadLettered(reason));
                     tracing::warn!(outcome = "dead-lettered", %reason, %error, "dead-lettered");
                 }
             }
@@ -228,7 +249,7 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         match published {
             Ok(()) => {
                 if self.ack().await {
-                    Counters::bump(&self.shared.counters.retried);
+                    self.shared.counters.settled(Settled::Retried);
                     tracing::warn!(outcome = "retry", %error, attempts, retry_in = ?delay, "failed; retrying later");
                 }
             }
@@ -254,12 +275,12 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         match self.delivery.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => true,
             Ok(false) => {
-                Counters::bump(&counters.ack_failures);
+                counters.ack_failure();
                 tracing::error!("ack not sent: the channel is closed; the broker will redeliver and the ledger will skip it");
                 false
             }
             Err(error) => {
-                Counters::bump(&counters.ack_failures);
+                counters.ack_failure();
                 tracing::error!(%error, "ack failed; the broker will redeliver and the ledger will skip it");
                 false
             }
@@ -288,10 +309,10 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
             multiple: false,
         };
         match self.delivery.acker.nack(requeue).await {
-            Ok(true) => Counters::bump(&counters.redelivered_later),
+            Ok(true) => counters.settled(Settled::HandedBack),
             Ok(false) | Err(_) => {
                 // The channel is gone: the broker requeues every unacked delivery by itself.
-                Counters::bump(&counters.ack_failures);
+                counters.ack_failure();
                 tracing::warn!(
                     "nack not sent: the channel is closed; the broker will redeliver the message"
                 );

@@ -52,6 +52,8 @@ pub struct Consumer<DB: Backend, H> {
     concurrency: usize,
     shutdown_deadline: Duration,
     ledger_purge_interval: Duration,
+    dlq_alert_threshold: u32,
+    dlq_poll_interval: Duration,
 }
 
 impl<DB: Backend, H> std::fmt::Debug for Consumer<DB, H> {
@@ -131,7 +133,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             shared.handler.consumer(),
             shared.policy.ledger_retention,
             self.ledger_purge_interval,
-            &shared.counters.ledger_purged,
+            |rows| shared.counters.ledger_purged(rows),
         );
         tokio::pin!(work, keeper);
         tokio::select! {

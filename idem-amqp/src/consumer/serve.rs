@@ -4,13 +4,14 @@
 //! [`Consumer::drain`] (on a stop, finish and ack what is in flight; on a loss, ack nothing).
 
 use super::delivery::{self, Exits};
-use super::stats::Counters;
 use super::Consumer;
 use crate::error::Error;
 use crate::publish::Publisher;
 use futures_util::StreamExt;
 use idem_core::{Backend, Handler};
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use std::future::Future;
@@ -69,7 +70,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             first = false;
             if connected_at.elapsed() < QUICK_LOSS {
                 quick_losses = quick_losses.saturating_add(1);
-                Counters::bump(&self.shared.counters.quick_losses);
+                self.shared.counters.quick_loss();
                 tracing::warn!(
                     quick_losses,
                     "lost the broker {quick_losses} time(s) in a row within {QUICK_LOSS:?} of connecting; backing off before reconnecting (the broker log says why it closed the connection)"
@@ -86,7 +87,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 Some(connection) => connection,
                 None => return Ok(()),
             };
-            Counters::bump(&self.shared.counters.reconnects);
+            self.shared.counters.reconnect();
         }
     }
 
@@ -106,7 +107,22 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             lost: CancellationToken::new(),
         };
         let mut in_flight = JoinSet::new();
-        let ended = self.dispatch(&mut session, &exits, &mut in_flight).await;
+        // The dead-letter watch lives exactly as long as the dispatch on this connection.
+        let watch_channel = connection.create_channel().await.ok();
+        let ended = {
+            let dispatch = self.dispatch(&mut session, &exits, &mut in_flight);
+            let watch = self.watch_dead_letters(watch_channel.as_ref());
+            tokio::pin!(dispatch, watch);
+            tokio::select! {
+                biased;
+                ended = &mut dispatch => ended,
+                // The watch never ends by itself; if it did, the dispatch goes on alone.
+                () = &mut watch => dispatch.await,
+            }
+        };
+        if let Some(channel) = watch_channel.filter(|c| c.status().connected()) {
+            let _ = channel.close(200, "idem consumer stopped".into()).await;
+        }
         self.drain(&session, &ended, &exits.lost, in_flight).await;
         ended
     }
@@ -152,6 +168,52 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             publisher,
             channel,
         })
+    }
+
+    /// Every `dlq_poll_interval`, reads the dead-letter queue's depth (a passive declare on
+    /// `channel`, its own, so a refusal cannot close the consume channel), records it and logs
+    /// once when it reaches the alert threshold and once when it is back under. Never returns;
+    /// stops looking when there is no channel or the queue cannot be read.
+    async fn watch_dead_letters(&self, channel: Option<&Channel>) {
+        let Some(channel) = channel else {
+            tracing::warn!("cannot open a channel to watch the dead-letter queue; its depth is not watched on this connection");
+            return std::future::pending().await;
+        };
+        let dlq = crate::topology::dead_letter_queue(&self.shared.queue);
+        let threshold = self.dlq_alert_threshold;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        loop {
+            let declared = channel
+                .queue_declare(dlq.as_str().into(), passive, FieldTable::default())
+                .await;
+            let messages = match declared {
+                Ok(queue) => queue.message_count(),
+                Err(error) => {
+                    // The consume loop declared the queue; this is the connection going away.
+                    tracing::debug!(%error, queue = dlq.as_str(), "cannot read the dead-letter queue's depth");
+                    return std::future::pending().await;
+                }
+            };
+            match self.shared.counters.dlq_depth(&dlq, messages, threshold) {
+                Some(true) => tracing::warn!(
+                    queue = dlq.as_str(),
+                    messages,
+                    threshold,
+                    "the dead-letter queue holds {messages} message(s), at or over the alert threshold of {threshold}: inspect them (idem dlq) and replay or discard"
+                ),
+                Some(false) => tracing::info!(
+                    queue = dlq.as_str(),
+                    messages,
+                    threshold,
+                    "the dead-letter queue is back under the alert threshold of {threshold}"
+                ),
+                None => {}
+            }
+            tokio::time::sleep(self.dlq_poll_interval).await;
+        }
     }
 
     /// Takes a free slot, then the next delivery, and hands it to a task of `in_flight`; until

@@ -1,6 +1,7 @@
 //! What a consumer did: counters bumped by the delivery tasks and the serve loop, and the
 //! snapshot [`Consumer::stats`](super::Consumer::stats) returns.
 
+use crate::telemetry::{ConsumerMetrics, Settled};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a consumer's counters; see [`Consumer::stats`](super::Consumer::stats).
@@ -29,11 +30,20 @@ pub struct ConsumerStats {
     pub quick_losses: u64,
     /// Ledger rows this instance purged past the ledger retention.
     pub ledger_purged: u64,
+    /// Messages in the dead-letter queue when last looked at (every
+    /// [`ConsumerBuilder::dlq_poll_interval`](super::ConsumerBuilder::dlq_poll_interval)).
+    pub dlq_messages: u64,
+    /// Times the dead-letter queue grew to the alert threshold
+    /// ([`ConsumerBuilder::dlq_alert_threshold`](super::ConsumerBuilder::dlq_alert_threshold)):
+    /// one per crossing, however long it stays above.
+    pub dlq_alerts: u64,
 }
 
-/// The live counters behind [`ConsumerStats`].
-#[derive(Debug, Default)]
+/// The live counters behind [`ConsumerStats`]; each change is also recorded as a metric
+/// ([`crate::telemetry`]), here and nowhere else, so the two never disagree.
+#[derive(Debug)]
 pub(super) struct Counters {
+    pub metrics: ConsumerMetrics,
     pub applied: AtomicU64,
     pub duplicates: AtomicU64,
     pub dead_lettered: AtomicU64,
@@ -43,12 +53,73 @@ pub(super) struct Counters {
     pub reconnects: AtomicU64,
     pub quick_losses: AtomicU64,
     pub ledger_purged: AtomicU64,
+    pub dlq_messages: AtomicU64,
+    pub dlq_alerts: AtomicU64,
 }
 
 impl Counters {
-    /// Adds one to `counter`.
-    pub fn bump(counter: &AtomicU64) {
+    pub fn new(consumer: &str) -> Self {
+        Self {
+            metrics: ConsumerMetrics::new(consumer),
+            applied: AtomicU64::default(),
+            duplicates: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            redelivered_later: AtomicU64::default(),
+            ack_failures: AtomicU64::default(),
+            reconnects: AtomicU64::default(),
+            quick_losses: AtomicU64::default(),
+            ledger_purged: AtomicU64::default(),
+            dlq_messages: AtomicU64::default(),
+            dlq_alerts: AtomicU64::default(),
+        }
+    }
+
+    /// Counts a settled delivery.
+    pub fn settled(&self, settled: Settled) {
+        let counter = match settled {
+            Settled::Applied => &self.applied,
+            Settled::Duplicate => &self.duplicates,
+            Settled::DeadLettered(_) => &self.dead_lettered,
+            Settled::Retried => &self.retried,
+            Settled::HandedBack => &self.redelivered_later,
+        };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics.settled(settled);
+    }
+
+    pub fn ack_failure(&self) {
+        self.ack_failures.fetch_add(1, Ordering::Relaxed);
+        self.metrics.ack_failure();
+    }
+
+    pub fn reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.metrics.reconnect();
+    }
+
+    pub fn quick_loss(&self) {
+        self.quick_losses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ledger_purged(&self, rows: u64) {
+        self.ledger_purged.fetch_add(rows, Ordering::Relaxed);
+        self.metrics.ledger_purged(rows);
+    }
+
+    /// Records the dead-letter queue's depth; says whether it just crossed `threshold` upwards
+    /// (`Some(true)`), just went back under (`Some(false)`), or neither.
+    pub fn dlq_depth(&self, queue: &str, messages: u32, threshold: u32) -> Option<bool> {
+        let before = self
+            .dlq_messages
+            .swap(u64::from(messages), Ordering::Relaxed);
+        self.metrics.dlq_messages(queue, messages);
+        let threshold = u64::from(threshold);
+        let (was, is) = (before >= threshold, u64::from(messages) >= threshold);
+        if is && !was {
+            self.dlq_alerts.fetch_add(1, Ordering::Relaxed);
+        }
+        (was != is).then_some(is)
     }
 
     /// Deliveries the database served (applied or found duplicate): rising while a delivery is
@@ -68,6 +139,8 @@ impl Counters {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             quick_losses: self.quick_losses.load(Ordering::Relaxed),
             ledger_purged: self.ledger_purged.load(Ordering::Relaxed),
+            dlq_messages: self.dlq_messages.load(Ordering::Relaxed),
+            dlq_alerts: self.dlq_alerts.load(Ordering::Relaxed),
         }
     }
 }

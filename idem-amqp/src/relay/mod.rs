@@ -263,6 +263,8 @@ pub struct Relay<DB: Backend> {
 struct Pace {
     /// When published rows were last purged.
     last_purge: Option<Instant>,
+    /// When the outbox gauges were last sampled.
+    last_sample: Option<Instant>,
     /// Database failures in a row, for [`DATABASE_BACKOFF`].
     database_failures: u32,
 }
@@ -379,6 +381,7 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
             self.purge_if_due(&mut pace.last_purge).await;
+            self.sample_if_due(&mut pace.last_sample).await;
             tokio::select! {
                 () = shutdown.as_mut() => return None,
                 () = round::wakeup(wakeups) => {}

@@ -54,7 +54,9 @@ impl<DB: Backend> Relay<DB> {
                 .map_err(RoundError::Database)?;
             return Ok(0);
         }
+        let started = Instant::now();
         let Outcome { settled, lost } = batch::publish(link, &batch.rows, self.park_after).await;
+        crate::telemetry::relay_confirm_time(started.elapsed());
         DB::outbox_settle(batch, &settled)
             .await
             .map_err(RoundError::Database)?;
@@ -80,6 +82,7 @@ impl<DB: Backend> Relay<DB> {
         }
         let c = &self.counters;
         c.published.fetch_add(published, Ordering::Relaxed);
+        crate::telemetry::relay_published(published);
         c.failed.fetch_add(failed, Ordering::Relaxed);
         c.parked.fetch_add(parked, Ordering::Relaxed);
         if published > 0 {
@@ -113,6 +116,26 @@ impl<DB: Backend> Relay<DB> {
     /// `outbox_wakeups` of this relay's database.
     pub(super) async fn wakeups(&self) -> Wakeups {
         DB::outbox_wakeups(&self.pool).await
+    }
+
+    /// Samples the outbox gauges (pending, oldest waiting, parked): at most once a second, so
+    /// a busy relay does not pay three more queries a round.
+    pub(super) async fn sample_if_due(&self, last_sample: &mut Option<Instant>) {
+        if last_sample.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last_sample = Some(Instant::now());
+        let sampled = async {
+            let pending = DB::outbox_pending(&self.pool).await?;
+            let parked = DB::outbox_parked(&self.pool).await?;
+            let oldest = idem_core::outbox::oldest_pending(&self.pool).await?;
+            Ok::<_, sqlx::Error>((pending, parked, oldest))
+        };
+        match sampled.await {
+            Ok((pending, parked, oldest)) => crate::telemetry::outbox(pending, parked, oldest),
+            // The round that follows reports a database that is away; this is only a gauge.
+            Err(error) => tracing::debug!(%error, "relay cannot sample the outbox gauges"),
+        }
     }
 
     /// Deletes rows published longer ago than the retention: every minute, or more often when

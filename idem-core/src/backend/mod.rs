@@ -158,6 +158,10 @@ mod store {
         /// Rows waiting to be published (due or backing off; parked rows left out).
         async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error>;
 
+        /// Seconds since the oldest row waiting to be published was written; `None` when none
+        /// waits.
+        async fn outbox_oldest(pool: &Pool<Self>) -> Result<Option<f64>, sqlx::Error>;
+
         /// Parked rows: out of attempts, no longer published.
         async fn outbox_parked(pool: &Pool<Self>) -> Result<i64, sqlx::Error>;
 

@@ -319,6 +319,16 @@ impl Store for sqlx::Postgres {
         .await
     }
 
+    async fn outbox_oldest(pool: &Pool<Self>) -> Result<Option<f64>, sqlx::Error> {
+        // By id, the order rows were written in, along the partial index of unpublished rows.
+        sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM idem_outbox
+             WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await
+    }
+
     async fn outbox_parked(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE parked_at IS NOT NULL")
             .fetch_one(pool)

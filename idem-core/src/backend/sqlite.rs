@@ -306,6 +306,17 @@ impl Store for sqlx::Sqlite {
         .await
     }
 
+    async fn outbox_oldest(pool: &Pool<Self>) -> Result<Option<f64>, sqlx::Error> {
+        // By id, the order rows were written in, along the partial index of unpublished rows;
+        // created_at is ISO-8601 text, which julianday reads.
+        sqlx::query_scalar(
+            "SELECT (julianday('now') - julianday(created_at)) * 86400.0 FROM idem_outbox
+             WHERE published_ms IS NULL AND parked_ms IS NULL ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await
+    }
+
     async fn outbox_parked(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox WHERE parked_ms IS NOT NULL")
             .fetch_one(pool)

@@ -215,6 +215,16 @@ pub async fn pending<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<i64, sqlx::Er
     DB::outbox_pending(pool).await
 }
 
+/// How long the oldest message waiting in the outbox has waited since its transaction wrote it
+/// (`None`: nothing waits): a relay that is down or falling behind shows here first.
+pub async fn oldest_pending<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<Option<std::time::Duration>, sqlx::Error> {
+    let seconds = DB::outbox_oldest(pool).await?;
+    // A clock step back could make it negative: then it is "just now".
+    Ok(seconds.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
+}
+
 /// How many messages the relay has parked: the broker refused, returned or did not confirm each
 /// of them on every attempt the relay's `park_after` allows (an exchange that does not exist,
 /// one the user may not publish to, a queue nobody declared). A parked message is not published
