@@ -237,10 +237,7 @@ async fn a_destination_declared_elsewhere_with_other_arguments_stops_the_relay_a
     let queue = fresh_queue("declared-elsewhere");
     let channel = connection.create_channel().await.unwrap();
     let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongUInt(60_000),
-    );
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
     channel
         .queue_declare(
             queue.as_str().into(),
