@@ -33,6 +33,8 @@
 //! Over 400 lines on purpose: the whole service (commands, handlers for both backends, relay, demo)
 //! is one example a user reads top to bottom.
 
+#[path = "shared/logging.rs"]
+mod logging;
 #[path = "shared/payments.rs"]
 mod payments;
 
@@ -275,10 +277,10 @@ async fn main() -> std::process::ExitCode {
         Command::Demo { .. } => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(log_filter(default_filter))
-        .init();
+    if let Err(error) = logging::init(default_filter, true) {
+        eprintln!("orders: {error}");
+        return std::process::ExitCode::from(2);
+    }
     let url = cli.database_url.as_str();
     let result = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         run::<Postgres, _>(&cli, mark_paid_on_postgres).await
@@ -298,14 +300,6 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `RUST_LOG` (or `default`), with lapin's line about a returned message off: lapin logs a
-/// message the broker returns (unroutable) whole, body bytes included, at WARN, and payment
-/// details do not belong in logs. idem logs it on one line, destination and message id.
-fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
-    tracing_subscriber::EnvFilter::new(format!("lapin::returned_messages=off,{spec}"))
 }
 
 /// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.

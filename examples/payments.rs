@@ -22,6 +22,8 @@
 //! Over 400 lines on purpose: the contract the tests drive (configuration, consumer, relay, demo)
 //! stays one example a user reads top to bottom.
 
+#[path = "shared/logging.rs"]
+mod logging;
 #[path = "shared/observe.rs"]
 mod observe;
 #[path = "shared/payments.rs"]
@@ -85,9 +87,10 @@ async fn main() -> std::process::ExitCode {
     let config = Config::parse();
     // The demo prints a summary; per-delivery lines would bury it (RUST_LOG=info shows them).
     let default_filter = if config.demo { "warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter(default_filter))
-        .init();
+    if let Err(error) = logging::init(default_filter, false) {
+        eprintln!("payments: {error}");
+        return std::process::ExitCode::from(2);
+    }
     let url = config.database_url.as_str();
     let result = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         run::<Postgres>(&config).await
@@ -107,14 +110,6 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `RUST_LOG` (or `default`), with lapin's line about a returned message off: lapin logs a
-/// message the broker returns (unroutable) whole, body bytes included, at WARN, and payment
-/// details do not belong in logs. idem logs it on one line, destination and message id.
-fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
-    tracing_subscriber::EnvFilter::new(format!("lapin::returned_messages=off,{spec}"))
 }
 
 /// idem's broker errors say what to check about the URL; where the URL comes from is ours to say.

@@ -292,3 +292,78 @@ async fn sqlite_a_credit_that_would_overflow_the_balance_is_rejected() {
     let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
     a_credit_that_would_overflow_the_balance_is_rejected(url, Db::Sqlite(pool)).await;
 }
+
+/// `IDEM_LOG_FORMAT=json`: every line the example logs is one JSON object a log pipeline can
+/// ingest, the delivery's outcome among its fields; a format it does not know stops it at
+/// start, saying what to write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_and_an_unknown_format_is_refused() {
+    let refused = Command::new(example_binary("payments"))
+        .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", pg_url())
+        .env("IDEM_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains(r#"IDEM_LOG_FORMAT="yaml" is not a log format: write `json`"#),
+        "{said}"
+    );
+
+    let (connection, queue) = (connection().await, fresh_queue("json-logs"));
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut child = Command::new(example_binary("payments"))
+        .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", pg_url())
+        .env("IDEM_QUEUE", &queue)
+        .env("IDEM_RELAY", "off")
+        .env("IDEM_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = Uuid::new_v4();
+    let account = format!("acct-{}", Uuid::new_v4());
+    publish(
+        &connection,
+        &queue,
+        &payment(id, &account, 100),
+        Some(&id.to_string()),
+    )
+    .await;
+    eventually("the payment is consumed", || async {
+        ready_messages(&connection, &queue).await == 0
+    })
+    .await;
+    // Acked is not yet logged: give the line a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = terminate(&mut child, "payments").await;
+    assert!(status.success(), "exited with {status}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut log).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(!lines.is_empty(), "nothing was logged");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["fields"].is_object()),
+        "{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l["fields"]["outcome"] == "applied"),
+        "no line says the payment was applied: {log}"
+    );
+    delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
+}
