@@ -8,8 +8,6 @@
 mod common;
 
 use common::*;
-use idem::amqp::lapin::options::QueueDeclareOptions;
-use idem::amqp::lapin::types::FieldTable;
 use std::process::{Child, Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
@@ -76,15 +74,7 @@ fn value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_counts_what_the_database_and_the_queues_show() {
     let (connection, queue) = (connection().await, fresh_queue("metrics"));
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_durable(&connection, &queue).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let example = Running(
         Command::new(example_binary("payments"))

@@ -6,8 +6,6 @@
 mod common;
 
 use common::*;
-use idem::amqp::lapin::options::QueueDeclareOptions;
-use idem::amqp::lapin::types::FieldTable;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,15 +22,7 @@ fn payment(id: Uuid, account: &str, cents: i64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_captures_each_payment_once_dead_letters_garbage_and_stops_cleanly_on_sigterm() {
     let (connection, queue) = (connection().await, fresh_queue("payments"));
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_durable(&connection, &queue).await;
 
     let mut child = Command::new(example_binary("payments"))
         .env("AMQP_URL", amqp_url())
@@ -188,15 +178,7 @@ impl Db {
 /// float. The example is what users copy.
 async fn a_credit_that_would_overflow_the_balance_is_rejected(database_url: String, db: Db) {
     let (connection, queue) = (connection().await, fresh_queue("overflow"));
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_durable(&connection, &queue).await;
     let mut child = Command::new(example_binary("payments"))
         .env("AMQP_URL", amqp_url())
         .env("DATABASE_URL", &database_url)
@@ -312,15 +294,7 @@ async fn json_logs_are_one_object_per_line_and_an_unknown_format_is_refused() {
     );
 
     let (connection, queue) = (connection().await, fresh_queue("json-logs"));
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_durable(&connection, &queue).await;
     let mut child = Command::new(example_binary("payments"))
         .env("AMQP_URL", amqp_url())
         .env("DATABASE_URL", pg_url())

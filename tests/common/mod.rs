@@ -73,6 +73,21 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     binary
 }
 
+/// Declares `queue` durable, without arguments, as a producer does before a consumer starts.
+#[allow(dead_code)] // not every test binary declares queues itself
+pub async fn declare_durable(connection: &Connection, queue: &str) {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = channel.close(200, "declared".into()).await;
+}
+
 /// Sends SIGTERM to `child` (an example run as a service) and waits up to 30 s for it to exit;
 /// its exit status.
 #[allow(dead_code)] // not every test binary stops a child process
