@@ -70,6 +70,8 @@ pub use idem_core::{
     ErrorClass, ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message, Metadata,
     Publish, PublishError, Reason, RetryPolicy, Tx,
 };
+/// Where a database's idem schema stands: for deploy checks (`idem doctor`).
+pub use idem_core::{schema_status, SchemaStatus};
 
 pub use idem_core::{ledger, outbox};
 

@@ -17,6 +17,9 @@ pub const ERROR: &str = "x-idem-error";
 /// Attempts made at the message so far. idem's own count, carried from retry to retry; the
 /// broker's redelivery flag plays no part in it.
 pub const ATTEMPTS: &str = "x-idem-attempts";
+/// Header of a dead letter: the idempotency key idem read from it (absent when it could not
+/// read one: `malformed`, `missing-key`, `unreadable`). What `idem dlq show --key` matches.
+pub const KEY: &str = "x-idem-key";
 /// The consumer that gave up on it (the ledger's scope).
 pub const CONSUMER: &str = "x-idem-consumer";
 /// The queue it was consumed from.
@@ -145,6 +148,8 @@ pub(crate) struct DeadLetter<'a> {
     pub error: &'a str,
     pub consumer: &'a str,
     pub queue: &'a str,
+    /// The key idem read from the message, when it got that far.
+    pub key: Option<&'a str>,
 }
 
 /// [`failure`] plus the reason, the consumer, the original queue and the producer's TTL: what
@@ -159,6 +164,9 @@ pub(crate) fn dead_letter<'a>(
     bookkeeping.insert(REASON.into(), long_string(letter.reason.as_str()));
     bookkeeping.insert(CONSUMER.into(), long_string(letter.consumer));
     bookkeeping.insert(ORIGINAL_QUEUE.into(), long_string(letter.queue));
+    if let Some(key) = letter.key {
+        bookkeeping.insert(KEY.into(), long_string(key));
+    }
     if let Some(expiration) = properties.expiration() {
         bookkeeping.insert(ORIGINAL_EXPIRATION.into(), long_string(expiration.as_str()));
     }

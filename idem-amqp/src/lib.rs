@@ -48,4 +48,7 @@ pub use health::Health;
 pub use lapin;
 pub use relay::{Relay, RelayBuilder, RelayStats};
 pub use shutdown::Shutdown;
-pub use topology::{dead_letter_queue, retry_queue};
+pub use topology::{
+    check_consumer_queues, consumer_queues, dead_letter_queue, declare_consumer_queues,
+    retry_queue, QueueSpec, QueueState,
+};

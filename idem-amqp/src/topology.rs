@@ -64,6 +64,165 @@ fn delay_arguments(queue: &str, tier: Duration) -> FieldTable {
     arguments
 }
 
+/// A queue idem declares for a consumer, as idem declares it: durable, with these arguments.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct QueueSpec {
+    /// The queue's name.
+    pub name: String,
+    /// What the queue is for: `queue`, `dead letters` or `retry after 4s`.
+    pub role: String,
+    /// The declare arguments (a delay queue's TTL and where it expires to; none otherwise).
+    pub arguments: FieldTable,
+}
+
+/// What the broker has where idem declares a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueState {
+    /// It exists as idem declares it.
+    Matches {
+        /// Messages ready in it.
+        messages: u32,
+        /// Consumers on it.
+        consumers: u32,
+    },
+    /// It does not exist: the consumer declares it on start (or `idem topology declare`).
+    Missing,
+    /// It exists with other settings; a consumer that declares it is refused at start. The
+    /// broker's own words, which name the differing argument (`inequivalent arg 'x-message-ttl'
+    /// … received the value '4000' … but current is '1000'`).
+    Differs(String),
+}
+
+/// Every queue a consumer of `queue` with the retry policy `retry` declares: the queue, its
+/// dead-letter queue and one delay queue per retry delay.
+pub fn consumer_queues(queue: &str, retry: &RetryPolicy) -> Vec<QueueSpec> {
+    let mut tiers = retry.tiers().into_iter();
+    queues(queue, retry)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, arguments))| {
+            let role = match i {
+                0 => "queue".to_owned(),
+                1 => "dead letters".to_owned(),
+                _ => tiers.next().map_or_else(
+                    || "retry".to_owned(),
+                    |tier| format!("retry after {tier:?}"),
+                ),
+            };
+            QueueSpec {
+                name,
+                role,
+                arguments,
+            }
+        })
+        .collect()
+}
+
+/// Compares what the broker has with [`consumer_queues`], changing nothing: a queue that exists
+/// is declared again with idem's settings, which the broker accepts only when they are the same
+/// (and then leaves the queue as it is); a missing queue is not created.
+pub async fn check_consumer_queues(
+    connection: &Connection,
+    queue: &str,
+    retry: &RetryPolicy,
+) -> Result<Vec<(QueueSpec, QueueState)>, Error> {
+    let mut checked = Vec::new();
+    for spec in consumer_queues(queue, retry) {
+        // The broker closes the channel over a refused declare: one channel per question.
+        let open = || async {
+            connection
+                .create_channel()
+                .await
+                .map_err(Error::broker("open a channel to check the topology"))
+        };
+        let mut channel = open().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let state = match channel
+            .queue_declare(spec.name.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Err(error) if refusal(&error).is_some_and(|(code, _)| code == NOT_FOUND) => {
+                QueueState::Missing
+            }
+            Err(source) => {
+                return Err(Error::Topology {
+                    queue: spec.name.clone(),
+                    source,
+                })
+            }
+            Ok(_) => {
+                if !channel.status().connected() {
+                    channel = open().await?;
+                }
+                match channel
+                    .queue_declare(
+                        spec.name.as_str().into(),
+                        QueueDeclareOptions::durable(),
+                        spec.arguments.clone(),
+                    )
+                    .await
+                {
+                    Ok(found) => QueueState::Matches {
+                        messages: found.message_count(),
+                        consumers: found.consumer_count(),
+                    },
+                    Err(error) => match refusal(&error) {
+                        Some((PRECONDITION_FAILED, text)) => QueueState::Differs(text),
+                        _ => {
+                            return Err(Error::Topology {
+                                queue: spec.name.clone(),
+                                source: error,
+                            })
+                        }
+                    },
+                }
+            }
+        };
+        if channel.status().connected() {
+            let _ = channel.close(200, "checked".into()).await;
+        }
+        checked.push((spec, state));
+    }
+    Ok(checked)
+}
+
+/// Declares every queue of [`consumer_queues`] as a consumer of `queue` does on start; a queue
+/// that exists with other settings is refused ([`Error::Topology`], naming the argument).
+pub async fn declare_consumer_queues(
+    connection: &Connection,
+    queue: &str,
+    retry: &RetryPolicy,
+) -> Result<(), Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(Error::broker("open a channel to declare the topology"))?;
+    declare(&channel, queue, retry).await?;
+    if channel.status().connected() {
+        let _ = channel.close(200, "declared".into()).await;
+    }
+    Ok(())
+}
+
+/// AMQP reply codes the checks tell apart.
+const NOT_FOUND: u16 = 404;
+const PRECONDITION_FAILED: u16 = 406;
+
+/// The broker's refusal in `error` (reply code and text), if it was one.
+fn refusal(error: &lapin::Error) -> Option<(u16, String)> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            Some((amqp.get_id(), amqp.get_message().to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// Declares every queue of [`queues`], durable, on `channel`. A queue that already exists
 /// with other arguments is refused by the broker (and closes the channel).
 pub(crate) async fn declare(

@@ -80,6 +80,95 @@ pub async fn lookup<DB: Backend>(
         .map_err(Error::database("reading the ledger"))
 }
 
+/// One consumer's share of the ledger, for an operator: [`stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LedgerStats {
+    /// The consumer (the ledger's scope).
+    pub consumer: String,
+    /// Keys it remembers.
+    pub rows: u64,
+    /// When the oldest of them was applied.
+    pub oldest: SystemTime,
+    /// When the newest of them was applied.
+    pub newest: SystemTime,
+    /// How many were applied before the cut-off [`stats`] was asked about: what a purge
+    /// would delete.
+    pub older: u64,
+}
+
+impl LedgerStats {
+    pub(crate) fn from_parts(
+        (consumer, rows, oldest_ms, newest_ms, older): (String, i64, i64, i64, i64),
+    ) -> Self {
+        Self {
+            consumer,
+            rows: u64::try_from(rows).unwrap_or(0),
+            oldest: from_millis(oldest_ms),
+            newest: from_millis(newest_ms),
+            older: u64::try_from(older).unwrap_or(0),
+        }
+    }
+}
+
+/// Milliseconds since the epoch as a time (a negative count as the epoch).
+fn from_millis(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// Each consumer's ledger: rows, oldest, newest, and how many were applied more than
+/// `older_than` ago. Counts every row (through the `(consumer, processed_at)` index): on a
+/// ledger of hundreds of millions of rows it takes a while; it changes nothing.
+pub async fn stats<DB: Backend>(
+    pool: &Pool<DB>,
+    older_than: Duration,
+) -> Result<Vec<LedgerStats>, Error> {
+    DB::ledger_stats(pool, older_than)
+        .await
+        .map_err(Error::database("counting the ledger"))
+}
+
+/// Bytes the ledger takes on disk, indexes included; `None` where the database cannot tell (a
+/// system SQLite built without `dbstat`).
+pub async fn size_on_disk<DB: Backend>(pool: &Pool<DB>) -> Result<Option<u64>, Error> {
+    let bytes = DB::ledger_bytes(pool)
+        .await
+        .map_err(Error::database("measuring the ledger"))?;
+    Ok(bytes.map(|b| u64::try_from(b).unwrap_or(0)))
+}
+
+/// Deletes up to `batch` of `consumer`'s rows applied more than `older_than` ago, oldest first,
+/// in one short transaction, and returns how many; `Ok(None)` when another instance is purging
+/// that consumer's ledger right now (its consumer's background purge, say): try again later.
+///
+/// A key purged from the ledger is forgotten: a copy of its message that arrives afterwards is
+/// applied again. Never go below the consumer's ledger retention.
+pub async fn purge_batch<DB: Backend>(
+    pool: &Pool<DB>,
+    consumer: &str,
+    older_than: Duration,
+    batch: u32,
+) -> Result<Option<u64>, Error> {
+    DB::ledger_purge(
+        pool,
+        consumer,
+        older_than,
+        i64::from(batch),
+        &purge_holder(),
+    )
+    .await
+    .map_err(Error::database("purging the ledger"))
+}
+
+/// Who holds SQLite's purge lease for [`purge_batch`]: this process, so that its batches follow
+/// each other under one lease. (Each background purge has a holder of its own.)
+fn purge_holder() -> String {
+    static HOLDER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOLDER
+        .get_or_init(|| format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()))
+        .clone()
+}
+
 /// Rows deleted per transaction: short enough that a claim waiting on one of them waits
 /// milliseconds, large enough that a day of a busy consumer goes in seconds.
 const PURGE_BATCH: i64 = 5_000;

@@ -37,7 +37,7 @@ mod transaction;
 mod tx;
 
 pub use async_trait::async_trait;
-pub use backend::Backend;
+pub use backend::{schema_status, Backend, SchemaStatus};
 pub use backoff::Backoff;
 pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};

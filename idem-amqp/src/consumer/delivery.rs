@@ -12,7 +12,9 @@ use crate::error::Error;
 use crate::headers::DeadLetter;
 use crate::publish::{self, Publisher};
 use crate::telemetry::Settled;
-use idem_core::{delivery_span, process, Backend, Delivery, Handler, Metadata, Outcome, Reason};
+use idem_core::{
+    delivery_span, process, Backend, Delivery, Handler, Key, Metadata, Outcome, Processed, Reason,
+};
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,15 +63,18 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
     };
     let _in_flight = shared.counters.metrics.in_flight();
     async {
-        let outcome = match unreadable_part(&delivery) {
-            Some(part) => Outcome::DeadLetter {
-                reason: Reason::Unreadable,
-                error: format!(
-                    "{part} is not valid UTF-8 (read with U+FFFD in place of the bad bytes): the message cannot be processed as it was sent"
-                ),
+        let Processed { key, outcome } = match unreadable_part(&delivery) {
+            Some(part) => Processed {
+                key: None,
+                outcome: Outcome::DeadLetter {
+                    reason: Reason::Unreadable,
+                    error: format!(
+                        "{part} is not valid UTF-8 (read with U+FFFD in place of the bad bytes): the message cannot be processed as it was sent"
+                    ),
+                },
             },
             None => match task.process().await {
-                Some(outcome) => outcome,
+                Some(processed) => processed,
                 None => return,
             },
         };
@@ -80,7 +85,7 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
         // Every wait on the broker from here on ends when the connection is found lost: then
         // nothing is acked and the broker redelivers.
         tokio::select! {
-            () = task.settle(outcome, committed_at) => {}
+            () = task.settle(outcome, key.as_ref(), committed_at) => {}
             () = exits.lost.cancelled() => {
                 tracing::warn!("the connection was lost before the broker answered; the message will be redelivered");
             }
@@ -103,7 +108,7 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
     /// Runs the unit of work; while the database is unavailable, holds the delivery and runs
     /// it again in place with backoff (not an attempt: the message is not to blame). `None`
     /// when the consumer stopped or lost its connection meanwhile: the delivery was handed back.
-    async fn process(&self) -> Option<Outcome> {
+    async fn process(&self) -> Option<Processed> {
         let shared = self.shared;
         let mut tries_in_place = 0;
         let answered_before = shared.counters.database_answers();
@@ -133,10 +138,10 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
                 let started = Instant::now();
                 let processed = process(&shared.pool, &shared.handler, unit, &shared.policy).await;
                 shared.counters.metrics.handler_time(started.elapsed());
-                processed.outcome
+                processed
             };
-            let Outcome::Unavailable { error } = &outcome else {
-                if !matches!(outcome, Outcome::DeadLetter { .. }) {
+            let Outcome::Unavailable { error } = &outcome.outcome else {
+                if !matches!(outcome.outcome, Outcome::DeadLetter { .. }) {
                     shared.health.set_database(true, None);
                 }
                 return Some(outcome);
@@ -170,7 +175,7 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
 
     /// Acts on the outcome: ack, or publish the retry or dead letter and then ack.
     /// `committed_at`: when the unit of work ended.
-    async fn settle(&self, outcome: Outcome, committed_at: Instant) {
+    async fn settle(&self, outcome: Outcome, key: Option<&Key>, committed_at: Instant) {
         let counters = &self.shared.counters;
         match outcome {
             Outcome::Applied => {
@@ -189,26 +194,32 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
                     );
                 }
             }
-            Outcome::DeadLetter { reason, error } => self.dead_letter(reason, &error).await,
+            Outcome::DeadLetter { reason, error } => {
+                self.dead_letter(reason, &error, key.map(Key::as_str)).await
+            }
             Outcome::Retry {
                 error,
                 attempts,
                 delay,
                 tier,
-            } => self.retry(&error, attempts, (delay, tier)).await,
+            } => {
+                self.retry(&error, attempts, (delay, tier), key.map(Key::as_str))
+                    .await
+            }
             // Handled by `process`.
             Outcome::Unavailable { .. } => {}
         }
     }
 
     /// Publishes the dead letter and, once the broker confirmed it, acks the original.
-    async fn dead_letter(&self, reason: Reason, error: &str) {
+    async fn dead_letter(&self, reason: Reason, error: &str, key: Option<&str>) {
         let shared = self.shared;
         let letter = DeadLetter {
             reason,
             error,
             consumer: shared.handler.consumer(),
             queue: &shared.queue,
+            key,
         };
         let published = publish::dead_letter(
             self.publisher,
@@ -235,7 +246,13 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
 
     /// Publishes the retry to the delay queue of `tier` (expiring after `delay`) and, once the
     /// broker confirmed it, acks the original.
-    async fn retry(&self, error: &str, attempts: u32, (delay, tier): (Duration, Duration)) {
+    async fn retry(
+        &self,
+        error: &str,
+        attempts: u32,
+        (delay, tier): (Duration, Duration),
+        key: Option<&str>,
+    ) {
         let published = publish::retry(
             self.publisher,
             &self.shared.queue,
@@ -259,7 +276,8 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
                 let most = self.shared.policy.retry.attempts();
                 let error =
                     format!("attempt {attempts} of {most}: {error}; not retried: {publish_error}");
-                self.dead_letter(Reason::RetriesExhausted, &error).await;
+                self.dead_letter(Reason::RetriesExhausted, &error, key)
+                    .await;
             }
             Err(publish_error) => {
                 tracing::error!(%error, %publish_error, "retry not confirmed; handing the message back");

@@ -48,6 +48,46 @@ pub trait Backend: sqlx::Database + Sized + Store {
     async fn migrate(pool: &Pool<Self>) -> Result<(), Error>;
 }
 
+/// Where a database's idem schema stands against this build: [`schema_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SchemaStatus {
+    /// Versions applied in the database (empty: idem never ran against it).
+    pub applied: Vec<i64>,
+    /// The newest version this build of idem ships.
+    pub known: i64,
+}
+
+impl SchemaStatus {
+    /// Versions this build ships that the database lacks: a consumer or relay applies them on
+    /// start ([`Backend::migrate`]).
+    pub fn pending(&self) -> Vec<i64> {
+        migrations::MIGRATIONS
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !self.applied.contains(v))
+            .collect()
+    }
+
+    /// Whether the database has a version newer than this build: an older idem is running
+    /// against a schema a newer one upgraded (it refuses to start; upgrade it).
+    pub fn too_new(&self) -> bool {
+        self.applied.iter().any(|&v| v > self.known)
+    }
+}
+
+/// idem's schema versions in the database behind `pool`, against those this build ships.
+/// Changes nothing.
+pub async fn schema_status<DB: Backend>(pool: &Pool<DB>) -> Result<SchemaStatus, Error> {
+    let applied = DB::schema_versions(pool)
+        .await
+        .map_err(Error::database("reading idem_migrations"))?;
+    Ok(SchemaStatus {
+        applied: applied.unwrap_or_default(),
+        known: migrations::latest_known(),
+    })
+}
+
 mod store {
     use super::*;
 
@@ -105,6 +145,28 @@ mod store {
             batch: i64,
             holder: &str,
         ) -> Result<Option<u64>, sqlx::Error>;
+
+        /// Per consumer: its ledger rows, the oldest and newest `processed_at` (ms since the
+        /// epoch) and how many rows were applied more than `older_than` ago.
+        async fn ledger_stats(
+            pool: &Pool<Self>,
+            older_than: Duration,
+        ) -> Result<Vec<crate::ledger::LedgerStats>, sqlx::Error>;
+
+        /// Bytes the ledger takes on disk, indexes included; `None` where the database
+        /// cannot tell.
+        async fn ledger_bytes(pool: &Pool<Self>) -> Result<Option<i64>, sqlx::Error>;
+
+        /// idem's schema versions applied in this database; `None` when idem never migrated it.
+        async fn schema_versions(pool: &Pool<Self>) -> Result<Option<Vec<i64>>, sqlx::Error>;
+
+        /// Parked outbox rows per destination, with the last error of the latest parked one.
+        async fn outbox_parked_by_destination(
+            pool: &Pool<Self>,
+        ) -> Result<Vec<crate::outbox::ParkedDestination>, sqlx::Error>;
+
+        /// Makes every parked row due again with its attempts reset; returns how many.
+        async fn outbox_unpark_all(pool: &Pool<Self>) -> Result<u64, sqlx::Error>;
 
         /// The fingerprint the ledger holds for `(consumer, key)`, if the key was applied.
         async fn applied_fingerprint(

@@ -182,6 +182,73 @@ impl Store for sqlx::Postgres {
         Ok(Some(done.rows_affected()))
     }
 
+    async fn ledger_stats(
+        pool: &Pool<Self>,
+        older_than: Duration,
+    ) -> Result<Vec<crate::ledger::LedgerStats>, sqlx::Error> {
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT consumer, COUNT(*),
+                    (EXTRACT(EPOCH FROM MIN(processed_at)) * 1000)::int8,
+                    (EXTRACT(EPOCH FROM MAX(processed_at)) * 1000)::int8,
+                    COUNT(*) FILTER (WHERE processed_at < now() - $1 * interval '1 millisecond')
+             FROM idem_ledger GROUP BY consumer ORDER BY consumer",
+        )
+        .bind(millis(older_than) as f64)
+        .fetch_all(pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(crate::ledger::LedgerStats::from_parts)
+            .collect())
+    }
+
+    async fn ledger_bytes(pool: &Pool<Self>) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_total_relation_size(to_regclass('idem_ledger'))")
+            .fetch_one(pool)
+            .await
+    }
+
+    async fn schema_versions(pool: &Pool<Self>) -> Result<Option<Vec<i64>>, sqlx::Error> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('idem_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+        if !exists {
+            return Ok(None);
+        }
+        let versions = sqlx::query_scalar("SELECT version FROM idem_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await?;
+        Ok(Some(versions))
+    }
+
+    async fn outbox_parked_by_destination(
+        pool: &Pool<Self>,
+    ) -> Result<Vec<crate::outbox::ParkedDestination>, sqlx::Error> {
+        let rows: Vec<(String, String, i64, i64, Option<String>)> = sqlx::query_as(
+            "SELECT exchange, routing_key, COUNT(*),
+                    (EXTRACT(EPOCH FROM MIN(parked_at)) * 1000)::int8,
+                    (ARRAY_AGG(last_error ORDER BY parked_at DESC, id DESC))[1]
+             FROM idem_outbox WHERE parked_at IS NOT NULL
+             GROUP BY exchange, routing_key ORDER BY exchange, routing_key",
+        )
+        .fetch_all(pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(crate::outbox::ParkedDestination::from_parts)
+            .collect())
+    }
+
+    async fn outbox_unpark_all(pool: &Pool<Self>) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE idem_outbox SET parked_at = NULL, attempts = 0, next_attempt_at = now()
+             WHERE parked_at IS NOT NULL",
+        )
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn applied_fingerprint(
         pool: &Pool<Self>,
         consumer: &str,

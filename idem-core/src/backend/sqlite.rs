@@ -186,6 +186,90 @@ impl Store for sqlx::Sqlite {
         Ok(Some(done.rows_affected()))
     }
 
+    async fn ledger_stats(
+        pool: &Pool<Self>,
+        older_than: Duration,
+    ) -> Result<Vec<crate::ledger::LedgerStats>, sqlx::Error> {
+        // processed_at is ISO 8601 text in UTC: MIN and MAX are the oldest and newest.
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT consumer, COUNT(*),
+                    CAST(round((julianday(MIN(processed_at)) - 2440587.5) * 86400000) AS INTEGER),
+                    CAST(round((julianday(MAX(processed_at)) - 2440587.5) * 86400000) AS INTEGER),
+                    SUM(processed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || $1 || ' seconds'))
+             FROM idem_ledger GROUP BY consumer ORDER BY consumer",
+        )
+        .bind(older_than.as_secs_f64())
+        .fetch_all(pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(crate::ledger::LedgerStats::from_parts)
+            .collect())
+    }
+
+    async fn ledger_bytes(pool: &Pool<Self>) -> Result<Option<i64>, sqlx::Error> {
+        // dbstat is compiled into the SQLite sqlx bundles; a system SQLite may lack it.
+        // WITHOUT ROWID: the table is its primary-key index; idem_ledger_age is the other.
+        let bytes = sqlx::query_scalar(
+            "SELECT SUM(pgsize) FROM dbstat WHERE name IN ('idem_ledger', 'idem_ledger_age')",
+        )
+        .fetch_one(pool)
+        .await;
+        match bytes {
+            Ok(bytes) => Ok(bytes),
+            Err(sqlx::Error::Database(_)) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
+    async fn schema_versions(pool: &Pool<Self>) -> Result<Option<Vec<i64>>, sqlx::Error> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'idem_migrations'",
+        )
+        .fetch_one(pool)
+        .await?;
+        if !exists {
+            return Ok(None);
+        }
+        let versions = sqlx::query_scalar("SELECT version FROM idem_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await?;
+        Ok(Some(versions))
+    }
+
+    async fn outbox_parked_by_destination(
+        pool: &Pool<Self>,
+    ) -> Result<Vec<crate::outbox::ParkedDestination>, sqlx::Error> {
+        // The last error of the latest parked row: a correlated subquery, as SQLite has no
+        // ordered aggregate; parked rows are few.
+        let rows: Vec<(String, String, i64, i64, Option<String>)> = sqlx::query_as(
+            "SELECT exchange, routing_key, COUNT(*), MIN(parked_ms),
+                    (SELECT last_error FROM idem_outbox AS latest
+                     WHERE latest.parked_ms IS NOT NULL AND latest.exchange = parked.exchange
+                       AND latest.routing_key = parked.routing_key
+                     ORDER BY parked_ms DESC, id DESC LIMIT 1)
+             FROM idem_outbox AS parked WHERE parked_ms IS NOT NULL
+             GROUP BY exchange, routing_key ORDER BY exchange, routing_key",
+        )
+        .fetch_all(pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(crate::outbox::ParkedDestination::from_parts)
+            .collect())
+    }
+
+    async fn outbox_unpark_all(pool: &Pool<Self>) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE idem_outbox SET parked_ms = NULL, attempts = 0, next_attempt_ms = $1
+             WHERE parked_ms IS NOT NULL",
+        )
+        .bind(crate::backoff::unix_millis())
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn applied_fingerprint(
         pool: &Pool<Self>,
         consumer: &str,

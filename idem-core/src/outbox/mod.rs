@@ -245,6 +245,71 @@ pub async fn unpark<DB: Backend>(
     DB::outbox_unpark(pool, &message_id.to_string()).await
 }
 
+/// Parked messages of one destination, for an operator: [`status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedDestination {
+    /// The exchange (`""`: the default exchange, which routes by queue name).
+    pub exchange: String,
+    /// The routing key (with the default exchange: the queue).
+    pub routing_key: String,
+    /// Parked messages.
+    pub rows: u64,
+    /// When the first of them was parked.
+    pub since: std::time::SystemTime,
+    /// The broker's answer to the latest parked one: what to fix.
+    pub last_error: Option<String>,
+}
+
+impl ParkedDestination {
+    pub(crate) fn from_parts(
+        (exchange, routing_key, rows, since_ms, last_error): (
+            String,
+            String,
+            i64,
+            i64,
+            Option<String>,
+        ),
+    ) -> Self {
+        let since = std::time::Duration::from_millis(u64::try_from(since_ms).unwrap_or(0));
+        Self {
+            exchange,
+            routing_key,
+            rows: u64::try_from(rows).unwrap_or(0),
+            since: std::time::SystemTime::UNIX_EPOCH + since,
+            last_error,
+        }
+    }
+}
+
+/// The outbox at a glance: [`status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxStatus {
+    /// Messages waiting to be published ([`pending`]).
+    pub pending: u64,
+    /// How long the oldest of them has waited ([`oldest_pending`]).
+    pub oldest_pending: Option<std::time::Duration>,
+    /// Parked messages by destination ([`parked`]).
+    pub parked: Vec<ParkedDestination>,
+}
+
+/// The backlog, its age, and the parked messages by destination with the broker's last word on
+/// each: what an operator reads when the relay falls behind.
+pub async fn status<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<OutboxStatus, sqlx::Error> {
+    Ok(OutboxStatus {
+        pending: u64::try_from(pending(pool).await?).unwrap_or(0),
+        oldest_pending: oldest_pending(pool).await?,
+        parked: DB::outbox_parked_by_destination(pool).await?,
+    })
+}
+
+/// [`unpark`]s every parked message at once (after the cause is fixed: the destination now
+/// exists, the permission is granted); returns how many.
+pub async fn unpark_all<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<u64, sqlx::Error> {
+    DB::outbox_unpark_all(pool).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
