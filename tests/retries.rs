@@ -14,9 +14,40 @@ use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::Consumer;
 use idem::{Backend, Postgres, RetryPolicy};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use uuid::Uuid;
+
+/// The metrics every consumer of this test binary records, as Prometheus would scrape them:
+/// one recorder per process, each story reading its own consumer's series.
+fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap()
+    })
+}
+
+/// `name{consumer="…", labels…}` as last scraped (summed over the series that match).
+fn counted(name: &str, consumer: &str, labels: &[(&str, &str)]) -> f64 {
+    let consumer_label = format!("consumer=\"{consumer}\"");
+    metrics()
+        .render()
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name
+                && series_labels.contains(&consumer_label)
+                && labels
+                    .iter()
+                    .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, value)| value.parse::<f64>().unwrap())
+        .sum()
+}
 
 on_both_backends!(
     a_transient_failure_comes_back_through_a_delay_queue_and_applies_once,
@@ -28,6 +59,7 @@ on_both_backends!(
 
 async fn a_transient_failure_comes_back_through_a_delay_queue_and_applies_once<DB: TestDb>() {
     let story = Story::<DB>::begin("flaky").await;
+    metrics();
     // A lock timeout, twice: the third attempt gets through.
     let handler = story.recorder().failing_transiently(2);
     let runs = handler.runs.clone();
@@ -45,6 +77,14 @@ async fn a_transient_failure_comes_back_through_a_delay_queue_and_applies_once<D
     assert_eq!(stats.retried, 2, "{stats:?}");
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 3);
+    let deliveries = |outcome| {
+        counted(
+            "idem_deliveries_total",
+            &story.consumer,
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!((deliveries("retried"), deliveries("applied")), (2.0, 1.0));
     assert_eq!(
         story.effects(&id).await,
         1,
@@ -58,6 +98,7 @@ async fn a_transient_failure_comes_back_through_a_delay_queue_and_applies_once<D
 
 async fn a_message_that_keeps_failing_is_dead_lettered_with_its_history<DB: TestDb>() {
     let story = Story::<DB>::begin("hopeless").await;
+    metrics();
     let handler = story.recorder().failing_transiently(usize::MAX);
     let runs = handler.runs.clone();
     let running = story.run(handler).await;
@@ -86,6 +127,13 @@ async fn a_message_that_keeps_failing_is_dead_lettered_with_its_history<DB: Test
     assert!(first > 0 && first <= last, "{first} > {last}");
     assert_eq!(letter.headers["x-idem-consumer"], story.consumer);
     assert_eq!(letter.headers["x-idem-original-queue"], story.queue);
+    // The key idem read, so an operator finds the letter by it (`idem dlq show --key`).
+    assert_eq!(letter.headers["x-idem-key"], id.to_string());
+    let reason = [("reason", "retries-exhausted")];
+    assert_eq!(
+        counted("idem_dead_letters_total", &story.consumer, &reason),
+        1.0
+    );
     assert_eq!(
         letter.body, body,
         "the body changed on its way through the retries"
@@ -130,6 +178,7 @@ async fn the_same_key_with_another_payload_is_a_key_conflict_and_the_first_effec
     DB: TestDb,
 >() {
     let story = Story::<DB>::begin("conflict").await;
+    metrics();
     let running = story.run(story.recorder()).await;
 
     let id = Uuid::new_v4();
@@ -162,6 +211,10 @@ async fn the_same_key_with_another_payload_is_a_key_conflict_and_the_first_effec
     assert_eq!(letters[0].body, reused);
     let error = &letters[0].headers["x-idem-error"];
     assert!(error.contains("different payload"), "{error}");
+    assert_eq!(
+        counted("idem_key_conflicts_total", &story.consumer, &[]),
+        1.0
+    );
     story.end().await;
 }
 
@@ -320,6 +373,7 @@ async fn while_the_database_is_away_deliveries_wait_and_none_is_dead_lettered() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_broker_connection_drops_the_consumer_reconnects_by_itself() {
     let story = Story::<Postgres>::begin("reconnect").await;
+    metrics();
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let consumer = Arc::new(
         Consumer::builder(
@@ -379,6 +433,23 @@ async fn after_the_broker_connection_drops_the_consumer_reconnects_by_itself() {
     stop.send(()).unwrap();
     serving.await.unwrap().unwrap();
     assert!(!consumer.health().live);
+    // What a dashboard shows of it: the reconnect, and every payment applied once.
+    let stats = consumer.stats();
+    let reconnects = counted("idem_reconnects_total", &story.consumer, &[]);
+    assert!(
+        reconnects >= 1.0 && reconnects == stats.reconnects as f64,
+        "{reconnects} {stats:?}"
+    );
+    let applied = counted(
+        "idem_deliveries_total",
+        &story.consumer,
+        &[("outcome", "applied")],
+    );
+    // (Not 40 - duplicates: an ack lost in the cut counts as an ack failure, and its redelivery
+    // as a duplicate.)
+    assert_eq!(applied, stats.applied as f64, "{stats:?}");
+    let ack_failures = counted("idem_ack_failures_total", &story.consumer, &[]);
+    assert_eq!(ack_failures, stats.ack_failures as f64, "{stats:?}");
     for id in &ids {
         assert_eq!(story.effects(id).await, 1, "payment {id}");
     }
