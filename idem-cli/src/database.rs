@@ -1,6 +1,6 @@
 //! The services' database, whichever backend its URL names.
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail};
 use idem::sqlx::Pool;
 use idem::{Backend, Postgres, Sqlite};
 
@@ -29,10 +29,20 @@ const URL_HINT: &str = "the database is --database-url, or DATABASE_URL";
 /// database: a mistyped path must not look like a healthy service with nothing in it.
 pub(crate) async fn open(url: &str) -> anyhow::Result<Database> {
     let redacted = idem::redact_url(url);
+    match tokio::time::timeout(crate::CONNECT_TIMEOUT, open_now(url, &redacted)).await {
+        Ok(opened) => opened,
+        Err(_) => bail!(
+            "no answer from the database {redacted} within {:?} ({URL_HINT})",
+            crate::CONNECT_TIMEOUT
+        ),
+    }
+}
+
+async fn open_now(url: &str, redacted: &str) -> anyhow::Result<Database> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let pool = Postgres::connect(url, 2)
             .await
-            .with_context(|| format!("cannot reach the database {redacted} ({URL_HINT})"))?;
+            .map_err(|error| anyhow!("{error} ({URL_HINT})"))?;
         return Ok(Database::Postgres(pool));
     }
     if let Some(path) = url
@@ -45,7 +55,7 @@ pub(crate) async fn open(url: &str) -> anyhow::Result<Database> {
         }
         let pool = Sqlite::connect(url, 2)
             .await
-            .with_context(|| format!("cannot open the database {redacted} ({URL_HINT})"))?;
+            .map_err(|error| anyhow!("{error} ({URL_HINT})"))?;
         return Ok(Database::Sqlite(pool));
     }
     bail!("{redacted:?} is not a database URL idem knows: write postgres://… or sqlite://path ({URL_HINT})")

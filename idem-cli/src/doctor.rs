@@ -69,7 +69,7 @@ pub(crate) async fn run(global: &Global, options: Options) -> anyhow::Result<Ver
             let _ = connection.close(200, "checked".into()).await;
         }
         Err(error) => {
-            report.attention("broker", format!("{error:#}"));
+            report.attention("broker", output::error(&error));
             report.attention("topology", "not checked: no broker");
             report.attention("dead letters", "not checked: no broker");
         }
@@ -88,7 +88,7 @@ pub(crate) async fn run(global: &Global, options: Options) -> anyhow::Result<Ver
             database.close().await;
         }
         Err(error) => {
-            report.attention("database", format!("{error:#}"));
+            report.attention("database", output::error(&error));
             for check in ["migrations", "outbox", "ledger"] {
                 report.attention(check, "not checked: no database");
             }
@@ -146,7 +146,7 @@ async fn broker(
                     report.attention(name, wrong.join("; "));
                 }
             }
-            Err(error) => report.attention(name, format!("{error:#}")),
+            Err(error) => report.attention(name, output::error(&error)),
         }
         let dlq = idem::amqp::dead_letter_queue(queue);
         let name = format!("dead letters {dlq}");
@@ -157,7 +157,7 @@ async fn broker(
                 format!("{depth} messages (over {dlq_max}): `idem dlq list`"),
             ),
             Ok(None) => report.attention(name, "no such queue"),
-            Err(error) => report.attention(name, format!("{error:#}")),
+            Err(error) => report.attention(name, output::error(&error)),
         }
     }
 }
@@ -214,7 +214,7 @@ async fn store<DB: Backend>(report: &mut Report, pool: &Pool<DB>, options: &Opti
                 report.ok("outbox", detail);
             }
         }
-        Err(error) => report.attention("outbox", format!("{error:#}")),
+        Err(error) => report.attention("outbox", output::error(&error)),
     }
     // A day past the retention: the background purge runs hourly, so anything older means it
     // is not running (no consumer up, or it fails: see the consumers' logs).
@@ -240,6 +240,6 @@ async fn store<DB: Backend>(report: &mut Report, pool: &Pool<DB>, options: &Opti
                 report.ok("ledger", detail);
             }
         }
-        Err(error) => report.attention("ledger", format!("{error:#}")),
+        Err(error) => report.attention("ledger", output::error(&error)),
     }
 }

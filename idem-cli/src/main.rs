@@ -96,6 +96,9 @@ enum Command {
     Doctor(doctor::Options),
 }
 
+/// How long the broker or the database may take to answer a connect.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A duration on the command line: `30d`, `12h`, `90s`, `1h 30m`.
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|error| format!("{error} (write e.g. 30d, 12h, 90s)"))
@@ -126,7 +129,7 @@ fn main() -> ExitCode {
         Ok(Verdict::Fine) => ExitCode::SUCCESS,
         Ok(Verdict::Attention) => ExitCode::from(1),
         Err(error) => {
-            eprintln!("idem: {error:#}");
+            eprintln!("idem: {}", output::error(&error));
             ExitCode::from(1)
         }
     }

@@ -60,3 +60,20 @@ pub(crate) fn bytes(bytes: u64) -> String {
         format!("{value:.1} {}", UNITS[unit])
     }
 }
+
+/// `error` and its causes on one line, each cause once: idem's errors already quote their
+/// source in their own text, so a cause already said is left out.
+pub(crate) fn error(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let said = cause.to_string();
+        if text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}

@@ -44,11 +44,18 @@ impl Retry {
     }
 }
 
-/// Connects to the broker, saying where the URL comes from when it fails.
+/// Connects to the broker, saying where the URL comes from when it fails; a broker that does
+/// not answer within [`crate::CONNECT_TIMEOUT`] is an error, not a hung deploy gate.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Connection> {
-    idem::amqp::connect(url)
-        .await
-        .context("the broker is --amqp-url, or AMQP_URL")
+    let connected = tokio::time::timeout(crate::CONNECT_TIMEOUT, idem::amqp::connect(url)).await;
+    let Ok(connected) = connected else {
+        anyhow::bail!(
+            "no answer from the broker at {} within {:?} (the broker is --amqp-url, or AMQP_URL)",
+            idem::redact_url(url),
+            crate::CONNECT_TIMEOUT
+        );
+    };
+    connected.map_err(|error| anyhow::anyhow!("{error} (the broker is --amqp-url, or AMQP_URL)"))
 }
 
 /// The broker's reply code in `error`, if the broker refused something.
