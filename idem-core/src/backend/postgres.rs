@@ -25,6 +25,10 @@ const OUTBOX_PURGE_LOCK: i32 = 493_140_226;
 /// One batch of a consumer's purge (`delete`, binding the consumer, the age in milliseconds
 /// and the batch size) in one transaction, under a transaction-level advisory lock on the
 /// consumer: a second instance finds it taken and leaves the work to the first.
+///
+/// The statements delete `= ANY(ARRAY(subquery))`, not `IN (subquery)`: with `IN` PostgreSQL
+/// plans a hash semi-join that scans every row of the consumer per batch (seen in EXPLAIN on
+/// 100,000 rows of one consumer); the array makes it look each key up in the primary key.
 async fn consumer_purge(
     pool: &Pool<sqlx::Postgres>,
     consumer: &str,
@@ -195,10 +199,10 @@ impl Store for sqlx::Postgres {
         consumer_purge(
             pool,
             consumer,
-            "DELETE FROM idem_ledger WHERE consumer = $1 AND key IN (
+            "DELETE FROM idem_ledger WHERE consumer = $1 AND key = ANY(ARRAY(
                  SELECT key FROM idem_ledger
                  WHERE consumer = $1 AND processed_at < now() - $2 * interval '1 millisecond'
-                 ORDER BY processed_at LIMIT $3)",
+                 ORDER BY processed_at LIMIT $3))",
             older_than,
             batch,
         )
@@ -216,10 +220,10 @@ impl Store for sqlx::Postgres {
         consumer_purge(
             pool,
             consumer,
-            "DELETE FROM idem_redeliveries WHERE consumer = $1 AND key IN (
+            "DELETE FROM idem_redeliveries WHERE consumer = $1 AND key = ANY(ARRAY(
                  SELECT key FROM idem_redeliveries
                  WHERE consumer = $1 AND last_at < now() - $2 * interval '1 millisecond'
-                 ORDER BY last_at LIMIT $3)",
+                 ORDER BY last_at LIMIT $3))",
             older_than,
             batch,
         )
@@ -349,7 +353,8 @@ impl Store for sqlx::Postgres {
     /// share it, and one purging is enough (the others would only queue on the same rows).
     /// Through the partial index `idem_outbox_published` (migration 3), which holds only
     /// published rows: never the rows a round takes or settles, so the purge does not wait on
-    /// the relays' row locks, nor they on it.
+    /// the relays' row locks, nor they on it. Deleted by primary key from an array, as in
+    /// `consumer_purge`.
     async fn outbox_purge(
         pool: &Pool<Self>,
         older_than: Duration,
@@ -365,10 +370,10 @@ impl Store for sqlx::Postgres {
             return Ok(None);
         }
         let done = sqlx::query(
-            "DELETE FROM idem_outbox WHERE id IN (
+            "DELETE FROM idem_outbox WHERE id = ANY(ARRAY(
                  SELECT id FROM idem_outbox
                  WHERE published_at < now() - $1 * interval '1 millisecond'
-                 ORDER BY published_at LIMIT $2)",
+                 ORDER BY published_at LIMIT $2))",
         )
         .bind(millis(older_than) as f64)
         .bind(batch)
