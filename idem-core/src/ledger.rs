@@ -82,7 +82,7 @@ pub async fn lookup<DB: Backend>(
         .map_err(Error::database("reading the ledger"))
 }
 
-/// What one run of the consumer's keeper deleted.
+/// What one batch of the consumer's keeper deleted.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purged {
@@ -101,8 +101,8 @@ pub enum Purged {
 /// loop.
 ///
 /// A count is cleared on every terminal outcome of its message, so one left behind belongs
-/// to a message that vanished (a purged queue, a consumer stopped for good). Past the
-/// redelivery horizon no copy of that message can come any more (the retry schedule, the
+/// to a message that vanished (a queue an operator purged, a copy that never came back). Past
+/// the redelivery horizon no copy of that message can come any more (the retry schedule, the
 /// replay window and a day), so the count can only be stale; while a copy still may come, the
 /// count stays and keeps the crash-loop limit honest.
 #[doc(hidden)]

@@ -19,8 +19,9 @@
 //! or a broker that does not answer within `confirm_timeout`, makes the relay reconnect.
 //!
 //! Here: the builder, the stats and the serve loop (reconnect, drain, wait; the purge beside
-//! it); [`round`]: one round against the outbox; [`batch`]: publishing a round's rows in order per
-//! destination; [`link`]: the connection and channel, bounded waits, refusal or lost broker.
+//! it); [`round`]: one round against the outbox, and the purge; [`batch`]: publishing a round's
+//! rows in order per destination; [`link`]: the connection and channel, bounded waits, refusal
+//! or lost broker.
 
 mod batch;
 mod link;
@@ -238,9 +239,9 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// while it serves: one for `LISTEN idem_outbox` (kept for as long as `serve` runs), and one
 /// for each round's transaction, which holds the batch's row locks while the batch is
 /// published and confirmed (at most `confirm_timeout`); the purge beside the rounds borrows one
-/// for a short batch now and then. Give a pool that a consumer shares with the relay its `concurrency` + 2
-/// connections, or give the relay a pool of its own with 2. With a pool of 1 the relay does
-/// not LISTEN and only polls. On SQLite it uses one connection at a time.
+/// for a short batch now and then. Give a pool that a consumer shares with the relay its
+/// `concurrency` + 2 connections, or give the relay a pool of its own with 2. With a pool of 1
+/// the relay does not LISTEN and only polls. On SQLite it uses one connection at a time.
 #[derive(Debug)]
 pub struct Relay<DB: Backend> {
     pool: Pool<DB>,
@@ -367,9 +368,9 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    /// On one link: drains what is due, samples the gauges now and then, and waits for a wake-up or the
-    /// poll interval; again and again until `shutdown` resolves (`None`) or the broker is lost
-    /// (`Some`, why).
+    /// On one link: drains what is due, samples the gauges now and then, and waits for a
+    /// wake-up or the poll interval; again and again until `shutdown` resolves (`None`) or the
+    /// broker is lost (`Some`, why).
     async fn relay_on<S: Future<Output = ()>>(
         &self,
         link: &mut Link,
