@@ -21,7 +21,10 @@
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`), `DATABASE_URL` (default `sqlite://orders.db` in the
 //! working directory; `postgres://…` selects PostgreSQL), `IDEM_ORDERS_QUEUE` (default
 //! `orders`), `IDEM_PAYMENTS_QUEUE` (default `payments`), `IDEM_PREFETCH` (default 200),
-//! `IDEM_CONCURRENCY` (default 8, or the prefetch if smaller). The orders and the payments
+//! `IDEM_CONCURRENCY` (default 8, or the prefetch if smaller), `IDEM_METRICS_ADDR` (unset by
+//! default; for `consume` and `relay`, e.g. `127.0.0.1:9465` serves Prometheus metrics at
+//! `/metrics`, liveness at `/healthz` and readiness at `/readyz`; give each process its own
+//! address). The orders and the payments
 //! processes must share one database (the same `DATABASE_URL`), and the payments example's
 //! `IDEM_QUEUE` must be this `IDEM_PAYMENTS_QUEUE`. Every process declares the queues it
 //! consumes or publishes to: a consumer its own, a relay the ones its messages go to
@@ -35,6 +38,8 @@
 
 #[path = "shared/logging.rs"]
 mod logging;
+#[path = "shared/observe.rs"]
+mod observe;
 #[path = "shared/payments.rs"]
 mod payments;
 
@@ -46,6 +51,7 @@ use payments::{
     AccountId, Capture, Currency, PaymentCaptured, PaymentRequested, PaymentsStore, PositiveCents,
 };
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -93,6 +99,10 @@ struct Cli {
     /// smaller; 4 in the demo].
     #[arg(long, global = true, env = "IDEM_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=256))]
     concurrency: Option<u32>,
+    /// `consume` and `relay`: serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
+    /// address, e.g. 127.0.0.1:9465 (a relay alone answers both probes 200 while it runs).
+    #[arg(long, global = true, env = "IDEM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +354,11 @@ where
             Ok(())
         }
         Command::Relay { poll_ms } => {
+            // Before the relay records anything; it has no health of its own to report.
+            let _endpoint = match &cli.metrics_addr {
+                Some(addr) => Some(observe::install(addr).await?.spawn(None)),
+                None => None,
+            };
             let shutdown = Shutdown::on_signals()?;
             // One connection for the batch being published (LISTEN has one of its own).
             let pool = DB::connect(&cli.database_url, 2).await?;
@@ -354,15 +369,24 @@ where
             Ok(())
         }
         Command::Consume => {
+            // Before the consumer exists: every series it records is kept.
+            let endpoint = match &cli.metrics_addr {
+                Some(addr) => Some(observe::install(addr).await?),
+                None => None,
+            };
             let shutdown = Shutdown::on_signals()?;
             let pool = DB::connect(&cli.database_url, concurrency).await?;
             DB::migrate(&pool).await?;
             DB::create_orders_table(&pool).await?;
+            let consumer = Arc::new(orders_consumer(cli, &pool, mark_paid, concurrency)?);
+            // Aborted when the command returns: the endpoint lives as long as the consumer.
+            let _endpoint = endpoint.map(|endpoint| {
+                let consumer = Arc::clone(&consumer);
+                endpoint.spawn(Some(Arc::new(move || consumer.health())))
+            });
             // Reconnects by itself after a broker restart; waits (without dead-lettering) while
             // the database is away; fails fast only on what a restart cannot fix.
-            orders_consumer(cli, &pool, mark_paid, concurrency)?
-                .serve(&cli.amqp_url, shutdown.requested())
-                .await?;
+            consumer.serve(&cli.amqp_url, shutdown.requested()).await?;
             Ok(())
         }
         Command::Demo {

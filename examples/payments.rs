@@ -162,14 +162,8 @@ where
     let shutdown = Shutdown::on_signals()?;
     // Aborted when `run` returns: the endpoint lives as long as the service.
     let _endpoint = endpoint.map(|endpoint| {
-        if let Ok(addr) = endpoint.local_addr() {
-            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        }
-        let health: observe::HealthSource = {
-            let consumer = Arc::clone(&consumer);
-            Arc::new(move || consumer.health())
-        };
-        AbortOnDrop(tokio::spawn(endpoint.serve(health)))
+        let consumer = Arc::clone(&consumer);
+        endpoint.spawn(Some(Arc::new(move || consumer.health())))
     });
     if !relay {
         // Reconnects by itself after a broker restart; waits (without dead-lettering) while the
@@ -216,15 +210,6 @@ where
     consumed?;
     relayed??;
     Ok(())
-}
-
-/// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// How long the relay sleeps when it has no wake-up: on PostgreSQL LISTEN/NOTIFY wakes it right

@@ -1,8 +1,9 @@
 //! The ledger over a long life, on real RabbitMQ and on both ledgers: it says when and from
 //! which message a key was applied; it forgets keys past the retention in the background, in
-//! batches, keeping what is recent (still deduplicated); only one instance purges a consumer's
-//! ledger at a time; and a retention too short to outlast a message's redeliveries is refused
-//! at start.
+//! batches, keeping what is recent (still deduplicated); crash-loop counts left behind by
+//! messages that vanished are purged the same way once past the redelivery horizon, while live
+//! counts and other consumers' stay; only one instance purges a consumer's ledger and counts at
+//! a time; and a retention too short to outlast a message's redeliveries is refused at start.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,6 +19,7 @@ use uuid::Uuid;
 on_both_backends!(
     an_applied_key_says_when_and_from_which_message,
     keys_past_the_retention_are_purged_in_batches_and_recent_ones_stay_duplicates,
+    crash_loop_counts_of_vanished_messages_are_purged_in_batches_and_live_ones_stay,
     while_another_instance_purges_a_consumer_s_ledger_this_one_leaves_it_alone,
 );
 
@@ -28,6 +30,17 @@ trait Aging: TestDb {
     async fn prefill(pool: &sqlx::Pool<Self>, consumer: &str, prefix: &str, count: i64, days: i64);
     /// Keys of `consumer` in the ledger whose key starts with `prefix`.
     async fn keys(pool: &sqlx::Pool<Self>, consumer: &str, prefix: &str) -> i64;
+    /// Adds `count` crash-loop counts of keys `<prefix>-<n>` of `consumer`, last touched
+    /// `days` days ago.
+    async fn prefill_counts(
+        pool: &sqlx::Pool<Self>,
+        consumer: &str,
+        prefix: &str,
+        count: i64,
+        days: i64,
+    );
+    /// Crash-loop counts of `consumer` whose key starts with `prefix`.
+    async fn counts(pool: &sqlx::Pool<Self>, consumer: &str, prefix: &str) -> i64;
     /// Another instance takes the purge of `consumer`'s ledger, until the returned guard drops
     /// (PostgreSQL: the advisory lock on a connection of its own; SQLite: the lease).
     async fn purge_elsewhere(pool: &sqlx::Pool<Self>, consumer: &str) -> Elsewhere;
@@ -57,6 +70,37 @@ impl Aging for Postgres {
     async fn keys(pool: &sqlx::PgPool, consumer: &str, prefix: &str) -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM idem_ledger WHERE consumer = $1 AND key LIKE $2 || '-%'",
+        )
+        .bind(consumer)
+        .bind(prefix)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+    async fn prefill_counts(
+        pool: &sqlx::PgPool,
+        consumer: &str,
+        prefix: &str,
+        count: i64,
+        days: i64,
+    ) {
+        sqlx::query(
+            "INSERT INTO idem_redeliveries (consumer, key, count, first_at, last_at)
+             SELECT $1, $2 || '-' || n, 2, now() - $4 * interval '1 day',
+                    now() - $4 * interval '1 day'
+             FROM generate_series(1, $3) n",
+        )
+        .bind(consumer)
+        .bind(prefix)
+        .bind(count)
+        .bind(days as f64)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    async fn counts(pool: &sqlx::PgPool, consumer: &str, prefix: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM idem_redeliveries WHERE consumer = $1 AND key LIKE $2 || '-%'",
         )
         .bind(consumer)
         .bind(prefix)
@@ -104,6 +148,39 @@ impl Aging for Sqlite {
     async fn keys(pool: &sqlx::SqlitePool, consumer: &str, prefix: &str) -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM idem_ledger WHERE consumer = $1 AND key LIKE $2 || '-%'",
+        )
+        .bind(consumer)
+        .bind(prefix)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+    async fn prefill_counts(
+        pool: &sqlx::SqlitePool,
+        consumer: &str,
+        prefix: &str,
+        count: i64,
+        days: i64,
+    ) {
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $3)
+             INSERT INTO idem_redeliveries (consumer, key, count, first_at, last_at)
+             SELECT $1, $2 || '-' || i, 2,
+                    strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || $4 || ' days'),
+                    strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || $4 || ' days')
+             FROM n",
+        )
+        .bind(consumer)
+        .bind(prefix)
+        .bind(count)
+        .bind(days)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    async fn counts(pool: &sqlx::SqlitePool, consumer: &str, prefix: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM idem_redeliveries WHERE consumer = $1 AND key LIKE $2 || '-%'",
         )
         .bind(consumer)
         .bind(prefix)
@@ -207,11 +284,48 @@ async fn keys_past_the_retention_are_purged_in_batches_and_recent_ones_stay_dupl
     story.end().await;
 }
 
-/// Two instances of one consumer: while one purges the consumer's ledger, the other does not
-/// take turns deleting the same rows; it purges once the first lets go.
+/// A consumer that ran for weeks: crash-loop counts of messages that vanished (a purged queue,
+/// a cut-short delivery whose copy never came back) were left behind, 12,000 of them, more
+/// than two batches. The keeper deletes those untouched for longer than the redelivery horizon
+/// (the retry schedule, the 7-day replay window and a day: 8 days here) and keeps the counts a
+/// copy may still come for, and another consumer's; the ledger's own count is not inflated.
+async fn crash_loop_counts_of_vanished_messages_are_purged_in_batches_and_live_ones_stay<
+    DB: Aging,
+>() {
+    let story = Story::<DB>::begin("stale-counts").await;
+    let other = format!("{}-other", story.consumer);
+    DB::prefill_counts(&story.pool, &story.consumer, "vanished", 12_000, 10).await;
+    DB::prefill_counts(&story.pool, &story.consumer, "live", 30, 1).await;
+    DB::prefill_counts(&story.pool, &other, "vanished", 20, 10).await;
+    let running = story
+        .run_with(story.recorder(), |builder| {
+            builder.ledger_purge_interval(Duration::from_millis(200))
+        })
+        .await;
+    running
+        .wait_until("the stale counts are purged", |s| {
+            s.redelivery_counts_purged >= 12_000
+        })
+        .await;
+    let stats = running.stop().await;
+    assert_eq!(stats.redelivery_counts_purged, 12_000, "{stats:?}");
+    assert_eq!(stats.ledger_purged, 0, "{stats:?}");
+    assert_eq!(
+        DB::counts(&story.pool, &story.consumer, "vanished").await,
+        0
+    );
+    assert_eq!(DB::counts(&story.pool, &story.consumer, "live").await, 30);
+    assert_eq!(DB::counts(&story.pool, &other, "vanished").await, 20);
+    story.end().await;
+}
+
+/// Two instances of one consumer: while one purges the consumer's ledger and crash-loop
+/// counts, the other does not take turns deleting the same rows; it purges once the first
+/// lets go.
 async fn while_another_instance_purges_a_consumer_s_ledger_this_one_leaves_it_alone<DB: Aging>() {
     let story = Story::<DB>::begin("purge-once").await;
     DB::prefill(&story.pool, &story.consumer, "old", 100, 40).await;
+    DB::prefill_counts(&story.pool, &story.consumer, "old", 40, 10).await;
     let elsewhere = DB::purge_elsewhere(&story.pool, &story.consumer).await;
     let running = story
         .run_with(story.recorder(), |builder| {
@@ -220,16 +334,22 @@ async fn while_another_instance_purges_a_consumer_s_ledger_this_one_leaves_it_al
         .await;
     // Several purge rounds' time.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(running.consumer.stats().ledger_purged, 0);
+    let stats = running.consumer.stats();
+    assert_eq!(
+        (stats.ledger_purged, stats.redelivery_counts_purged),
+        (0, 0)
+    );
     assert_eq!(DB::keys(&story.pool, &story.consumer, "old").await, 100);
+    assert_eq!(DB::counts(&story.pool, &story.consumer, "old").await, 40);
     DB::stop_purging_elsewhere(&story.pool, &story.consumer, elsewhere).await;
     running
         .wait_until("the purge is this instance's again", |s| {
-            s.ledger_purged == 100
+            s.ledger_purged == 100 && s.redelivery_counts_purged == 40
         })
         .await;
     running.stop().await;
     assert_eq!(DB::keys(&story.pool, &story.consumer, "old").await, 0);
+    assert_eq!(DB::counts(&story.pool, &story.consumer, "old").await, 0);
     story.end().await;
 }
 

@@ -1,16 +1,24 @@
-//! The payments example's `/metrics` tells the truth: scraped over HTTP while it runs (as
-//! Prometheus would), its counters equal what the database and the queues say — applied =
-//! captures written, duplicates = copies the producer sent twice, dead-lettered `malformed` =
-//! the dead-letter queue's depth — and `/readyz` says ready.
+//! The examples' `/metrics` tell the truth: scraped over HTTP while they run (as Prometheus
+//! would), their numbers equal what the database and the queues say. The payments consumer:
+//! applied = captures written, duplicates = copies the producer sent twice, dead-lettered
+//! `malformed` = the dead-letter queue's depth, and `/readyz` says ready. The orders relay, on
+//! both databases: published = rows the outbox marks published (and messages in the queue),
+//! every batch timed to its confirm, and the waiting-row gauges equal to the outbox's own count
+//! and age of what waits; the orders consumer serves its own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use common::*;
+use idem::outbox::{Outgoing, Route};
+use idem::{async_trait, Backend, Postgres, Sqlite};
 use std::process::{Child, Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
+
+on_both_backends!(the_relay_metrics_agree_with_the_outbox);
 
 fn payment(id: Uuid, account: &str, cents: i64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -223,4 +231,243 @@ async fn the_metrics_endpoint_counts_what_the_database_and_the_queues_show() {
     }
     drop(example);
     delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
+}
+
+/// What the outbox says, per backend, read with SQL of its own rather than idem's.
+#[async_trait]
+trait OutboxTruth: Backend {
+    /// A database of the test's own.
+    async fn fresh_url() -> String;
+    /// Rows marked published.
+    async fn published(pool: &sqlx::Pool<Self>) -> i64;
+    /// Rows waiting to be published (not published, not parked), and the age in seconds of the
+    /// oldest of them.
+    async fn waiting(pool: &sqlx::Pool<Self>) -> (i64, f64);
+    /// Publish attempts recorded for `message_id`.
+    async fn attempts(pool: &sqlx::Pool<Self>, message_id: &str) -> i64;
+    /// Makes `message_id` an hour old, on `conn` (in the transaction that wrote it).
+    async fn an_hour_old(conn: &mut Self::Connection, message_id: &str);
+}
+
+#[async_trait]
+impl OutboxTruth for Postgres {
+    async fn fresh_url() -> String {
+        fresh_pg_database(&format!("metrics_{}", Uuid::new_v4().simple())).await
+    }
+    async fn published(pool: &sqlx::PgPool) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM idem_outbox WHERE published_at IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+    async fn waiting(pool: &sqlx::PgPool) -> (i64, f64) {
+        sqlx::query_as(
+            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0)
+             FROM idem_outbox WHERE published_at IS NULL AND parked_at IS NULL",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+    async fn attempts(pool: &sqlx::PgPool, message_id: &str) -> i64 {
+        sqlx::query_scalar("SELECT attempts::bigint FROM idem_outbox WHERE message_id = $1")
+            .bind(message_id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+    async fn an_hour_old(conn: &mut sqlx::PgConnection, message_id: &str) {
+        sqlx::query(
+            "UPDATE idem_outbox SET created_at = now() - interval '1 hour' WHERE message_id = $1",
+        )
+        .bind(message_id)
+        .execute(conn)
+        .await
+        .unwrap();
+    }
+}
+
+#[async_trait]
+impl OutboxTruth for Sqlite {
+    async fn fresh_url() -> String {
+        format!(
+            "sqlite://{}/idem-metrics-{}.db",
+            std::env::temp_dir().display(),
+            Uuid::new_v4()
+        )
+    }
+    async fn published(pool: &sqlx::SqlitePool) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM idem_outbox WHERE published_ms IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+    async fn waiting(pool: &sqlx::SqlitePool) -> (i64, f64) {
+        sqlx::query_as(
+            "SELECT count(*),
+                    COALESCE((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0)
+             FROM idem_outbox WHERE published_ms IS NULL AND parked_ms IS NULL",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+    async fn attempts(pool: &sqlx::SqlitePool, message_id: &str) -> i64 {
+        sqlx::query_scalar("SELECT attempts FROM idem_outbox WHERE message_id = $1")
+            .bind(message_id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+    async fn an_hour_old(conn: &mut sqlx::SqliteConnection, message_id: &str) {
+        sqlx::query(
+            "UPDATE idem_outbox SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-3600 seconds')
+             WHERE message_id = $1",
+        )
+        .bind(message_id)
+        .execute(conn)
+        .await
+        .unwrap();
+    }
+}
+
+/// What the test itself writes to the outbox: a message to an exchange that does not exist.
+#[derive(serde::Serialize, idem::Publish)]
+#[idem(kind = "order.audited")]
+struct Audited<'a> {
+    order: &'a str,
+}
+
+/// Starts `orders <command>` against `database_url` and the story's queues, serving its
+/// metrics on `addr`.
+fn orders(command: &str, database_url: &str, queues: (&str, &str), addr: &str) -> Running {
+    Running(
+        Command::new(example_binary("orders"))
+            .arg(command)
+            .env("AMQP_URL", amqp_url())
+            .env("DATABASE_URL", database_url)
+            .env("IDEM_ORDERS_QUEUE", queues.0)
+            .env("IDEM_PAYMENTS_QUEUE", queues.1)
+            .env("IDEM_METRICS_ADDR", addr)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The orders service's relay publishes the payment requests of seven orders, and keeps
+/// trying one message the broker refuses (its exchange does not exist), written an hour ago.
+/// Its `/metrics`: published = the rows the outbox marks published = the requests in the
+/// payments queue; confirm times recorded; one row waiting, as old as the outbox says. The
+/// orders consumer beside it serves its own endpoint, ready.
+async fn the_relay_metrics_agree_with_the_outbox<DB: OutboxTruth>() {
+    let connection = connection().await;
+    let (orders_queue, payments_queue) = (fresh_queue("m-orders"), fresh_queue("m-payments"));
+    let queues = (orders_queue.as_str(), payments_queue.as_str());
+    let database_url = DB::fresh_url().await;
+    let pool = DB::connect(&database_url, 2).await.unwrap();
+    DB::migrate(&pool).await.unwrap();
+    let (relay_addr, consumer_addr) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let relay = orders("relay", &database_url, queues, &relay_addr);
+    let consumer = orders("consume", &database_url, queues, &consumer_addr);
+    for addr in [&relay_addr, &consumer_addr] {
+        eventually("the example answers /readyz with 200", || async {
+            matches!(get(&format!("http://{addr}/readyz")), Ok((200, _)))
+        })
+        .await;
+    }
+
+    let placed = Command::new(example_binary("orders"))
+        .args(["place", "--orders", "7"])
+        .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", &database_url)
+        .env("IDEM_ORDERS_QUEUE", &orders_queue)
+        .env("IDEM_PAYMENTS_QUEUE", &payments_queue)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(placed.success(), "orders place failed: {placed}");
+    let refused = Uuid::new_v4();
+    let missing_exchange = format!("test-missing-{}", Uuid::new_v4().simple());
+    let mut tx = pool.begin().await.unwrap();
+    let message = Outgoing::json(&Audited { order: "x" }, refused)
+        .unwrap()
+        .route(Route::exchange(&missing_exchange, "anything"));
+    assert!(idem::outbox::enqueue::<DB>(&mut *tx, &message)
+        .await
+        .unwrap());
+    DB::an_hour_old(&mut *tx, &refused.to_string()).await;
+    tx.commit().await.unwrap();
+
+    eventually(
+        "the requests are published and the refused row tried",
+        || async {
+            DB::published(&pool).await == 7 && DB::attempts(&pool, &refused.to_string()).await > 0
+        },
+    )
+    .await;
+    assert_eq!(ready_messages(&connection, &payments_queue).await, 7);
+    let scrape = || {
+        get(&format!("http://{relay_addr}/metrics"))
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    // The gauges are sampled at most once a second, after a round: wait for one that saw the
+    // refused row.
+    eventually("/metrics shows the row that waits", || async {
+        value(&scrape(), "idem_outbox_pending", &[]) == 1.0
+    })
+    .await;
+    let metrics = scrape();
+    let (waiting, oldest) = DB::waiting(&pool).await;
+    assert_eq!(
+        value(&metrics, "idem_relay_published_total", &[]),
+        DB::published(&pool).await as f64,
+        "{metrics}"
+    );
+    assert!(
+        value(&metrics, "idem_relay_confirm_seconds_count", &[]) > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(&metrics, "idem_outbox_pending", &[]),
+        waiting as f64,
+        "{metrics}"
+    );
+    assert_eq!(waiting, 1);
+    assert_eq!(value(&metrics, "idem_outbox_parked", &[]), 0.0, "{metrics}");
+    // Sampled up to a second before the scrape, read from the database after it.
+    let gauge = value(&metrics, "idem_outbox_oldest_seconds", &[]);
+    assert!(oldest >= 3_600.0, "the refused row is {oldest} s old");
+    assert!(
+        (oldest - gauge).abs() < 5.0,
+        "idem_outbox_oldest_seconds {gauge}, the outbox says {oldest}: {metrics}"
+    );
+
+    let consumer_metrics = get(&format!("http://{consumer_addr}/metrics")).unwrap().1;
+    assert_eq!(
+        value(&consumer_metrics, "idem_ready", &[("consumer", "orders")]),
+        1.0,
+        "{consumer_metrics}"
+    );
+    let (live, _) = get(&format!("http://{relay_addr}/healthz")).unwrap();
+    assert_eq!(live, 200);
+
+    // What an operator would see (buckets left out), for the record (`--nocapture`).
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("idem_") && !l.contains("_bucket{"))
+    {
+        println!("{} relay: {line}", DB::NAME);
+    }
+    drop((relay, consumer));
+    pool.close().await;
+    let retry = idem::RetryPolicy::default();
+    delete_queues(&connection, &orders_queue, &retry).await;
+    delete_queues(&connection, &payments_queue, &retry).await;
 }

@@ -5,7 +5,8 @@
 //! two relays on PostgreSQL publish each row once. The relay's stories against a broker that
 //! will not take a row (refused, unroutable, silent) are in `outbox/refusals.rs`; a new
 //! service's first run (a type it only publishes, destinations the relay declares, the log
-//! line of an unroutable message) in `outbox/first_run.rs`.
+//! line of an unroutable message) in `outbox/first_run.rs`; the purge of published rows past
+//! the retention in `outbox/retention.rs`.
 //!
 //! Over 400 lines on purpose: every outbox story, each on both ledgers, in one file.
 
@@ -31,6 +32,9 @@ mod refusals;
 
 #[path = "outbox/first_run.rs"]
 mod first_run;
+
+#[path = "outbox/retention.rs"]
+mod retention;
 
 on_both_backends!(
     what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_rollback,

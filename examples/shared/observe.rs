@@ -11,8 +11,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Where a health answer comes from (the consumer's `health()`).
-pub type HealthSource = Arc<dyn Fn() -> Health + Send + Sync>;
+/// Where a health answer comes from (the consumer's `health()`); `None` in a process without
+/// a consumer (a relay alone): it is live while it answers, and ready, having no traffic to
+/// turn away.
+pub type HealthSource = Option<Arc<dyn Fn() -> Health + Send + Sync>>;
 
 /// Latency buckets for the `_seconds` histograms, from a fast commit to a long retry backoff.
 const BUCKETS: &[f64] = &[
@@ -46,8 +48,17 @@ impl Endpoint {
         self.listener.local_addr()
     }
 
+    /// Serves on a task of its own, logging the address, until the returned guard drops: the
+    /// endpoint lives as long as the service.
+    pub fn spawn(self, health: HealthSource) -> Serving {
+        if let Ok(addr) = self.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        Serving(tokio::spawn(self.serve(health)))
+    }
+
     /// Serves until the task is dropped or aborted.
-    pub async fn serve(self, health: HealthSource) {
+    async fn serve(self, health: HealthSource) {
         let Endpoint {
             prometheus,
             listener,
@@ -64,12 +75,12 @@ impl Endpoint {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (prometheus, health) = (prometheus.clone(), Arc::clone(&health));
+            let (prometheus, health) = (prometheus.clone(), health.clone());
             tokio::spawn(async move {
                 // A slow or broken client only loses its own answer.
                 let _ = tokio::time::timeout(
                     Duration::from_secs(10),
-                    answer(stream, &prometheus, &*health),
+                    answer(stream, &prometheus, health.as_deref()),
                 )
                 .await;
             });
@@ -77,11 +88,20 @@ impl Endpoint {
     }
 }
 
+/// The endpoint's task, aborted when this drops.
+pub struct Serving(tokio::task::JoinHandle<()>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Reads one request's head and answers it; the connection is closed after.
 async fn answer(
     mut stream: TcpStream,
     prometheus: &PrometheusHandle,
-    health: &(dyn Fn() -> Health + Send + Sync),
+    health: Option<&(dyn Fn() -> Health + Send + Sync)>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0_u8; 1024];
@@ -97,10 +117,15 @@ async fn answer(
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     // Query strings do not change the answer.
     let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", prometheus.render()),
-        ("GET", "/healthz") => probe(health().live, "live"),
-        ("GET", "/readyz") => {
+    let (status, content_type, body) = match (method, path, health) {
+        ("GET", "/metrics", _) => ("200 OK", "text/plain; version=0.0.4", prometheus.render()),
+        ("GET", "/healthz" | "/readyz", None) => (
+            "200 OK",
+            "text/plain",
+            "ready\na relay alone: no consumer in this process\n".to_owned(),
+        ),
+        ("GET", "/healthz", Some(health)) => probe(health().live, "live"),
+        ("GET", "/readyz", Some(health)) => {
             let h = health();
             let (status, content_type, _) = probe(h.ready, "ready");
             (
@@ -114,7 +139,7 @@ async fn answer(
                 ),
             )
         }
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        ("GET", _, _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => (
             "405 Method Not Allowed",
             "text/plain",

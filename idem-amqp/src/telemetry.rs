@@ -37,6 +37,9 @@ pub(crate) const IN_FLIGHT: &str = "idem_in_flight";
 pub(crate) const READY: &str = "idem_ready";
 /// `idem_ledger_purged_total{consumer}`: ledger rows deleted past the retention.
 pub(crate) const LEDGER_PURGED: &str = "idem_ledger_purged_total";
+/// `idem_redelivery_counts_purged_total{consumer}`: crash-loop counts deleted once stale
+/// (untouched for longer than the redelivery horizon).
+pub(crate) const REDELIVERY_COUNTS_PURGED: &str = "idem_redelivery_counts_purged_total";
 /// `idem_dlq_messages{consumer, queue}`: messages in the dead-letter queue, last seen.
 pub(crate) const DLQ_MESSAGES: &str = "idem_dlq_messages";
 /// `idem_outbox_pending`: outbox rows not yet published (nor parked).
@@ -47,6 +50,8 @@ pub(crate) const OUTBOX_OLDEST_SECONDS: &str = "idem_outbox_oldest_seconds";
 pub(crate) const OUTBOX_PARKED: &str = "idem_outbox_parked";
 /// `idem_relay_published_total`: outbox rows published and confirmed.
 pub(crate) const RELAY_PUBLISHED: &str = "idem_relay_published_total";
+/// `idem_outbox_purged_total`: published outbox rows deleted after the relay's retention.
+pub(crate) const OUTBOX_PURGED: &str = "idem_outbox_purged_total";
 /// `idem_relay_confirm_seconds`: publishing one batch until the broker confirmed all of it.
 pub(crate) const RELAY_CONFIRM_SECONDS: &str = "idem_relay_confirm_seconds";
 
@@ -116,6 +121,10 @@ impl ConsumerMetrics {
         counter!(LEDGER_PURGED, "consumer" => self.label()).increment(rows);
     }
 
+    pub(crate) fn redelivery_counts_purged(&self, rows: u64) {
+        counter!(REDELIVERY_COUNTS_PURGED, "consumer" => self.label()).increment(rows);
+    }
+
     pub(crate) fn handler_time(&self, took: Duration) {
         histogram!(HANDLER_SECONDS, "consumer" => self.label()).record(took.as_secs_f64());
     }
@@ -157,6 +166,10 @@ impl Drop for InFlight {
 /// The relay's series.
 pub(crate) fn relay_published(rows: u64) {
     counter!(RELAY_PUBLISHED).increment(rows);
+}
+
+pub(crate) fn outbox_purged(rows: u64) {
+    counter!(OUTBOX_PURGED).increment(rows);
 }
 
 pub(crate) fn relay_confirm_time(took: Duration) {
@@ -289,6 +302,8 @@ mod tests {
             ACK_FAILURES,
             RECONNECTS,
             LEDGER_PURGED,
+            REDELIVERY_COUNTS_PURGED,
+            OUTBOX_PURGED,
             RELAY_PUBLISHED,
         ] {
             assert!(

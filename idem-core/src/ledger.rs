@@ -10,6 +10,8 @@
 
 use crate::backend::Backend;
 use crate::error::Error;
+use crate::policy::Policy;
+use crate::purge;
 use sqlx::Pool;
 use std::time::{Duration, SystemTime};
 
@@ -169,56 +171,67 @@ fn purge_holder() -> String {
         .clone()
 }
 
-/// Rows deleted per transaction: short enough that a claim waiting on one of them waits
-/// milliseconds, large enough that a day of a busy consumer goes in seconds.
-const PURGE_BATCH: i64 = 5_000;
+/// What one batch of the consumer's keeper deleted.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purged {
+    /// Ledger rows past the ledger retention.
+    Ledger(u64),
+    /// Crash-loop counts (`idem_redeliveries`) that nothing touched for longer than the
+    /// redelivery horizon.
+    RedeliveryCounts(u64),
+}
 
-/// Between two batches the purge waits this many times as long as the batch took: it keeps
-/// to about 5 % of one connection's time, so the consumer's own transactions keep the
-/// database (measured in the bench: deleting flat out cost a third of the throughput on two
-/// cores). At ~0.1 s a batch that is still ~2,500 rows/s, over 200 million a day.
-const PAUSE_PER_BATCH_TIME: u32 = 19;
-
-/// The least pause between two batches.
-const BETWEEN_BATCHES: Duration = Duration::from_millis(20);
-
-/// Deletes `consumer`'s ledger rows older than `retention` every `interval`, in bounded
-/// batches, on one instance at a time; never returns (the caller drops it to stop it; a batch
-/// cut short rolls back). Tells `purged` how many rows each batch deleted. For transport adapters: the
-/// AMQP consumer runs it beside its consume loop.
+/// Every `interval`, deletes `consumer`'s ledger rows older than the policy's ledger retention,
+/// then its crash-loop counts untouched for longer than the policy's redelivery horizon: in
+/// bounded, paced batches ([`crate::purge`]), on one instance of the consumer at a time. Never
+/// returns (the caller drops it to stop it; a batch cut short rolls back). Tells `purged` what
+/// each batch deleted. For transport adapters: the AMQP consumer runs it beside its consume
+/// loop.
+///
+/// A count is cleared on every terminal outcome of its message, so one left behind belongs
+/// to a message that vanished (a queue an operator purged, a copy that never came back). Past
+/// the redelivery horizon no copy of that message can come any more (the retry schedule, the
+/// replay window and a day), so the count can only be stale; while a copy still may come, the
+/// count stays and keeps the crash-loop limit honest.
 #[doc(hidden)]
 pub async fn keep_ledger<DB: Backend>(
     pool: &Pool<DB>,
     consumer: &str,
-    retention: Duration,
+    policy: &Policy,
     interval: Duration,
-    purged: impl Fn(u64),
+    purged: impl Fn(Purged),
 ) {
     let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let (retention, horizon) = (policy.ledger_retention, policy.redelivery_horizon());
     loop {
-        let mut round = 0_u64;
-        loop {
-            let started = tokio::time::Instant::now();
-            match DB::ledger_purge(pool, consumer, retention, PURGE_BATCH, &holder).await {
-                Ok(Some(deleted)) => {
-                    round += deleted;
-                    purged(deleted);
-                    if deleted < u64::try_from(PURGE_BATCH).unwrap_or(u64::MAX) {
-                        break;
-                    }
-                    let pause = started.elapsed().saturating_mul(PAUSE_PER_BATCH_TIME);
-                    tokio::time::sleep(pause.max(BETWEEN_BATCHES)).await;
-                }
-                // Another instance is purging this consumer's ledger.
-                Ok(None) => break,
-                Err(error) => {
-                    tracing::warn!(%consumer, %error, "cannot purge the ledger; trying again later");
-                    break;
-                }
+        let ledger = purge::in_batches(
+            || DB::ledger_purge(pool, consumer, retention, purge::BATCH, &holder),
+            |rows| purged(Purged::Ledger(rows)),
+        )
+        .await;
+        match ledger {
+            Ok(None | Some(0)) => {}
+            Ok(Some(rows)) => {
+                tracing::info!(%consumer, rows, older_than = ?retention, "purged the ledger");
+            }
+            Err(error) => {
+                tracing::warn!(%consumer, %error, "cannot purge the ledger; trying again later");
             }
         }
-        if round > 0 {
-            tracing::info!(%consumer, rows = round, older_than = ?retention, "purged the ledger");
+        let counts = purge::in_batches(
+            || DB::redeliveries_purge(pool, consumer, horizon, purge::BATCH, &holder),
+            |rows| purged(Purged::RedeliveryCounts(rows)),
+        )
+        .await;
+        match counts {
+            Ok(None | Some(0)) => {}
+            Ok(Some(rows)) => tracing::info!(
+                %consumer, rows, older_than = ?horizon, "purged stale crash-loop counts"
+            ),
+            Err(error) => tracing::warn!(
+                %consumer, %error, "cannot purge stale crash-loop counts; trying again later"
+            ),
         }
         tokio::time::sleep(interval).await;
     }

@@ -33,6 +33,8 @@ pub mod outbox;
 mod outcome;
 mod policy;
 mod process;
+#[doc(hidden)]
+pub mod purge;
 mod transaction;
 mod tx;
 

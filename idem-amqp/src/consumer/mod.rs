@@ -125,15 +125,16 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         ran
     }
 
-    /// `work`, with the ledger purge running beside it until `work` ends.
+    /// `work`, with the purge of the ledger and of stale crash-loop counts running beside it
+    /// until `work` ends.
     async fn keeping_the_ledger<T>(&self, work: impl Future<Output = T>) -> T {
         let shared = &self.shared;
         let keeper = idem_core::ledger::keep_ledger(
             &shared.pool,
             shared.handler.consumer(),
-            shared.policy.ledger_retention,
+            &shared.policy,
             self.ledger_purge_interval,
-            |rows| shared.counters.ledger_purged(rows),
+            |purged| shared.counters.purged(purged),
         );
         tokio::pin!(work, keeper);
         tokio::select! {

@@ -2,6 +2,7 @@
 //! snapshot [`Consumer::stats`](super::Consumer::stats) returns.
 
 use crate::telemetry::{ConsumerMetrics, Settled};
+use idem_core::ledger::Purged;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a consumer's counters; see [`Consumer::stats`](super::Consumer::stats).
@@ -30,6 +31,9 @@ pub struct ConsumerStats {
     pub quick_losses: u64,
     /// Ledger rows this instance purged past the ledger retention.
     pub ledger_purged: u64,
+    /// Crash-loop counts this instance purged: counts of messages that vanished, untouched for
+    /// longer than the redelivery horizon.
+    pub redelivery_counts_purged: u64,
     /// Messages in the dead-letter queue when last looked at (every
     /// [`ConsumerBuilder::dlq_poll_interval`](super::ConsumerBuilder::dlq_poll_interval)).
     pub dlq_messages: u64,
@@ -53,6 +57,7 @@ pub(super) struct Counters {
     pub reconnects: AtomicU64,
     pub quick_losses: AtomicU64,
     pub ledger_purged: AtomicU64,
+    pub redelivery_counts_purged: AtomicU64,
     pub dlq_messages: AtomicU64,
     pub dlq_alerts: AtomicU64,
 }
@@ -70,6 +75,7 @@ impl Counters {
             reconnects: AtomicU64::default(),
             quick_losses: AtomicU64::default(),
             ledger_purged: AtomicU64::default(),
+            redelivery_counts_purged: AtomicU64::default(),
             dlq_messages: AtomicU64::default(),
             dlq_alerts: AtomicU64::default(),
         }
@@ -102,9 +108,18 @@ impl Counters {
         self.quick_losses.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn ledger_purged(&self, rows: u64) {
-        self.ledger_purged.fetch_add(rows, Ordering::Relaxed);
-        self.metrics.ledger_purged(rows);
+    pub fn purged(&self, purged: Purged) {
+        match purged {
+            Purged::Ledger(rows) => {
+                self.ledger_purged.fetch_add(rows, Ordering::Relaxed);
+                self.metrics.ledger_purged(rows);
+            }
+            Purged::RedeliveryCounts(rows) => {
+                self.redelivery_counts_purged
+                    .fetch_add(rows, Ordering::Relaxed);
+                self.metrics.redelivery_counts_purged(rows);
+            }
+        }
     }
 
     /// Records the dead-letter queue's depth; says whether it just crossed `threshold` upwards
@@ -139,6 +154,7 @@ impl Counters {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             quick_losses: self.quick_losses.load(Ordering::Relaxed),
             ledger_purged: self.ledger_purged.load(Ordering::Relaxed),
+            redelivery_counts_purged: self.redelivery_counts_purged.load(Ordering::Relaxed),
             dlq_messages: self.dlq_messages.load(Ordering::Relaxed),
             dlq_alerts: self.dlq_alerts.load(Ordering::Relaxed),
         }

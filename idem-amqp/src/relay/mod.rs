@@ -18,9 +18,10 @@
 //! destination goes on, and after `park_after` attempts it is parked. Only a lost connection,
 //! or a broker that does not answer within `confirm_timeout`, makes the relay reconnect.
 //!
-//! Here: the builder, the stats and the serve loop (reconnect, drain, purge, wait);
-//! [`round`]: one round against the outbox; [`batch`]: publishing a round's rows in order per
-//! destination; [`link`]: the connection and channel, bounded waits, refusal or lost broker.
+//! Here: the builder, the stats and the serve loop (reconnect, drain, wait; the purge beside
+//! it); [`round`]: one round against the outbox, and the purge; [`batch`]: publishing a round's
+//! rows in order per destination; [`link`]: the connection and channel, bounded waits, refusal
+//! or lost broker.
 
 mod batch;
 mod link;
@@ -142,7 +143,9 @@ impl<DB: Backend> RelayBuilder<DB> {
     }
 
     /// How long published rows are kept before they are deleted (default 7 days): long enough
-    /// to answer "was it sent, and when".
+    /// to answer "was it sent, and when". The purge runs beside the rounds every minute (more
+    /// often when the retention is shorter), in batches of 5,000 paced to about 5 % of one
+    /// connection's time, by one relay at a time; unpublished and parked rows are never purged.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
@@ -235,10 +238,10 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// The relay draws on the pool it is given. On PostgreSQL it holds **two** of its connections
 /// while it serves: one for `LISTEN idem_outbox` (kept for as long as `serve` runs), and one
 /// for each round's transaction, which holds the batch's row locks while the batch is
-/// published and confirmed (at most `confirm_timeout`); the purge between rounds borrows one
-/// briefly. Give a pool that a consumer shares with the relay its `concurrency` + 2
-/// connections, or give the relay a pool of its own with 2. With a pool of 1 the relay does
-/// not LISTEN and only polls. On SQLite it uses one connection at a time.
+/// published and confirmed (at most `confirm_timeout`); the purge beside the rounds borrows one
+/// for a short batch now and then. Give a pool that a consumer shares with the relay its
+/// `concurrency` + 2 connections, or give the relay a pool of its own with 2. With a pool of 1
+/// the relay does not LISTEN and only polls. On SQLite it uses one connection at a time.
 #[derive(Debug)]
 pub struct Relay<DB: Backend> {
     pool: Pool<DB>,
@@ -261,8 +264,6 @@ pub struct Relay<DB: Backend> {
 /// What the serve loop carries from one connection to the next.
 #[derive(Default)]
 struct Pace {
-    /// When published rows were last purged.
-    last_purge: Option<Instant>,
     /// When the outbox gauges were last sampled.
     last_sample: Option<Instant>,
     /// Database failures in a row, for [`DATABASE_BACKOFF`].
@@ -302,6 +303,23 @@ impl<DB: Backend> Relay<DB> {
     /// Fails fast only at start: a broker that cannot be reached, or a destination it refuses
     /// to declare ([`Error::Declare`]: say, a queue declared elsewhere with other arguments).
     pub async fn serve(
+        &self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let serving = self.serve_until(amqp_url, shutdown);
+        let keeper = self.keep_outbox();
+        tokio::pin!(serving, keeper);
+        tokio::select! {
+            biased;
+            done = &mut serving => done,
+            // The keeper never ends; if it did, the relay goes on alone.
+            () = &mut keeper => serving.await,
+        }
+    }
+
+    /// [`Relay::serve`] without the purge beside it.
+    async fn serve_until(
         &self,
         amqp_url: &str,
         shutdown: impl Future<Output = ()>,
@@ -350,9 +368,9 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    /// On one link: drains what is due, purges now and then, and waits for a wake-up or the
-    /// poll interval; again and again until `shutdown` resolves (`None`) or the broker is lost
-    /// (`Some`, why).
+    /// On one link: drains what is due, samples the gauges now and then, and waits for a
+    /// wake-up or the poll interval; again and again until `shutdown` resolves (`None`) or the
+    /// broker is lost (`Some`, why).
     async fn relay_on<S: Future<Output = ()>>(
         &self,
         link: &mut Link,
@@ -380,7 +398,6 @@ impl<DB: Backend> Relay<DB> {
                     continue;
                 }
             }
-            self.purge_if_due(&mut pace.last_purge).await;
             self.sample_if_due(&mut pace.last_sample).await;
             tokio::select! {
                 () = shutdown.as_mut() => return None,

@@ -138,20 +138,49 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    /// Deletes rows published longer ago than the retention: every minute, or more often when
-    /// the retention is shorter.
-    pub(super) async fn purge_if_due(&self, last_purge: &mut Option<Instant>) {
+    /// Deletes rows published longer ago than the retention, every minute (or more often when
+    /// the retention is shorter), in bounded, paced batches ([`idem_core::purge`]) by one relay
+    /// at a time; never returns. Runs beside the rounds, not between them: a purge of a big
+    /// backlog paces itself for minutes, and the rounds must not wait for it.
+    pub(super) async fn keep_outbox(&self) {
         let purge_every = self
             .retention
             .clamp(Duration::from_secs(1), Duration::from_secs(60));
-        if last_purge.is_none_or(|at| at.elapsed() >= purge_every) {
-            *last_purge = Some(Instant::now());
-            match DB::outbox_purge(&self.pool, self.retention).await {
-                Ok(purged) => {
-                    self.counters.purged.fetch_add(purged, Ordering::Relaxed);
+        // Another relay purging, or (SQLite) the lease not ours yet — a relay just started
+        // takes it on its first round: look again soon rather than in a minute.
+        let not_ours_again = self
+            .poll_interval
+            .max(Duration::from_secs(1))
+            .min(purge_every);
+        loop {
+            let purged = idem_core::purge::in_batches(
+                || {
+                    DB::outbox_purge(
+                        &self.pool,
+                        self.retention,
+                        idem_core::purge::BATCH,
+                        &self.holder,
+                    )
+                },
+                |rows| {
+                    self.counters.purged.fetch_add(rows, Ordering::Relaxed);
+                    crate::telemetry::outbox_purged(rows);
+                },
+            )
+            .await;
+            let next = match purged {
+                Ok(None) => not_ours_again,
+                Ok(Some(0)) => purge_every,
+                Ok(Some(rows)) => {
+                    tracing::info!(rows, older_than = ?self.retention, "purged published outbox rows");
+                    purge_every
                 }
-                Err(error) => tracing::warn!(%error, "relay cannot purge published rows"),
-            }
+                Err(error) => {
+                    tracing::warn!(%error, "relay cannot purge published rows; trying again later");
+                    purge_every
+                }
+            };
+            tokio::time::sleep(next).await;
         }
     }
 }

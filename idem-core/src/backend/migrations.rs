@@ -42,6 +42,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     ),
     migration!(5, "outbox parking", "0005_outbox_parking"),
     migration!(6, "ledger forensics and retention", "0006_ledger_forensics"),
+    migration!(
+        7,
+        "crash-loop counts purged by age",
+        "0007_redeliveries_age"
+    ),
 ];
 
 impl Migration {

@@ -168,6 +168,17 @@ mod store {
         /// Makes every parked row due again with its attempts reset; returns how many.
         async fn outbox_unpark_all(pool: &Pool<Self>) -> Result<u64, sqlx::Error>;
 
+        /// Deletes up to `batch` of `consumer`'s crash-loop counts that nothing touched for
+        /// `older_than`, oldest first, under the same one-instance guard as
+        /// [`Store::ledger_purge`] (`Ok(None)`: another instance holds it).
+        async fn redeliveries_purge(
+            pool: &Pool<Self>,
+            consumer: &str,
+            older_than: Duration,
+            batch: i64,
+            holder: &str,
+        ) -> Result<Option<u64>, sqlx::Error>;
+
         /// The fingerprint the ledger holds for `(consumer, key)`, if the key was applied.
         async fn applied_fingerprint(
             pool: &Pool<Self>,
@@ -214,8 +225,16 @@ mod store {
             settled: &[Settled],
         ) -> Result<(), sqlx::Error>;
 
-        /// Deletes rows published more than `older_than` ago; returns how many.
-        async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error>;
+        /// Deletes up to `batch` rows published more than `older_than` ago, oldest first, unless
+        /// another relay is purging (`Ok(None)`): a PostgreSQL advisory lock; on SQLite only
+        /// the relay holding the relay lease as `holder` purges. Unpublished and parked rows
+        /// are never deleted.
+        async fn outbox_purge(
+            pool: &Pool<Self>,
+            older_than: Duration,
+            batch: i64,
+            holder: &str,
+        ) -> Result<Option<u64>, sqlx::Error>;
 
         /// Rows waiting to be published (due or backing off; parked rows left out).
         async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error>;

@@ -52,17 +52,10 @@ macro_rules! applied_fingerprint_in {
     };
 }
 
-/// An upsert that returns the new count; autocommitted, so it is its own transaction. Counts
-/// that nothing touched for a week are purged on the way: a count is cleared on every terminal
-/// outcome, so what is left that long belongs to a message that is gone.
+/// An upsert that returns the new count; autocommitted, so it is its own transaction. Stale
+/// counts are the consumer's keeper's to purge (`Store::redeliveries_purge`), not this path's.
 macro_rules! count_redelivery_in {
-    ($pool:expr, $consumer:expr, $key:expr, $now:literal, $week_ago:literal) => {{
-        sqlx::query(concat!(
-            "DELETE FROM idem_redeliveries WHERE last_at < ",
-            $week_ago
-        ))
-        .execute($pool)
-        .await?;
+    ($pool:expr, $consumer:expr, $key:expr, $now:literal) => {{
         let count: i64 = sqlx::query_scalar(concat!(
             "INSERT INTO idem_redeliveries (consumer, key, count) VALUES ($1, $2, 1)
              ON CONFLICT (consumer, key) DO UPDATE

@@ -15,6 +15,41 @@ use crate::policy::Isolation;
 use sqlx::Pool;
 use std::time::Duration;
 
+/// One batch of a consumer's purge (`delete`, binding the consumer, the age in seconds and the
+/// batch size), while `holder` holds the consumer's purge lease (taken when free or expired,
+/// renewed by its holder; a minute, many batches' worth).
+async fn consumer_purge(
+    pool: &Pool<sqlx::Sqlite>,
+    consumer: &str,
+    holder: &str,
+    delete: &'static str,
+    older_than: Duration,
+    batch: i64,
+) -> Result<Option<u64>, sqlx::Error> {
+    let now = crate::backoff::unix_millis();
+    let leased = sqlx::query(
+        "INSERT INTO idem_purge_lease (consumer, holder, expires_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (consumer) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
+         WHERE idem_purge_lease.holder = excluded.holder OR idem_purge_lease.expires_ms < $4",
+    )
+    .bind(consumer)
+    .bind(holder)
+    .bind(now + 60_000)
+    .bind(now)
+    .execute(pool)
+    .await?;
+    if leased.rows_affected() != 1 {
+        return Ok(None);
+    }
+    let done = sqlx::query(delete)
+        .bind(consumer)
+        .bind(older_than.as_secs_f64())
+        .bind(batch)
+        .execute(pool)
+        .await?;
+    Ok(Some(done.rows_affected()))
+}
+
 #[async_trait::async_trait]
 impl Backend for sqlx::Sqlite {
     /// WAL journal with `synchronous = FULL`: a commit is on disk before idem acks, so a power
@@ -146,8 +181,6 @@ impl Store for sqlx::Sqlite {
         Ok(row.map(|row| LedgerEntry::from_parts(consumer, key, row)))
     }
 
-    /// One batch, while `holder` holds the consumer's purge lease (taken when free or expired,
-    /// renewed by its holder; a minute, many batches' worth).
     async fn ledger_purge(
         pool: &Pool<Self>,
         consumer: &str,
@@ -155,35 +188,43 @@ impl Store for sqlx::Sqlite {
         batch: i64,
         holder: &str,
     ) -> Result<Option<u64>, sqlx::Error> {
-        let now = crate::backoff::unix_millis();
-        let leased = sqlx::query(
-            "INSERT INTO idem_purge_lease (consumer, holder, expires_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (consumer) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
-             WHERE idem_purge_lease.holder = excluded.holder OR idem_purge_lease.expires_ms < $4",
-        )
-        .bind(consumer)
-        .bind(holder)
-        .bind(now + 60_000)
-        .bind(now)
-        .execute(pool)
-        .await?;
-        if leased.rows_affected() != 1 {
-            return Ok(None);
-        }
         // processed_at is ISO 8601 text in UTC: its order is time order.
-        let done = sqlx::query(
+        consumer_purge(
+            pool,
+            consumer,
+            holder,
             "DELETE FROM idem_ledger WHERE consumer = $1 AND key IN (
                  SELECT key FROM idem_ledger
                  WHERE consumer = $1
                    AND processed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || $2 || ' seconds')
                  ORDER BY processed_at LIMIT $3)",
+            older_than,
+            batch,
         )
-        .bind(consumer)
-        .bind(older_than.as_secs_f64())
-        .bind(batch)
-        .execute(pool)
-        .await?;
-        Ok(Some(done.rows_affected()))
+        .await
+    }
+
+    async fn redeliveries_purge(
+        pool: &Pool<Self>,
+        consumer: &str,
+        older_than: Duration,
+        batch: i64,
+        holder: &str,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        // Through idem_redeliveries_age (migration 7); last_at is ISO 8601 text in UTC.
+        consumer_purge(
+            pool,
+            consumer,
+            holder,
+            "DELETE FROM idem_redeliveries WHERE consumer = $1 AND key IN (
+                 SELECT key FROM idem_redeliveries
+                 WHERE consumer = $1
+                   AND last_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || $2 || ' seconds')
+                 ORDER BY last_at LIMIT $3)",
+            older_than,
+            batch,
+        )
+        .await
     }
 
     async fn ledger_stats(
@@ -283,13 +324,7 @@ impl Store for sqlx::Sqlite {
         consumer: &str,
         key: &str,
     ) -> Result<u32, sqlx::Error> {
-        count_redelivery_in!(
-            pool,
-            consumer,
-            key,
-            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-7 days')"
-        )
+        count_redelivery_in!(pool, consumer, key, "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')")
     }
 
     async fn forget_redeliveries(
@@ -374,12 +409,38 @@ impl Store for sqlx::Sqlite {
         tx.commit().await
     }
 
-    async fn outbox_purge(pool: &Pool<Self>, older_than: Duration) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query("DELETE FROM idem_outbox WHERE published_ms < $1")
-            .bind(crate::backoff::unix_millis() - millis(older_than))
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
+    /// Only by the relay that holds the relay lease: the one relay publishing this outbox
+    /// purges it too, and a relay standing by does not compete with it for the write lock.
+    /// Through the partial index `idem_outbox_published` (migration 3) of published rows.
+    async fn outbox_purge(
+        pool: &Pool<Self>,
+        older_than: Duration,
+        batch: i64,
+        holder: &str,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let now = crate::backoff::unix_millis();
+        // Read, never taken here: the rounds take and renew the lease, so a relay that lost
+        // the broker lets it lapse to a stand-by even while it would still purge.
+        let leased: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM idem_relay_lease WHERE id = 1 AND holder = $1 AND expires_ms >= $2",
+        )
+        .bind(holder)
+        .bind(now)
+        .fetch_optional(pool)
+        .await?;
+        if leased.is_none() {
+            return Ok(None);
+        }
+        let done = sqlx::query(
+            "DELETE FROM idem_outbox WHERE id IN (
+                 SELECT id FROM idem_outbox WHERE published_ms < $1
+                 ORDER BY published_ms LIMIT $2)",
+        )
+        .bind(now - millis(older_than))
+        .bind(batch)
+        .execute(pool)
+        .await?;
+        Ok(Some(done.rows_affected()))
     }
 
     async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
