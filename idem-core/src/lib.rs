@@ -29,6 +29,8 @@ mod handler;
 mod key;
 pub mod ledger;
 mod message;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 pub mod outbox;
 mod outcome;
 mod policy;

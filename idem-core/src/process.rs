@@ -19,8 +19,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// A tracing span for one delivery, carrying consumer, message id, correlation id, the
 /// producer's W3C `traceparent` (when it sent one) and the redelivered flag; [`process`]
 /// records the key into it once decoded.
+///
+/// With the feature `opentelemetry` and a `tracing-opentelemetry` layer installed, the span's
+/// OpenTelemetry parent is the producer's span named by `traceparent` / `tracestate`; a missing
+/// or invalid `traceparent` leaves it a new root.
 pub fn delivery_span(consumer: &str, metadata: &Metadata) -> tracing::Span {
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "delivery",
         consumer = %consumer,
         key = tracing::field::Empty,
@@ -28,7 +32,10 @@ pub fn delivery_span(consumer: &str, metadata: &Metadata) -> tracing::Span {
         correlation_id = metadata.correlation_id.as_deref().unwrap_or(""),
         traceparent = metadata.headers.get("traceparent").map_or("", String::as_str),
         redelivered = metadata.redelivered,
-    )
+    );
+    #[cfg(feature = "opentelemetry")]
+    crate::otel::continue_producer_trace(&span, &metadata.headers);
+    span
 }
 
 /// Runs one delivery through `handler` as a single transaction.

@@ -98,6 +98,11 @@ impl<'t, DB: Backend> Tx<'t, DB> {
     /// had none, its message id: the flow starts here); the causation id is the inbound message
     /// id. Returns the message id.
     ///
+    /// The W3C trace context (`traceparent`, `tracestate`) is the inbound message's; with the
+    /// feature `opentelemetry` and a `tracing-opentelemetry` layer installed, it is the current
+    /// span's instead (the delivery span, or a span of yours inside it), so the next consumer's
+    /// span is a child of this one. A header `route` sets itself wins.
+    ///
     /// # Errors
     ///
     /// [`PublishError`]: the message does not serialize (permanent), or the outbox row was not
@@ -123,14 +128,29 @@ impl<'t, DB: Backend> Tx<'t, DB> {
             .or_else(|| inbound.message_id.clone());
         outgoing.causation_id = inbound.message_id.clone();
         // W3C trace context: what the handler publishes continues the inbound message's trace
-        // (a header the route sets itself wins).
-        for name in TRACE_CONTEXT {
-            if let Some(value) = inbound.headers.get(name) {
-                outgoing
-                    .route
-                    .headers
-                    .entry(name.to_owned())
-                    .or_insert_with(|| value.clone());
+        // (a header the route sets itself wins). With OpenTelemetry, as a child of the span
+        // publishing it (the delivery span or one inside it), so the next hop nests under this
+        // one instead of beside it.
+        #[cfg(feature = "opentelemetry")]
+        let here = crate::otel::current_trace_context();
+        #[cfg(not(feature = "opentelemetry"))]
+        let here: Option<std::collections::BTreeMap<String, String>> = None;
+        match here {
+            Some(context) => {
+                for (name, value) in context {
+                    outgoing.route.headers.entry(name).or_insert(value);
+                }
+            }
+            None => {
+                for name in TRACE_CONTEXT {
+                    if let Some(value) = inbound.headers.get(name) {
+                        outgoing
+                            .route
+                            .headers
+                            .entry(name.to_owned())
+                            .or_insert_with(|| value.clone());
+                    }
+                }
             }
         }
         DB::enqueue(self.conn, &outgoing)
