@@ -136,7 +136,9 @@ pub use idem_amqp as amqp;
 /// or dead letter and acknowledge only once the broker confirmed it, hold and run again after
 /// `Unavailable`. It never opens, commits or rolls back a transaction itself.
 pub mod transport {
-    pub use idem_core::{delivery_span, process, Delivery, Outcome, Policy, Processed};
+    pub use idem_core::{
+        delivery_span, process, process_group, Delivery, Outcome, Policy, Processed,
+    };
 }
 
 /// What the macros' generated code names. Not a public API: it changes without notice.

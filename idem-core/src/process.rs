@@ -100,7 +100,7 @@ pub async fn process<DB: Backend, H: Handler<DB>>(
 
 /// Size and kind checks, decoding, the key and the fingerprint; a panic in any of them (a serde
 /// hook, a hand-written `key()` or `fingerprint()`) is the message's fault, not the process's.
-fn decode<M: Message>(
+pub(crate) fn decode<M: Message>(
     consumer: &str,
     delivery: Delivery<'_>,
     policy: &Policy,
@@ -275,7 +275,7 @@ async fn forget_redeliveries<DB: Backend>(pool: &Pool<DB>, consumer: &str, key: 
 }
 
 /// What the retry policy makes of how the transaction ended.
-fn verdict(ended: Ended, metadata: &Metadata, policy: &Policy) -> Outcome {
+pub(crate) fn verdict(ended: Ended, metadata: &Metadata, policy: &Policy) -> Outcome {
     match ended {
         Ended::Applied => Outcome::Applied,
         Ended::Duplicate => Outcome::Duplicate,

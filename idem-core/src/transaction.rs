@@ -196,7 +196,7 @@ async fn commit<DB: Backend>(
 /// The handler returned an error: roll back, then tell "the database is away" (not an attempt)
 /// from the handler's own failure. A connection-level error on a connection that still rolls
 /// back was the statement's fault (say, more bind parameters than the protocol carries).
-async fn end_failed<DB: Backend>(transaction: Unit<DB>, error: HandlerError) -> Ended {
+pub(crate) async fn end_failed<DB: Backend>(transaction: Unit<DB>, error: HandlerError) -> Ended {
     let alive = rollback(transaction).await;
     let text = error.to_string();
     if error.explicit_class().is_none() {
@@ -222,7 +222,7 @@ async fn end_failed<DB: Backend>(transaction: Unit<DB>, error: HandlerError) -> 
 
 /// Rolls back; `false` when the connection did not answer (then the server discards the
 /// transaction with the connection).
-async fn rollback<DB: Backend>(mut transaction: Unit<DB>) -> bool {
+pub(crate) async fn rollback<DB: Backend>(mut transaction: Unit<DB>) -> bool {
     match DB::rollback(&mut transaction).await {
         Ok(()) => true,
         Err(error) => {

@@ -128,6 +128,17 @@ mod store {
             origin: &Metadata,
         ) -> Result<Claim, sqlx::Error>;
 
+        /// Claims every key of `claims` (distinct keys) for `consumer` on `conn` in one set-based
+        /// statement, in key order — so that two batches sharing keys lock their ledger rows in
+        /// the same order and cannot deadlock on them — and says, in the order given, what the
+        /// ledger answered each. A key claimed by a transaction still open elsewhere waits here
+        /// (PostgreSQL) until it ends, as [`Store::claim`] does.
+        async fn claim_batch(
+            conn: &mut Self::Connection,
+            consumer: &str,
+            claims: &[BatchClaim<'_>],
+        ) -> Result<Vec<Claim>, sqlx::Error>;
+
         /// What the ledger holds for `(consumer, key)`.
         async fn ledger_entry(
             pool: &Pool<Self>,
@@ -262,6 +273,23 @@ mod store {
             holder: &str,
             ttl: Duration,
         ) -> Result<bool, sqlx::Error>;
+    }
+}
+
+/// One message's part of a set-based claim ([`Store::claim_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchClaim<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) payload_hash: &'a [u8],
+    pub(crate) origin: &'a Metadata,
+}
+
+impl BatchClaim<'_> {
+    /// The positions of `claims` in key order: the order the claim locks ledger rows in.
+    pub(crate) fn key_order(claims: &[BatchClaim<'_>]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..claims.len()).collect();
+        order.sort_by(|&a, &b| claims[a].key.cmp(claims[b].key));
+        order
     }
 }
 

@@ -5,7 +5,7 @@ use super::shared::{
     applied_fingerprint_in, claim_in, count_redelivery_in, enqueue_in, forget_redeliveries_in,
     millis, outbox_row, OUTBOX_COLUMNS,
 };
-use super::{Backend, Claim, Store, TxState, Unit};
+use super::{Backend, BatchClaim, Claim, Store, TxState, Unit};
 use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
@@ -169,6 +169,70 @@ impl Store for sqlx::Postgres {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// `INSERT … SELECT FROM UNNEST(…) ORDER BY key ON CONFLICT DO NOTHING`: one round trip for
+    /// the batch; a second one reads the fingerprints of the keys it did not win.
+    async fn claim_batch(
+        conn: &mut Self::Connection,
+        consumer: &str,
+        claims: &[BatchClaim<'_>],
+    ) -> Result<Vec<Claim>, sqlx::Error> {
+        let order = BatchClaim::key_order(claims);
+        let column = |f: &dyn Fn(&BatchClaim<'_>) -> Option<String>| -> Vec<Option<String>> {
+            order.iter().map(|&i| f(&claims[i])).collect()
+        };
+        let keys = column(&|c| Some(c.key.to_owned()));
+        let message_ids = column(&|c| c.origin.message_id.clone());
+        let correlation_ids = column(&|c| c.origin.correlation_id.clone());
+        let hashes: Vec<Vec<u8>> = order
+            .iter()
+            .map(|&i| claims[i].payload_hash.to_vec())
+            .collect();
+        let won: Vec<(String, i64)> = sqlx::query_as(
+            "INSERT INTO idem_ledger (consumer, key, payload_hash, message_id, correlation_id)
+             SELECT $1, t.key, t.payload_hash, t.message_id, t.correlation_id
+             FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::text[])
+                  WITH ORDINALITY AS t(key, payload_hash, message_id, correlation_id, n)
+             ORDER BY t.n
+             ON CONFLICT DO NOTHING RETURNING key, txid_current()",
+        )
+        .bind(consumer)
+        .bind(&keys)
+        .bind(&hashes)
+        .bind(&message_ids)
+        .bind(&correlation_ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        let won: std::collections::HashMap<String, i64> = won.into_iter().collect();
+        let lost: Vec<&str> = claims
+            .iter()
+            .map(|c| c.key)
+            .filter(|key| !won.contains_key(*key))
+            .collect();
+        let stored: std::collections::HashMap<String, Vec<u8>> = if lost.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            sqlx::query_as::<_, (String, Vec<u8>)>(
+                "SELECT key, payload_hash FROM idem_ledger WHERE consumer = $1 AND key = ANY($2)",
+            )
+            .bind(consumer)
+            .bind(&lost)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+        };
+        Ok(claims
+            .iter()
+            .map(|c| match (won.get(c.key), stored.get(c.key)) {
+                (Some(&txid), _) => Claim::Claimed { txid },
+                (None, Some(stored)) if stored.as_slice() != c.payload_hash => Claim::Conflict {
+                    stored: stored.clone(),
+                },
+                _ => Claim::Duplicate,
+            })
+            .collect())
     }
 
     async fn ledger_entry(

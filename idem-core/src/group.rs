@@ -1,0 +1,272 @@
+//! Group commit: several deliveries in one transaction, each with the guarantee it has alone.
+//!
+//! BEGIN → one set-based claim for the group → each claimed message's handler in turn → one
+//! COMMIT. Optimistic: no savepoint per message. When a handler fails, the group is rolled
+//! back, the failing message is run alone through [`process`] (which gives it exactly the
+//! verdict it would have had in per-message mode) and the others run again as a group. What
+//! cannot be pinned on one message (a COMMIT the database refused, a handler that ended or
+//! aborted the transaction without saying so) sends every message of the group down the
+//! per-message path. Redelivered messages, deliveries tried in place (the database was away)
+//! and a second copy of a key inside the same group never join a group: they run alone, the
+//! copies after the group committed, so they find their key in the ledger.
+
+use crate::backend::{Backend, BatchClaim, Claim, TxState, Unit};
+use crate::classify::{cause_of, class_of_sqlx, Cause};
+use crate::delivery::Delivery;
+use crate::handler::{ErrorClass, Handler};
+use crate::key::Key;
+use crate::outcome::{Outcome, Processed};
+use crate::policy::Policy;
+use crate::process::{decode, process, verdict};
+use crate::transaction::{end_failed, hex, panic_text, rollback, Ended};
+use crate::tx::Tx;
+use futures_util::FutureExt;
+use sqlx::Pool;
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+
+/// A message of the group: its place in the deliveries, what decoding it gave.
+struct Member<M> {
+    at: usize,
+    key: Key,
+    fingerprint: [u8; 32],
+    /// Taken by the handler; decoded again when the group runs again.
+    message: Option<M>,
+}
+
+/// How one run of the group ended.
+enum GroupEnd {
+    /// Committed: each member's ending, in member order.
+    Committed(Vec<Ended>),
+    /// The member at this position failed; the group rolled back.
+    Culprit(usize),
+    /// Rolled back for a reason no one member can be blamed for: each runs alone.
+    Unsettled(String),
+    /// The database is away: every member is held, as it would be alone.
+    Unavailable(String),
+}
+
+/// Runs `deliveries` through `handler` with one transaction for all of them where it can, and
+/// returns each delivery's [`Processed`] in the order given. Every delivery gets the outcome it
+/// would get from [`process`] on its own — applied, duplicate, dead-lettered with the same
+/// reason, retried, held — and a failing message never takes another's effect with it.
+pub async fn process_group<DB: Backend, H: Handler<DB>>(
+    pool: &Pool<DB>,
+    handler: &H,
+    deliveries: &[Delivery<'_>],
+    policy: &Policy,
+) -> Vec<Processed> {
+    let consumer = handler.consumer();
+    let mut processed: Vec<Option<Processed>> = vec![None; deliveries.len()];
+    let mut alone = Vec::new();
+    let mut after = Vec::new();
+    let mut members = Vec::new();
+    let mut keys = HashSet::new();
+    for (at, delivery) in deliveries.iter().enumerate() {
+        if delivery.metadata.redelivered || delivery.tries_in_place > 0 {
+            alone.push(at);
+            continue;
+        }
+        match decode::<H::Message>(consumer, *delivery, policy) {
+            Err((reason, error)) => {
+                processed[at] = Some(Processed {
+                    key: None,
+                    outcome: Outcome::DeadLetter { reason, error },
+                });
+            }
+            Ok((message, key, fingerprint)) => {
+                if !keys.insert(key.as_str().to_owned()) {
+                    after.push(at);
+                    continue;
+                }
+                members.push(Member {
+                    at,
+                    key,
+                    fingerprint,
+                    message: Some(message),
+                });
+            }
+        }
+    }
+    while members.len() > 1 {
+        match run_group(pool, handler, &mut members, deliveries, policy).await {
+            GroupEnd::Committed(endings) => {
+                for (member, ended) in members.drain(..).zip(endings) {
+                    let metadata = deliveries[member.at].metadata;
+                    processed[member.at] = Some(Processed {
+                        key: Some(member.key),
+                        outcome: verdict(ended, metadata, policy),
+                    });
+                }
+            }
+            GroupEnd::Culprit(position) => {
+                let culprit = members.remove(position);
+                alone.push(culprit.at);
+            }
+            GroupEnd::Unsettled(why) => {
+                tracing::debug!(%why, members = members.len(), "group rolled back; each message runs alone");
+                alone.extend(members.drain(..).map(|m| m.at));
+            }
+            GroupEnd::Unavailable(error) => {
+                for member in members.drain(..) {
+                    processed[member.at] = Some(Processed {
+                        key: Some(member.key),
+                        outcome: Outcome::Unavailable {
+                            error: error.clone(),
+                        },
+                    });
+                }
+            }
+        }
+    }
+    // One member left is one message: the per-message path.
+    alone.extend(members.drain(..).map(|m| m.at));
+    alone.sort_unstable();
+    for at in alone.into_iter().chain(after) {
+        processed[at] = Some(process(pool, handler, deliveries[at], policy).await);
+    }
+    processed
+        .into_iter()
+        .map(|done| {
+            done.unwrap_or_else(|| Processed {
+                key: None,
+                outcome: Outcome::Unavailable {
+                    error: "not processed (a bug in idem's group commit)".into(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// One run of the group: BEGIN, the set-based claim, each claimed member's handler, COMMIT.
+async fn run_group<DB: Backend, H: Handler<DB>>(
+    pool: &Pool<DB>,
+    handler: &H,
+    members: &mut [Member<H::Message>],
+    deliveries: &[Delivery<'_>],
+    policy: &Policy,
+) -> GroupEnd {
+    let consumer = handler.consumer();
+    let mut unit = match DB::begin(pool, policy.isolation).await {
+        Ok(unit) => unit,
+        Err(error) => return GroupEnd::Unavailable(format!("cannot begin a transaction: {error}")),
+    };
+    let claims: Vec<BatchClaim<'_>> = members
+        .iter()
+        .map(|m| BatchClaim {
+            key: m.key.as_str(),
+            payload_hash: &m.fingerprint,
+            origin: deliveries[m.at].metadata,
+        })
+        .collect();
+    let answers = match DB::claim_batch(&mut unit, consumer, &claims).await {
+        Ok(answers) => answers,
+        Err(error) => {
+            rollback(unit).await;
+            // A lost race (another copy's transaction committed first) is settled by the
+            // per-message path, which claims again; anything else is the database away.
+            let raced = cause_of(&error) == Cause::Statement
+                && class_of_sqlx(&error) == ErrorClass::Transient;
+            return if raced {
+                GroupEnd::Unsettled(format!(
+                    "the group's claim raced another transaction: {error}"
+                ))
+            } else {
+                GroupEnd::Unavailable(format!("cannot claim the keys in the ledger: {error}"))
+            };
+        }
+    };
+    let mut endings = Vec::with_capacity(members.len());
+    let mut claimed: Option<(i64, usize)> = None;
+    for (position, answer) in answers.into_iter().enumerate() {
+        let member = &mut members[position];
+        let txid = match answer {
+            Claim::Claimed { txid } => txid,
+            Claim::Duplicate => {
+                endings.push(Ended::Duplicate);
+                continue;
+            }
+            Claim::Conflict { stored } => {
+                endings.push(Ended::Conflict(format!(
+                    "key {} was already applied with a different payload (ledger fingerprint {}, this message {}); the first effect stands",
+                    member.key,
+                    hex(&stored),
+                    hex(&member.fingerprint)
+                )));
+                continue;
+            }
+        };
+        claimed.get_or_insert((txid, position));
+        let delivery = deliveries[member.at];
+        let message = match member.message.take() {
+            Some(message) => message,
+            // Decoded before, so decoding again gives the same; if it does not, it is this
+            // message's trouble.
+            None => match decode::<H::Message>(consumer, delivery, policy) {
+                Ok((message, _, _)) => message,
+                Err(_) => {
+                    rollback(unit).await;
+                    return GroupEnd::Culprit(position);
+                }
+            },
+        };
+        let handled = {
+            let mut tx = Tx::<DB>::new(&mut unit, consumer, &member.key, delivery.metadata);
+            AssertUnwindSafe(handler.handle(&mut tx, message))
+                .catch_unwind()
+                .await
+        };
+        match handled {
+            Ok(Ok(())) => endings.push(Ended::Applied),
+            Ok(Err(error)) => {
+                return match end_failed(unit, error).await {
+                    Ended::Unavailable(error) => GroupEnd::Unavailable(error),
+                    _ => GroupEnd::Culprit(position),
+                };
+            }
+            Err(panic) => {
+                rollback(unit).await;
+                tracing::debug!(panic = panic_text(&*panic), "a handler panicked in a group");
+                return GroupEnd::Culprit(position);
+            }
+        }
+    }
+    let Some((txid, first)) = claimed else {
+        // Nothing claimed: nothing to commit.
+        rollback(unit).await;
+        return GroupEnd::Committed(endings);
+    };
+    commit_group(unit, txid, consumer, &members[first].key, endings).await
+}
+
+/// The group's COMMIT, after the check that the transaction is still the one that claimed.
+async fn commit_group<DB: Backend>(
+    mut unit: Unit<DB>,
+    txid: i64,
+    consumer: &str,
+    key: &Key,
+    endings: Vec<Ended>,
+) -> GroupEnd {
+    let checked = DB::commit_checked(&mut unit, txid, consumer, key.as_str()).await;
+    if !matches!(checked, Ok(TxState::Committed)) {
+        rollback(unit).await;
+    }
+    match checked {
+        Ok(TxState::Committed) => GroupEnd::Committed(endings),
+        Ok(TxState::Aborted) => GroupEnd::Unsettled(
+            "a handler went on after a failed statement and PostgreSQL aborted the group's transaction".into(),
+        ),
+        Ok(TxState::Ended) => GroupEnd::Unsettled(
+            "a handler ended the group's transaction itself".into(),
+        ),
+        // Landed or not: each message, tried again in place, finds its claim if it did.
+        Err(error) if cause_of(&error) == Cause::Connection => {
+            GroupEnd::Unavailable(format!("COMMIT failed, outcome unknown: {error}"))
+        }
+        Err(error) if cause_of(&error) == Cause::ServerUnavailable => GroupEnd::Unavailable(
+            format!("the database refused the COMMIT, nothing was applied: {error}"),
+        ),
+        // Refused (a deferred constraint, a serialization failure): whose fault is not known.
+        Err(error) => GroupEnd::Unsettled(format!("the group's COMMIT failed: {error}")),
+    }
+}
