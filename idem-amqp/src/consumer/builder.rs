@@ -33,7 +33,12 @@ pub struct ConsumerBuilder<DB: Backend, H> {
     ledger_purge_interval: Duration,
     dlq_alert_threshold: u32,
     dlq_poll_interval: Duration,
+    /// `None`: one transaction per message.
+    group: Option<super::Group>,
 }
+
+/// The longest a group may wait to fill: the latency every message of it may gain.
+const MAX_GROUP_WAIT: Duration = Duration::from_secs(1);
 
 impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
     /// The defaults; see [`Consumer::builder`].
@@ -50,7 +55,22 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             ledger_purge_interval: Duration::from_secs(300),
             dlq_alert_threshold: 1,
             dlq_poll_interval: Duration::from_secs(5),
+            group: None,
         }
+    }
+
+    /// Group commit: up to `max_messages` deliveries run in one transaction (one set-based
+    /// ledger claim, each handler in turn, one COMMIT, then the acks), waiting at most
+    /// `max_wait` for a group to fill. Each message keeps the guarantee it has alone: one that
+    /// fails is taken out and runs alone (its retry or dead letter as in per-message mode), the
+    /// others commit without it; a redelivered message always runs alone. `concurrency` groups
+    /// are in flight at once. `max_messages` 1 is one transaction per message (the default).
+    pub fn group_commit(mut self, max_messages: usize, max_wait: Duration) -> Self {
+        self.group = Some(super::Group {
+            max_messages,
+            max_wait,
+        });
+        self
     }
 
     /// The queue to consume (default: the handler's consumer name). Its dead-letter queue is
@@ -189,6 +209,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             ledger_purge_interval: self.ledger_purge_interval,
             dlq_alert_threshold: self.dlq_alert_threshold,
             dlq_poll_interval: self.dlq_poll_interval,
+            group: self.group.filter(|group| group.max_messages > 1),
         })
     }
 
@@ -237,6 +258,26 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             return Err(Error::Config(format!(
                 "the queue name {queue:?} starts with `amq.`, which RabbitMQ reserves"
             )));
+        }
+        if let Some(group) = self.group {
+            if group.max_messages == 0 {
+                return Err(Error::Config(
+                    "group_commit max_messages must be at least 1 (1: one transaction per message)"
+                        .into(),
+                ));
+            }
+            if group.max_messages > usize::from(self.prefetch) {
+                return Err(Error::Config(format!(
+                    "group_commit max_messages {} exceeds prefetch {}: a group never gets more than the broker pushes ahead; raise prefetch (a few groups' worth) or lower max_messages",
+                    group.max_messages, self.prefetch
+                )));
+            }
+            if group.max_wait.is_zero() || group.max_wait > MAX_GROUP_WAIT {
+                return Err(Error::Config(format!(
+                    "group_commit max_wait {:?} must be above zero and at most {MAX_GROUP_WAIT:?}: every message of a group may wait that long (a few ms is typical)",
+                    group.max_wait
+                )));
+            }
         }
         if self.prefetch == 0 {
             return Err(Error::Config(

@@ -13,7 +13,8 @@ use crate::headers::DeadLetter;
 use crate::publish::{self, Publisher};
 use crate::telemetry::Settled;
 use idem_core::{
-    delivery_span, process, Backend, Delivery, Handler, Key, Metadata, Outcome, Processed, Reason,
+    delivery_span, process, process_group, Backend, Delivery, Handler, Key, Metadata, Outcome,
+    Processed, Reason,
 };
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -93,6 +94,97 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
     }
     .instrument(span)
     .await;
+}
+
+/// A group of deliveries (group commit): the first-time ones through
+/// [`idem_core::process_group`], in one transaction where it can; each is then settled as it
+/// would be alone. Redelivered or unreadable deliveries, and any the database could not take
+/// (held, then tried again), go the per-message way, after the group.
+pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    publisher: &Publisher,
+    deliveries: Vec<AmqpDelivery>,
+    exits: &Exits,
+) {
+    let (grouped, alone): (Vec<AmqpDelivery>, Vec<AmqpDelivery>) = deliveries
+        .into_iter()
+        .partition(|d| !d.redelivered && unreadable_part(d).is_none());
+    let metadata: Vec<Metadata> = grouped
+        .iter()
+        .map(|d| metadata_of(d, &shared.queue))
+        .collect();
+    let units: Vec<Delivery<'_>> = grouped
+        .iter()
+        .zip(&metadata)
+        .map(|(d, metadata)| Delivery {
+            body: &d.data,
+            metadata,
+            tries_in_place: 0,
+            blame_if_unavailable: false,
+        })
+        .collect();
+    let in_flight: Vec<_> = units
+        .iter()
+        .map(|_| shared.counters.metrics.in_flight())
+        .collect();
+    let processed = if units.is_empty() {
+        Vec::new()
+    } else {
+        // Beside other groups and deliveries; never beside a redelivered message running alone.
+        let _beside = shared.suspects_alone.read().await;
+        let started = Instant::now();
+        let processed = process_group(&shared.pool, &shared.handler, &units, &shared.policy)
+            .instrument(tracing::info_span!("group", consumer = %shared.handler.consumer(), messages = units.len()))
+            .await;
+        shared.counters.metrics.handler_time(started.elapsed());
+        processed
+    };
+    let committed_at = Instant::now();
+    let mut again = Vec::new();
+    for (at, ((delivery, metadata), processed)) in
+        grouped.iter().zip(&metadata).zip(processed).enumerate()
+    {
+        let Processed { key, outcome } = processed;
+        if matches!(outcome, Outcome::Unavailable { .. }) {
+            again.push(at);
+            continue;
+        }
+        if !matches!(outcome, Outcome::DeadLetter { .. }) {
+            shared.health.set_database(true, None);
+        }
+        let task = Task {
+            shared,
+            publisher,
+            delivery,
+            metadata,
+            exits,
+        };
+        if matches!(outcome, Outcome::Applied) {
+            task.end_to_end();
+        }
+        let span = delivery_span(shared.handler.consumer(), metadata);
+        if let Some(key) = &key {
+            span.record("key", key.as_str());
+        }
+        tokio::select! {
+            () = task.settle(outcome, key.as_ref(), committed_at).instrument(span) => {}
+            () = exits.lost.cancelled() => {
+                tracing::warn!("the connection was lost before the broker answered; the group's messages will be redelivered");
+                return;
+            }
+        }
+    }
+    drop(in_flight);
+    // The per-message way: held while the database is away, run alone when redelivered.
+    let again: Vec<AmqpDelivery> = grouped
+        .into_iter()
+        .enumerate()
+        .filter(|(at, _)| again.contains(at))
+        .map(|(_, delivery)| delivery)
+        .collect();
+    for delivery in alone.into_iter().chain(again) {
+        handle(shared, publisher, delivery, exits).await;
+    }
 }
 
 /// A delivery in flight and what handling it needs.

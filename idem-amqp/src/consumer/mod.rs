@@ -54,6 +54,14 @@ pub struct Consumer<DB: Backend, H> {
     ledger_purge_interval: Duration,
     dlq_alert_threshold: u32,
     dlq_poll_interval: Duration,
+    group: Option<Group>,
+}
+
+/// Group commit's settings ([`ConsumerBuilder::group_commit`]).
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    max_messages: usize,
+    max_wait: Duration,
 }
 
 impl<DB: Backend, H> std::fmt::Debug for Consumer<DB, H> {

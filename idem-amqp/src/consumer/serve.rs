@@ -257,13 +257,49 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             };
             let shared = Arc::clone(&self.shared);
             let publisher = session.publisher.clone();
-            let exits = exits.clone();
+            let task_exits = exits.clone();
+            let Some(group) = self.group else {
+                in_flight.spawn(async move {
+                    delivery::handle(&shared, &publisher, delivery, &task_exits).await;
+                    drop(slot);
+                });
+                while in_flight.try_join_next().is_some() {}
+                continue;
+            };
+            // Group commit: more deliveries, until the group is full or `max_wait` is up. What
+            // was taken is processed whatever happens next (on a loss its acks fail, and the
+            // broker delivers it again).
+            let mut deliveries = vec![delivery];
+            let deadline = tokio::time::Instant::now() + group.max_wait;
+            let mut ended = None;
+            while deliveries.len() < group.max_messages {
+                let next = tokio::select! {
+                    () = stop.cancelled() => { ended = Some(Ok(())); break; }
+                    () = &mut closed => { ended = Some(lost("a channel closed".into())); break; }
+                    () = tokio::time::sleep_until(deadline) => break,
+                    next = session.deliveries.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => deliveries.push(delivery),
+                    Some(Err(error)) => {
+                        ended = Some(lost(error.to_string()));
+                        break;
+                    }
+                    None => {
+                        ended = Some(lost("the broker cancelled the consumer".into()));
+                        break;
+                    }
+                }
+            }
             in_flight.spawn(async move {
-                delivery::handle(&shared, &publisher, delivery, &exits).await;
+                delivery::handle_group(&shared, &publisher, deliveries, &task_exits).await;
                 drop(slot);
             });
             // Reap finished tasks so the set does not grow with the message count.
             while in_flight.try_join_next().is_some() {}
+            if let Some(ended) = ended {
+                return ended;
+            }
         }
     }
 
