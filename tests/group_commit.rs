@@ -181,7 +181,8 @@ async fn a_group_commits_together_and_each_message_keeps_its_own_outcome<DB: Txi
     let transfers: Vec<_> = ids.iter().map(|id| (*id, "acct-g1", 10, false)).collect();
     let batch = Batch::of(&transfers);
 
-    let processed = process_group(&story.pool, &handler, &batch.deliveries(), &policy()).await;
+    let processed =
+        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
 
     assert!(
         processed.iter().all(|p| p.outcome == Outcome::Applied),
@@ -212,7 +213,8 @@ async fn a_failing_or_panicking_message_is_taken_out_and_the_rest_commit<DB: Txi
     transfers.insert(5, (panicky, "acct-panicky", 5, false));
     let batch = Batch::of(&transfers);
 
-    let processed = process_group(&story.pool, &handler, &batch.deliveries(), &policy()).await;
+    let processed =
+        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
 
     for (transfer, p) in transfers.iter().zip(&processed) {
         let id = transfer.0;
@@ -250,7 +252,7 @@ async fn duplicates_conflicts_and_copies_inside_a_group_apply_once<DB: Txid>() {
         (earlier, "acct-g3", 7, false),
         (reused, "acct-g3", 8, false),
     ]);
-    let first = process_group(&story.pool, &handler, &before.deliveries(), &policy()).await;
+    let first = process_group(&story.pool, &handler, &before.deliveries(), &policy(), None).await;
     assert!(first.iter().all(|p| p.outcome == Outcome::Applied));
 
     let batch = Batch::of(&[
@@ -260,7 +262,8 @@ async fn duplicates_conflicts_and_copies_inside_a_group_apply_once<DB: Txid>() {
         (copied, "acct-g3", 9, false),   // a second copy inside this very group
         (fresh, "acct-g3", 1, false),
     ]);
-    let processed = process_group(&story.pool, &handler, &batch.deliveries(), &policy()).await;
+    let processed =
+        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
     let outcomes: Vec<_> = processed.iter().map(|p| &p.outcome).collect();
     assert_eq!(*outcomes[0], Outcome::Duplicate);
     assert_eq!(*outcomes[1], Outcome::Applied);
@@ -295,7 +298,8 @@ async fn a_handler_that_hides_a_failed_statement_fails_alone<DB: Txid>() {
     transfers.insert(2, (sloppy, "acct-sloppy", 3, false));
     let batch = Batch::of(&transfers);
 
-    let processed = process_group(&story.pool, &handler, &batch.deliveries(), &policy()).await;
+    let processed =
+        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
 
     for (transfer, p) in transfers.iter().zip(&processed) {
         if transfer.0 == sloppy && DB::NAME == "PostgreSQL" {

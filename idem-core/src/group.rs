@@ -47,7 +47,12 @@ enum GroupEnd {
 }
 
 /// Runs `deliveries` through `handler` with one transaction for all of them where it can, and
-/// returns each delivery's [`Processed`] in the order given. Every delivery gets the outcome it
+/// returns each delivery's [`Processed`] in the order given.
+///
+/// `lock_order` names the rows a message writes (say, its account id): a group's handlers run
+/// in ascending order of it (stable: one key keeps delivery order). Groups that run side by
+/// side and write the same rows must lock them in one order, or they deadlock; without it,
+/// handlers run in delivery order. Every delivery gets the outcome it
 /// would get from [`process`] on its own — applied, duplicate, dead-lettered with the same
 /// reason, retried, held — and a failing message never takes another's effect with it.
 pub async fn process_group<DB: Backend, H: Handler<DB>>(
@@ -55,6 +60,7 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
     handler: &H,
     deliveries: &[Delivery<'_>],
     policy: &Policy,
+    lock_order: Option<&(dyn Fn(&H::Message) -> String + Send + Sync)>,
 ) -> Vec<Processed> {
     let consumer = handler.consumer();
     let mut processed: Vec<Option<Processed>> = vec![None; deliveries.len()];
@@ -87,6 +93,10 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
                 });
             }
         }
+    }
+    if let Some(lock_key) = lock_order {
+        // Stable: messages with one lock key keep their delivery order.
+        members.sort_by_cached_key(|m| m.message.as_ref().map(lock_key).unwrap_or_default());
     }
     while members.len() > 1 {
         match run_group(pool, handler, &mut members, deliveries, policy).await {

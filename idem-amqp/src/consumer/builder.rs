@@ -35,6 +35,7 @@ pub struct ConsumerBuilder<DB: Backend, H> {
     dlq_poll_interval: Duration,
     /// `None`: one transaction per message.
     group: Option<super::Group>,
+    lock_order: Option<super::ErasedLockOrder>,
 }
 
 /// The longest a group may wait to fill: the latency every message of it may gain.
@@ -56,7 +57,30 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             dlq_alert_threshold: 1,
             dlq_poll_interval: Duration::from_secs(5),
             group: None,
+            lock_order: None,
         }
+    }
+
+    /// With group commit: the rows a message writes, named by a key (say, its account id), so
+    /// that every group runs its handlers in ascending key order. Groups in flight side by side
+    /// (several consumers, `concurrency` above 1) that write the same hot rows in any other
+    /// order deadlock; PostgreSQL breaks each deadlock after a second (`deadlock_timeout`),
+    /// which costs a group a re-run. Messages that write several such rows need them in one
+    /// order inside the handler too (lock them `ORDER BY`).
+    pub fn group_lock_order(
+        mut self,
+        lock_key: impl Fn(&H::Message) -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.lock_order = Some(super::ErasedLockOrder(Box::new(
+            move |message: &dyn std::any::Any| {
+                // Always the handler's message type: the consumer erases nothing else.
+                message
+                    .downcast_ref::<H::Message>()
+                    .map(&lock_key)
+                    .unwrap_or_default()
+            },
+        )));
+        self
     }
 
     /// Group commit: up to `max_messages` deliveries run in one transaction (one set-based
@@ -196,6 +220,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             shared: Arc::new(Shared {
                 pool: self.pool,
                 handler: self.handler,
+                lock_order: self.lock_order,
                 queue,
                 policy: self.policy,
                 database_backoff: Backoff::new(self.database_backoff, MAX_DATABASE_WAIT),

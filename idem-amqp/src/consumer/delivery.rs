@@ -133,7 +133,19 @@ pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
         // Beside other groups and deliveries; never beside a redelivered message running alone.
         let _beside = shared.suspects_alone.read().await;
         let started = Instant::now();
-        let processed = process_group(&shared.pool, &shared.handler, &units, &shared.policy)
+        let lock_order = shared
+            .lock_order
+            .as_ref()
+            .map(|erased| move |message: &H::Message| (erased.0)(message));
+        let processed = process_group(
+            &shared.pool,
+            &shared.handler,
+            &units,
+            &shared.policy,
+            lock_order
+                .as_ref()
+                .map(|order| order as &(dyn Fn(&H::Message) -> String + Send + Sync)),
+        )
             .instrument(tracing::info_span!("group", consumer = %shared.handler.consumer(), messages = units.len()))
             .await;
         shared.counters.metrics.handler_time(started.elapsed());

@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 struct Shared<DB: Backend, H> {
     pool: Pool<DB>,
     handler: H,
+    /// The order a group's handlers run in (group commit), over the handler's message type
+    /// (erased here so that the structs need no `Handler` bound).
+    lock_order: Option<ErasedLockOrder>,
     queue: String,
     policy: Policy,
     /// While the database is away: a delivery's waits between tries in place.
@@ -55,6 +58,16 @@ pub struct Consumer<DB: Backend, H> {
     dlq_alert_threshold: u32,
     dlq_poll_interval: Duration,
     group: Option<Group>,
+}
+
+/// A group lock order ([`ConsumerBuilder::group_lock_order`]) of the handler's message type,
+/// behind `Any`.
+struct ErasedLockOrder(Box<dyn Fn(&dyn std::any::Any) -> String + Send + Sync>);
+
+impl std::fmt::Debug for ErasedLockOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ErasedLockOrder(..)")
+    }
 }
 
 /// Group commit's settings ([`ConsumerBuilder::group_commit`]).
