@@ -137,7 +137,7 @@ pub use idem_amqp as amqp;
 /// `Unavailable`. It never opens, commits or rolls back a transaction itself.
 pub mod transport {
     pub use idem_core::{
-        delivery_span, process, process_group, Delivery, Outcome, Policy, Processed,
+        delivery_span, process, process_group, Delivery, LockOrder, Outcome, Policy, Processed,
     };
 }
 

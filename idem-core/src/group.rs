@@ -46,6 +46,9 @@ enum GroupEnd {
     Unavailable(String),
 }
 
+/// Names the rows a message writes, for the order of a group's handlers ([`process_group`]).
+pub type LockOrder<'a, M> = dyn Fn(&M) -> String + Send + Sync + 'a;
+
 /// Runs `deliveries` through `handler` with one transaction for all of them where it can, and
 /// returns each delivery's [`Processed`] in the order given.
 ///
@@ -60,7 +63,7 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
     handler: &H,
     deliveries: &[Delivery<'_>],
     policy: &Policy,
-    lock_order: Option<&(dyn Fn(&H::Message) -> String + Send + Sync)>,
+    lock_order: Option<&LockOrder<'_, H::Message>>,
 ) -> Vec<Processed> {
     let consumer = handler.consumer();
     let mut processed: Vec<Option<Processed>> = vec![None; deliveries.len()];

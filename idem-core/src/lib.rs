@@ -46,7 +46,7 @@ pub use backend::{schema_status, Backend, SchemaStatus};
 pub use backoff::Backoff;
 pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};
-pub use group::process_group;
+pub use group::{process_group, LockOrder};
 pub use handler::{BoxError, Classify, ErrorClass, ErrorClassExt, Handler, HandlerError};
 pub use key::{Key, KeyError};
 pub use message::{DecodeError, DecodeErrorKind, Message, Publish, MAX_JSON_DEPTH};

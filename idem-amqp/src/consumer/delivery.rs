@@ -144,7 +144,7 @@ pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
             &shared.policy,
             lock_order
                 .as_ref()
-                .map(|order| order as &(dyn Fn(&H::Message) -> String + Send + Sync)),
+                .map(|order| order as &idem_core::LockOrder<'_, H::Message>),
         )
             .instrument(tracing::info_span!("group", consumer = %shared.handler.consumer(), messages = units.len()))
             .await;

@@ -62,7 +62,7 @@ pub struct Consumer<DB: Backend, H> {
 
 /// A group lock order ([`ConsumerBuilder::group_lock_order`]) of the handler's message type,
 /// behind `Any`.
-struct ErasedLockOrder(Box<dyn Fn(&dyn std::any::Any) -> String + Send + Sync>);
+struct ErasedLockOrder(Box<idem_core::LockOrder<'static, dyn std::any::Any>>);
 
 impl std::fmt::Debug for ErasedLockOrder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
