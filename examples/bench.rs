@@ -9,6 +9,9 @@
 //!   and one `tokio::spawn` per delivery doing `serde_json` decode, `pool.begin()`, the same three
 //!   statements, `commit`, `ack`.
 //!
+//! - **idem group** (`--group N`, default 50; 0 leaves it out): the same handler with
+//!   `group_commit(N, --group-wait-ms)` and the accounts as lock order.
+//!
 //! Both use the same pool size (`--concurrency` connections), prefetch and concurrency. A round
 //! pre-publishes N messages (publisher confirms, delivery mode 2) into a fresh durable queue per
 //! contestant, vacuums the bench tables and checkpoints PostgreSQL (so a checkpoint does not land
@@ -23,7 +26,7 @@
 //! ```text
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5440/idem_test \
 //! AMQP_URL=amqp://guest:guest@127.0.0.1:5680/%2f \
-//!     cargo run --release --example bench -- --messages 20000 [--prefetch 200] [--concurrency 8] [--rounds 3]
+//!     cargo run --release --example bench -- --messages 20000 [--prefetch 200] [--concurrency 8] [--rounds 3] [--group 50]
 //! ```
 //!
 //! Logging defaults to `warn` (idem logs one INFO line per delivery); `RUST_LOG` overrides it,
@@ -84,6 +87,13 @@ struct Config {
     /// the two side by side give the purge's cost.
     #[arg(long, default_value_t = 0)]
     ledger_rows: u64,
+    /// Another contestant, `idem group`: the same handler with group commit of up to this many
+    /// messages per transaction (ordered by account); 0 leaves it out.
+    #[arg(long, default_value_t = 50)]
+    group: usize,
+    /// How long a group may wait to fill, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    group_wait_ms: u64,
 }
 
 /// The message both contestants decode (with serde_json) and apply.
@@ -182,6 +192,8 @@ enum Contestant {
     Raw,
     /// idem with its ledger purge deleting `--ledger-rows` aged rows meanwhile.
     IdemPurging,
+    /// idem with group commit (`--group` messages per transaction).
+    IdemGroup,
 }
 
 impl Contestant {
@@ -190,6 +202,15 @@ impl Contestant {
             Self::Idem => "idem",
             Self::Raw => "raw",
             Self::IdemPurging => "idem+purge",
+            Self::IdemGroup => "idem group",
+        }
+    }
+
+    /// The name as a queue name part.
+    fn slug(self) -> &'static str {
+        match self {
+            Self::IdemGroup => "idem-group",
+            other => other.name(),
         }
     }
 }
@@ -251,6 +272,8 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     let mut raw_rates = Vec::new();
     let mut ratios = Vec::new();
     let mut purge_ratios = Vec::new();
+    let mut group_rates = Vec::new();
+    let mut group_ratios = Vec::new();
     let mut ack_only = None;
     for round in 1..=bench.config.rounds {
         if round == 1 {
@@ -271,9 +294,18 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
                 .unwrap_or(0);
             order.insert(at + usize::from(round % 2 == 1), Contestant::IdemPurging);
         }
+        if bench.config.group > 1 {
+            // First in odd rounds, last in even ones.
+            if round % 2 == 1 {
+                order.insert(0, Contestant::IdemGroup);
+            } else {
+                order.push(Contestant::IdemGroup);
+            }
+        }
         let mut idem_rate = 0.0;
         let mut raw_rate = 0.0;
         let mut purging_rate = None;
+        let mut group_rate = None;
         let mut line = Vec::new();
         for &contestant in &order {
             let timed = bench
@@ -284,14 +316,19 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
                 Contestant::Idem => idem_rate = timed.rate,
                 Contestant::Raw => raw_rate = timed.rate,
                 Contestant::IdemPurging => purging_rate = Some(timed.rate),
+                Contestant::IdemGroup => group_rate = Some(timed.rate),
             }
             line.push(timed.describe(contestant));
         }
         let ratio = idem_rate / raw_rate;
         let purge_ratio = purging_rate.map(|rate| rate / idem_rate);
+        let group_ratio = group_rate.map(|rate| rate / idem_rate);
         let purge_note = purge_ratio
             .map(|r| format!(", idem+purge/idem {r:.2}"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &group_ratio
+                .map(|r| format!(", idem group/idem {r:.2}"))
+                .unwrap_or_default();
         println!(
             "round {round}/{} ({} first): {}, idem/raw {ratio:.2}{purge_note}",
             bench.config.rounds,
@@ -299,6 +336,8 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
             line.join(", ")
         );
         purge_ratios.extend(purge_ratio);
+        group_rates.extend(group_rate);
+        group_ratios.extend(group_ratio);
         idem_rates.push(idem_rate);
         raw_rates.push(raw_rate);
         ratios.push(ratio);
@@ -308,6 +347,17 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     }
     println!("idem: {:.0} msgs/s", median(&mut idem_rates));
     println!("raw: {:.0} msgs/s", median(&mut raw_rates));
+    if !group_rates.is_empty() {
+        let rate = median(&mut group_rates);
+        let of_ack_only = ack_only
+            .map(|ceiling| format!(", {:.2}× ack-only", rate / ceiling))
+            .unwrap_or_default();
+        println!(
+            "idem group: {rate:.0} msgs/s (groups of up to {}, {:.2}× per-message idem{of_ack_only})",
+            bench.config.group,
+            median(&mut group_ratios)
+        );
+    }
     if !purge_ratios.is_empty() {
         println!(
             "idem+purge/idem throughput ratio: {:.2} (the purge deleting {} aged ledger rows meanwhile)",
@@ -317,6 +367,14 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     }
     println!("idem/raw throughput ratio: {:.2}", median(&mut ratios));
     Ok(())
+}
+
+/// How the idem consumer of a contestant is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdemMode {
+    Plain,
+    Purging,
+    Group,
 }
 
 /// One contestant's timed run.
@@ -368,7 +426,7 @@ impl Bench {
 
     /// Fills a fresh queue, lets the broker settle, then times one contestant on it.
     async fn contest(&self, contestant: Contestant, round: u32) -> anyhow::Result<Timed> {
-        let queue = self.queue_name(round, contestant.name());
+        let queue = self.queue_name(round, contestant.slug());
         self.publish(&queue).await?;
         if contestant == Contestant::IdemPurging {
             age_ledger(&self.pool, round, self.config.ledger_rows).await?;
@@ -378,9 +436,10 @@ impl Bench {
         tracing::info!(round, contestant = contestant.name(), %queue, "timing starts");
         let cpu_before = process_cpu();
         let took = match contestant {
-            Contestant::Idem => self.time_idem(&queue, false).await?,
+            Contestant::Idem => self.time_idem(&queue, IdemMode::Plain).await?,
             Contestant::Raw => self.time_raw(&queue).await?,
-            Contestant::IdemPurging => self.time_idem(&queue, true).await?,
+            Contestant::IdemPurging => self.time_idem(&queue, IdemMode::Purging).await?,
+            Contestant::IdemGroup => self.time_idem(&queue, IdemMode::Group).await?,
         };
         let cpu = process_cpu()
             .zip(cpu_before)
@@ -402,22 +461,30 @@ impl Bench {
         })
     }
 
-    /// `purging`: with the default ledger retention, so that the purge deletes the aged rows;
-    /// otherwise with a century's, so that it deletes nothing.
-    async fn time_idem(&self, queue: &str, purging: bool) -> anyhow::Result<Duration> {
+    /// `Purging`: with the default ledger retention, so that the purge deletes the aged rows;
+    /// otherwise with a century's, so that it deletes nothing. `Group`: group commit.
+    async fn time_idem(&self, queue: &str, mode: IdemMode) -> anyhow::Result<Duration> {
+        let purging = mode == IdemMode::Purging;
         let retention = if purging {
             Duration::from_secs(30 * 86_400)
         } else {
             Duration::from_secs(100 * 365 * 86_400)
         };
-        let consumer = Consumer::builder(self.pool.clone(), capture)
+        let mut builder = Consumer::builder(self.pool.clone(), capture)
             .queue(queue)
             .prefetch(self.config.prefetch)
             .concurrency(self.config.concurrency as usize)
             .shutdown_deadline(Duration::from_secs(5))
-            .ledger_retention(retention)
-            .build()
-            .context("building the idem consumer")?;
+            .ledger_retention(retention);
+        if mode == IdemMode::Group {
+            builder = builder
+                .group_commit(
+                    self.config.group,
+                    Duration::from_millis(self.config.group_wait_ms),
+                )
+                .group_lock_order(|payment: &PaymentRequested| payment.account_id.clone());
+        }
+        let consumer = builder.build().context("building the idem consumer")?;
         let outcome = OnceLock::new();
         let started = Instant::now();
         let done = watch(self.config.messages, started, &outcome, || {
