@@ -98,6 +98,25 @@ pub(crate) fn cause_in(error: &(dyn std::error::Error + 'static)) -> Cause {
     first_reading(error).map_or(Cause::Statement, |reading| reading.cause)
 }
 
+/// Whether `error` is the database refusing a statement for now because of other transactions
+/// (a deadlock, a serialization failure, a lock or statement timeout, a busy SQLite), or
+/// because an earlier statement aborted the transaction: something the same statement may not
+/// meet when run again on its own.
+pub(crate) fn contention_in(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        // 25P02: PostgreSQL refuses every statement of a transaction a failed one aborted.
+        if let Some(sqlx::Error::Database(db)) = error.downcast_ref::<sqlx::Error>() {
+            if db.code().as_deref() == Some("25P02") {
+                return true;
+            }
+        }
+        next = error.source();
+    }
+    first_reading(error)
+        .is_some_and(|r| r.cause == Cause::Statement && r.class == ErrorClass::Transient)
+}
+
 /// The class of an error that does not say its own: the first error in its source chain that
 /// idem can read decides; transient when there is none.
 pub(crate) fn class_of(error: &(dyn std::error::Error + 'static)) -> ErrorClass {

@@ -2,8 +2,11 @@
 //!
 //! BEGIN → one set-based claim for the group → each claimed message's handler in turn → one
 //! COMMIT. Optimistic: no savepoint per message. When a handler fails, the group is rolled
-//! back, the failing message is run alone through [`process`] (which gives it exactly the
-//! verdict it would have had in per-message mode) and the others run again as a group. What
+//! back, the failing message gets the verdict it would have had alone (its attempt counts: a
+//! retry, or a dead letter), and the others run again as a group. A failure that may be the
+//! group's doing — the database refusing a statement because of other transactions (a
+//! deadlock, a serialization failure) — is not the message's: it runs again alone, through
+//! [`process`]. What
 //! cannot be pinned on one message (a COMMIT the database refused, a handler that ended or
 //! aborted the transaction without saying so) sends every message of the group down the
 //! per-message path. Redelivered messages, deliveries tried in place (the database was away)
@@ -11,7 +14,7 @@
 //! copies after the group committed, so they find their key in the ledger.
 
 use crate::backend::{Backend, BatchClaim, Claim, TxState, Unit};
-use crate::classify::{cause_of, class_of_sqlx, Cause};
+use crate::classify::{cause_of, class_of_sqlx, contention_in, Cause};
 use crate::delivery::Delivery;
 use crate::handler::{ErrorClass, Handler};
 use crate::key::Key;
@@ -38,8 +41,10 @@ struct Member<M> {
 enum GroupEnd {
     /// Committed: each member's ending, in member order.
     Committed(Vec<Ended>),
-    /// The member at this position failed; the group rolled back.
-    Culprit(usize),
+    /// The member at this position failed; the group rolled back. `Some`: how its attempt
+    /// ended, exactly as it would alone; `None`: the failure may be the group's doing (it met
+    /// the other transactions: a deadlock, a serialization failure), so it runs again alone.
+    Culprit(usize, Option<Ended>),
     /// Rolled back for a reason no one member can be blamed for: each runs alone.
     Unsettled(String),
     /// The database is away: every member is held, as it would be alone.
@@ -112,9 +117,18 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
                     });
                 }
             }
-            GroupEnd::Culprit(position) => {
+            GroupEnd::Culprit(position, ended) => {
                 let culprit = members.remove(position);
-                alone.push(culprit.at);
+                match ended {
+                    Some(ended) => {
+                        let metadata = deliveries[culprit.at].metadata;
+                        processed[culprit.at] = Some(Processed {
+                            key: Some(culprit.key),
+                            outcome: verdict(ended, metadata, policy),
+                        });
+                    }
+                    None => alone.push(culprit.at),
+                }
             }
             GroupEnd::Unsettled(why) => {
                 tracing::debug!(%why, members = members.len(), "group rolled back; each message runs alone");
@@ -219,7 +233,7 @@ async fn run_group<DB: Backend, H: Handler<DB>>(
                 Ok((message, _, _)) => message,
                 Err(_) => {
                     rollback(unit).await;
-                    return GroupEnd::Culprit(position);
+                    return GroupEnd::Culprit(position, None);
                 }
             },
         };
@@ -232,15 +246,23 @@ async fn run_group<DB: Backend, H: Handler<DB>>(
         match handled {
             Ok(Ok(())) => endings.push(Ended::Applied),
             Ok(Err(error)) => {
+                // The database refused it because of other transactions, or because an earlier
+                // handler of this group left the transaction aborted: not this message's doing.
+                let contention =
+                    error.explicit_class().is_none() && contention_in(error.source_error());
                 return match end_failed(unit, error).await {
                     Ended::Unavailable(error) => GroupEnd::Unavailable(error),
-                    _ => GroupEnd::Culprit(position),
+                    _ if contention => GroupEnd::Culprit(position, None),
+                    // Its own failure: the attempt counts, as it would alone.
+                    ended => GroupEnd::Culprit(position, Some(ended)),
                 };
             }
             Err(panic) => {
                 rollback(unit).await;
+                // Perhaps over a transaction an earlier handler of the group left aborted: it
+                // runs again alone, where a panic of its own is retried as usual.
                 tracing::debug!(panic = panic_text(&*panic), "a handler panicked in a group");
-                return GroupEnd::Culprit(position);
+                return GroupEnd::Culprit(position, None);
             }
         }
     }

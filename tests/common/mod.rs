@@ -433,7 +433,7 @@ impl<DB: TestDb> Story<DB> {
         let builder = Consumer::builder(self.pool.clone(), handler)
             .queue(&self.queue)
             .retry(self.retry);
-        start(configure(builder).build().unwrap()).await
+        start(configure(in_test_mode(builder)).build().unwrap()).await
     }
 
     pub async fn publish(&self, body: &[u8], message_id: Option<&str>) {
@@ -459,6 +459,21 @@ impl<DB: TestDb> Story<DB> {
             }
         }
         delete_queues(&self.connection, &self.queue, &self.retry).await;
+    }
+}
+
+/// `IDEM_TEST_GROUP_COMMIT=<n>` (n > 1): the story's consumer commits in groups of up to n
+/// messages (5 ms to fill), so that the same stories prove group mode too (`scripts/test` runs
+/// the consumer and retry stories both ways).
+pub fn in_test_mode<DB: Backend, H: Handler<DB>>(
+    builder: ConsumerBuilder<DB, H>,
+) -> ConsumerBuilder<DB, H> {
+    match std::env::var("IDEM_TEST_GROUP_COMMIT")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(n) if n > 1 => builder.group_commit(n, Duration::from_millis(5)),
+        _ => builder,
     }
 }
 
