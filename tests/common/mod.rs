@@ -463,8 +463,11 @@ impl<DB: TestDb> Story<DB> {
 }
 
 /// `IDEM_TEST_GROUP_COMMIT=<n>` (n > 1): the story's consumer commits in groups of up to n
-/// messages (5 ms to fill), so that the same stories prove group mode too (`scripts/test` runs
-/// the consumer and retry stories both ways).
+/// messages (5 ms to fill), and each story must keep its outcomes (`scripts/test` runs the
+/// consumer and retry stories both ways). Only the stories with several deliveries in flight at
+/// once (copies, racing consumers, the reconnect story's 40 payments, the redelivered batch)
+/// form real groups; a story of one message at a time takes the per-message path in group mode
+/// too. Group mode's own stories are tests/group_*.rs.
 pub fn in_test_mode<DB: Backend, H: Handler<DB>>(
     builder: ConsumerBuilder<DB, H>,
 ) -> ConsumerBuilder<DB, H> {
