@@ -11,6 +11,10 @@
 //!
 //! - **idem group** (`--group N`, default 50; 0 leaves it out): the same handler with
 //!   `group_commit(N, --group-wait-ms)` and the accounts as lock order.
+//! - **idem batch** (`--batch N`, default 100; 0 leaves it out): a batch handler
+//!   (`#[idem::handler(…, batch)]`) doing the same effect with set-based statements (one
+//!   `UNNEST` insert of the captures, one upsert of the accounts' sums in account order), with
+//!   `group_commit(N, --group-wait-ms)`: `--concurrency` batches in flight.
 //!
 //! Both use the same pool size (`--concurrency` connections), prefetch and concurrency. A round
 //! pre-publishes N messages (publisher confirms, delivery mode 2) into a fresh durable queue per
@@ -46,7 +50,7 @@ use idem::amqp::lapin::options::{
 use idem::amqp::lapin::types::FieldTable;
 use idem::amqp::lapin::{BasicProperties, Confirmation, Connection};
 use idem::amqp::Consumer;
-use idem::{Backend, Postgres, Tx};
+use idem::{Backend, BatchTx, Postgres, Tx};
 use serde::Deserialize;
 use sqlx::PgPool;
 use std::future::Future;
@@ -91,6 +95,10 @@ struct Config {
     /// messages per transaction (ordered by account); 0 leaves it out.
     #[arg(long, default_value_t = 50)]
     group: usize,
+    /// Another contestant, `idem batch`: a batch handler with set-based SQL, groups of up to
+    /// this many messages; 0 leaves it out.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
     /// How long a group may wait to fill, in milliseconds.
     #[arg(long, default_value_t = 5)]
     group_wait_ms: u64,
@@ -147,6 +155,42 @@ async fn capture(tx: &mut Tx<'_, Postgres>, payment: PaymentRequested) -> Result
     Ok(())
 }
 
+/// The same effect for a whole batch, set-based: every capture in one `UNNEST` insert, then one
+/// upsert of each account's sum, in account order (the lock order every batch keeps, so that
+/// batches in flight side by side never deadlock on an account row).
+#[idem::handler(consumer = "bench-idem", batch)]
+async fn capture_batch(
+    tx: &mut BatchTx<'_, Postgres>,
+    payments: Vec<PaymentRequested>,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<String> = payments.iter().map(|p| p.payment_id.to_string()).collect();
+    let accounts: Vec<&str> = payments.iter().map(|p| p.account_id.as_str()).collect();
+    let amounts: Vec<i64> = payments.iter().map(|p| p.amount_cents).collect();
+    let currencies: Vec<&str> = payments.iter().map(|p| p.currency.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO bench_captures (payment_id, account_id, amount_cents, currency)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[])",
+    )
+    .bind(&ids)
+    .bind(&accounts)
+    .bind(&amounts)
+    .bind(&currencies)
+    .execute(tx.conn())
+    .await?;
+    sqlx::query(
+        "INSERT INTO bench_accounts (account_id, balance_cents)
+         SELECT account_id, SUM(amount_cents)::bigint
+           FROM UNNEST($1::text[], $2::bigint[]) AS p(account_id, amount_cents)
+          GROUP BY account_id ORDER BY account_id
+         ON CONFLICT (account_id) DO UPDATE SET balance_cents = bench_accounts.balance_cents + excluded.balance_cents",
+    )
+    .bind(&accounts)
+    .bind(&amounts)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -194,6 +238,8 @@ enum Contestant {
     IdemPurging,
     /// idem with group commit (`--group` messages per transaction).
     IdemGroup,
+    /// idem with a batch handler (`--batch` messages per call).
+    IdemBatch,
 }
 
 impl Contestant {
@@ -203,6 +249,7 @@ impl Contestant {
             Self::Raw => "raw",
             Self::IdemPurging => "idem+purge",
             Self::IdemGroup => "idem group",
+            Self::IdemBatch => "idem batch",
         }
     }
 
@@ -210,6 +257,7 @@ impl Contestant {
     fn slug(self) -> &'static str {
         match self {
             Self::IdemGroup => "idem-group",
+            Self::IdemBatch => "idem-batch",
             other => other.name(),
         }
     }
@@ -274,6 +322,8 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     let mut purge_ratios = Vec::new();
     let mut group_rates = Vec::new();
     let mut group_ratios = Vec::new();
+    let mut batch_rates = Vec::new();
+    let mut batch_ratios = Vec::new();
     let mut ack_only = None;
     for round in 1..=bench.config.rounds {
         if round == 1 {
@@ -302,10 +352,19 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
                 order.push(Contestant::IdemGroup);
             }
         }
+        if bench.config.batch > 1 {
+            // Last in odd rounds, first in even ones.
+            if round % 2 == 1 {
+                order.push(Contestant::IdemBatch);
+            } else {
+                order.insert(0, Contestant::IdemBatch);
+            }
+        }
         let mut idem_rate = 0.0;
         let mut raw_rate = 0.0;
         let mut purging_rate = None;
         let mut group_rate = None;
+        let mut batch_rate = None;
         let mut line = Vec::new();
         for &contestant in &order {
             let timed = bench
@@ -317,17 +376,22 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
                 Contestant::Raw => raw_rate = timed.rate,
                 Contestant::IdemPurging => purging_rate = Some(timed.rate),
                 Contestant::IdemGroup => group_rate = Some(timed.rate),
+                Contestant::IdemBatch => batch_rate = Some(timed.rate),
             }
             line.push(timed.describe(contestant));
         }
         let ratio = idem_rate / raw_rate;
         let purge_ratio = purging_rate.map(|rate| rate / idem_rate);
         let group_ratio = group_rate.map(|rate| rate / idem_rate);
+        let batch_ratio = batch_rate.map(|rate| rate / idem_rate);
         let purge_note = purge_ratio
             .map(|r| format!(", idem+purge/idem {r:.2}"))
             .unwrap_or_default()
             + &group_ratio
                 .map(|r| format!(", idem group/idem {r:.2}"))
+                .unwrap_or_default()
+            + &batch_ratio
+                .map(|r| format!(", idem batch/idem {r:.2}"))
                 .unwrap_or_default();
         println!(
             "round {round}/{} ({} first): {}, idem/raw {ratio:.2}{purge_note}",
@@ -338,6 +402,8 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
         purge_ratios.extend(purge_ratio);
         group_rates.extend(group_rate);
         group_ratios.extend(group_ratio);
+        batch_rates.extend(batch_rate);
+        batch_ratios.extend(batch_ratio);
         idem_rates.push(idem_rate);
         raw_rates.push(raw_rate);
         ratios.push(ratio);
@@ -347,15 +413,27 @@ async fn rounds(bench: &Bench) -> anyhow::Result<()> {
     }
     println!("idem: {:.0} msgs/s", median(&mut idem_rates));
     println!("raw: {:.0} msgs/s", median(&mut raw_rates));
+    let of_ack_only = |rate: f64| {
+        ack_only
+            .map(|ceiling| format!(", {:.2}× ack-only", rate / ceiling))
+            .unwrap_or_default()
+    };
     if !group_rates.is_empty() {
         let rate = median(&mut group_rates);
-        let of_ack_only = ack_only
-            .map(|ceiling| format!(", {:.2}× ack-only", rate / ceiling))
-            .unwrap_or_default();
         println!(
-            "idem group: {rate:.0} msgs/s (groups of up to {}, {:.2}× per-message idem{of_ack_only})",
+            "idem group: {rate:.0} msgs/s (groups of up to {}, {:.2}× per-message idem{})",
             bench.config.group,
-            median(&mut group_ratios)
+            median(&mut group_ratios),
+            of_ack_only(rate)
+        );
+    }
+    if !batch_rates.is_empty() {
+        let rate = median(&mut batch_rates);
+        println!(
+            "idem batch: {rate:.0} msgs/s (batches of up to {}, {:.2}× per-message idem{})",
+            bench.config.batch,
+            median(&mut batch_ratios),
+            of_ack_only(rate)
         );
     }
     if !purge_ratios.is_empty() {
@@ -440,6 +518,7 @@ impl Bench {
             Contestant::Raw => self.time_raw(&queue).await?,
             Contestant::IdemPurging => self.time_idem(&queue, IdemMode::Purging).await?,
             Contestant::IdemGroup => self.time_idem(&queue, IdemMode::Group).await?,
+            Contestant::IdemBatch => self.time_batch(&queue).await?,
         };
         let cpu = process_cpu()
             .zip(cpu_before)
@@ -485,6 +564,32 @@ impl Bench {
                 .group_lock_order(|payment: &PaymentRequested| payment.account_id.clone());
         }
         let consumer = builder.build().context("building the idem consumer")?;
+        self.time_consumer(&consumer, purging).await
+    }
+
+    /// The batch handler, `--batch` messages per group, `--concurrency` groups in flight.
+    async fn time_batch(&self, queue: &str) -> anyhow::Result<Duration> {
+        let consumer = Consumer::builder(self.pool.clone(), capture_batch)
+            .queue(queue)
+            .prefetch(self.config.prefetch)
+            .concurrency(self.config.concurrency as usize)
+            .shutdown_deadline(Duration::from_secs(5))
+            .ledger_retention(Duration::from_secs(100 * 365 * 86_400))
+            .group_commit(
+                self.config.batch,
+                Duration::from_millis(self.config.group_wait_ms),
+            )
+            .build()
+            .context("building the idem batch consumer")?;
+        self.time_consumer(&consumer, false).await
+    }
+
+    /// Runs `consumer` until it has applied `--messages` deliveries.
+    async fn time_consumer<H: idem::Handler<Postgres>>(
+        &self,
+        consumer: &Consumer<Postgres, H>,
+        purging: bool,
+    ) -> anyhow::Result<Duration> {
         let outcome = OnceLock::new();
         let started = Instant::now();
         let done = watch(self.config.messages, started, &outcome, || {

@@ -98,9 +98,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use idem_core::{
-    async_trait, redact_url, Backend, BoxError, Classify, DecodeError, DecodeErrorKind, Error,
-    ErrorClass, ErrorClassExt, Handler, HandlerError, Isolation, Key, KeyError, Message, Metadata,
-    Publish, PublishError, Reason, RetryPolicy, Tx,
+    async_trait, redact_url, Backend, Batch, BatchHandler, BatchTx, BoxError, Classify,
+    DecodeError, DecodeErrorKind, Error, ErrorClass, ErrorClassExt, Handler, HandlerError,
+    Isolation, Key, KeyError, Message, Metadata, Publish, PublishError, Reason, RetryPolicy, Tx,
 };
 /// Where a database's idem schema stands: for deploy checks (`idem doctor`).
 pub use idem_core::{schema_status, SchemaStatus};
@@ -145,11 +145,12 @@ pub mod transport {
 #[doc(hidden)]
 pub mod __private {
     pub use idem_core::__private::{
-        decode_json, error_kind, json_message_fingerprint, json_value_parses_as, JsonKeyField,
-        JsonSpelling, KeyField, MessageKind, Serialize,
+        decode_json, error_kind, handle_one, json_message_fingerprint, json_value_parses_as,
+        JsonKeyField, JsonSpelling, KeyField, MessageKind, Serialize,
     };
     pub use idem_core::{
-        async_trait, DecodeError, Handler, HandlerError, Key, KeyError, Message, Publish, Tx,
+        async_trait, BatchHandler, BatchTx, DecodeError, Handler, HandlerError, Key, KeyError,
+        Message, Publish, Tx,
     };
 }
 

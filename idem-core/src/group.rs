@@ -29,16 +29,16 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 
 /// A message of the group: its place in the deliveries, what decoding it gave.
-struct Member<M> {
-    at: usize,
-    key: Key,
-    fingerprint: [u8; 32],
+pub(crate) struct Member<M> {
+    pub(crate) at: usize,
+    pub(crate) key: Key,
+    pub(crate) fingerprint: [u8; 32],
     /// Taken by the handler; decoded again when the group runs again.
-    message: Option<M>,
+    pub(crate) message: Option<M>,
 }
 
 /// How one run of the group ended.
-enum GroupEnd {
+pub(crate) enum GroupEnd {
     /// Committed: each member's ending, in member order.
     Committed(Vec<Ended>),
     /// The member at this position failed; the group rolled back. `Some`: how its attempt
@@ -60,7 +60,10 @@ pub type LockOrder<'a, M> = dyn Fn(&M) -> String + Send + Sync + 'a;
 /// `lock_order` names the rows a message writes (say, its account id): a group's handlers run
 /// in ascending order of it (stable: one key keeps delivery order). Groups that run side by
 /// side and write the same rows must lock them in one order, or they deadlock; without it,
-/// handlers run in delivery order. Every delivery gets the outcome it
+/// handlers run in delivery order. A handler that handles whole batches ([`Handler::batch`],
+/// [`BatchHandler`](crate::BatchHandler)) gets every claimed message of the group in one call,
+/// in that order; when it fails, the group is split in halves until the message to blame is
+/// alone. Every delivery gets the outcome it
 /// would get from [`process`] on its own — applied, duplicate, dead-lettered with the same
 /// reason, retried, held — and a failing message never takes another's effect with it.
 pub async fn process_group<DB: Backend, H: Handler<DB>>(
@@ -105,6 +108,19 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
     if let Some(lock_key) = lock_order {
         // Stable: messages with one lock key keep their delivery order.
         members.sort_by_cached_key(|m| m.message.as_ref().map(lock_key).unwrap_or_default());
+    }
+    if let Some(batch) = handler.batch() {
+        let members = std::mem::take(&mut members);
+        crate::batch::run_batches(
+            pool,
+            batch,
+            members,
+            deliveries,
+            policy,
+            &mut processed,
+            &mut alone,
+        )
+        .await;
     }
     while members.len() > 1 {
         match run_group(pool, handler, &mut members, deliveries, policy).await {
@@ -275,7 +291,7 @@ async fn run_group<DB: Backend, H: Handler<DB>>(
 }
 
 /// The group's COMMIT, after the check that the transaction is still the one that claimed.
-async fn commit_group<DB: Backend>(
+pub(crate) async fn commit_group<DB: Backend>(
     mut unit: Unit<DB>,
     txid: i64,
     consumer: &str,

@@ -1,6 +1,7 @@
 //! The handler trait: what runs inside the transaction.
 
 use crate::backend::Backend;
+use crate::batch::BatchHandler;
 use crate::message::Message;
 use crate::tx::Tx;
 
@@ -46,6 +47,14 @@ pub trait Handler<DB: Backend>: Send + Sync + 'static {
     /// the dead-letter queue.
     async fn handle(&self, tx: &mut Tx<'_, DB>, message: Self::Message)
         -> Result<(), HandlerError>;
+
+    /// The same handler for whole batches, if it has one: with group commit, a group's claimed
+    /// messages then go to [`BatchHandler::handle_batch`] in one call instead of one
+    /// [`Handler::handle`] each. `None` (the default): one call per message.
+    /// [`Batch`](crate::Batch) and `#[idem::handler(…, batch)]` answer `Some`.
+    fn batch(&self) -> Option<&dyn BatchHandler<DB, Message = Self::Message>> {
+        None
+    }
 }
 
 /// Whether trying a failed message again can help.

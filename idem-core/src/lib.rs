@@ -10,6 +10,7 @@
 //! | --- | --- |
 //! | `message`, `key` | [`Message`] (decode + key: what consuming needs), [`Publish`] (serialize + kind: what publishing needs), [`Key`], JSON decoding with idem's limits |
 //! | `handler`, `tx` | [`Handler`], [`HandlerError`] and its [`ErrorClass`], [`Classify`] for your own errors, the handler's [`Tx`] |
+//! | `group`, `batch` | group commit ([`process_group`]) and batch handlers ([`BatchHandler`], [`BatchTx`], [`Batch`]) |
 //! | `process`, `delivery`, `outcome`, `policy` | the unit of work: [`process()`], its [`Delivery`] input, its [`Outcome`], the limits ([`Policy`], [`RetryPolicy`]) |
 //! | `backend` | [`Backend`]: PostgreSQL and SQLite, migrations, the ledger's SQL |
 //! | [`outbox`] | messages published in the handler's transaction |
@@ -21,6 +22,7 @@
 
 mod backend;
 pub mod backoff;
+mod batch;
 mod classify;
 mod delivery;
 mod error;
@@ -44,6 +46,7 @@ mod tx;
 pub use async_trait::async_trait;
 pub use backend::{schema_status, Backend, SchemaStatus};
 pub use backoff::Backoff;
+pub use batch::{Batch, BatchHandler, BatchTx};
 pub use delivery::{Delivery, Metadata};
 pub use error::{redact_url, Error};
 pub use group::{process_group, LockOrder};
@@ -62,6 +65,7 @@ pub use tx::Tx;
 /// changes without notice.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::batch::handle_one;
     pub use crate::handler::error_kind;
     pub use crate::key::KeyField;
     pub use crate::message::{

@@ -44,6 +44,37 @@ impl<'t, DB: Backend> Tx<'t, DB> {
         }
     }
 
+    /// Its parts, for a batch handler's handle of one message ([`BatchTx`](crate::BatchTx)):
+    /// the published count is shared, so ids stay in sequence.
+    pub(crate) fn parts(
+        &mut self,
+    ) -> (
+        &mut DB::Connection,
+        &'t str,
+        &'t Key,
+        &'t Metadata,
+        &mut u32,
+    ) {
+        (
+            self.conn,
+            self.consumer,
+            self.key,
+            self.metadata,
+            &mut self.published,
+        )
+    }
+
+    /// A handle that goes on numbering the messages it publishes after `published`.
+    pub(crate) fn resumed(mut self, published: u32) -> Self {
+        self.published = published;
+        self
+    }
+
+    /// How many messages this handle has published.
+    pub(crate) fn published(&self) -> u32 {
+        self.published
+    }
+
     /// The connection inside the transaction, for `sqlx::query(..).execute(tx.conn())`.
     pub fn conn(&mut self) -> &mut DB::Connection {
         self.conn

@@ -187,12 +187,24 @@ pub enum PublishError {
         #[source]
         source: sqlx::Error,
     },
+    /// A batch handler published for a message it was not given
+    /// ([`BatchTx::publish_for`](crate::BatchTx::publish_for)): a bug in the handler, which
+    /// fails the same way every time.
+    #[error("cannot publish the {kind} message for message {index} of the batch: the batch holds {len} messages (index them as the Vec the handler received)")]
+    NotInBatch {
+        /// The message kind.
+        kind: &'static str,
+        /// The index given.
+        index: usize,
+        /// How many messages the batch holds.
+        len: usize,
+    },
 }
 
 impl crate::Classify for PublishError {
     fn class(&self) -> Option<crate::ErrorClass> {
         match self {
-            Self::Serialize { .. } => Some(crate::ErrorClass::Permanent),
+            Self::Serialize { .. } | Self::NotInBatch { .. } => Some(crate::ErrorClass::Permanent),
             // Its sqlx error, next in the chain, decides; so a lost database is waited for.
             Self::Outbox { .. } => None,
         }

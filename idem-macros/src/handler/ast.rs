@@ -6,13 +6,16 @@ use crate::errors::Errors;
 use proc_macro2::TokenStream;
 use syn::{ItemFn, LitStr, Type};
 
-/// A checked `async fn NAME(tx: &mut Tx<'_, DB>, msg: M) -> Result<T, E>`.
+/// A checked `async fn NAME(tx: &mut Tx<'_, DB>, msg: M) -> Result<T, E>`, or with `batch`,
+/// `async fn NAME(tx: &mut BatchTx<'_, DB>, msgs: Vec<M>) -> Result<T, E>`.
 pub(super) struct HandlerInput<'a> {
     pub(super) function: &'a ItemFn,
     pub(super) consumer: LitStr,
+    /// Whether the function takes the whole batch.
+    pub(super) batch: bool,
     /// `DB`.
     pub(super) backend: Type,
-    /// `M`.
+    /// `M` (for a batch handler, the `M` of `Vec<M>`).
     pub(super) message: &'a Type,
     /// `Result<T, E>`, as written (perhaps an alias).
     pub(super) output: &'a Type,

@@ -13,6 +13,8 @@ use syn::{Attribute, LitStr};
 /// The arguments of `#[idem::handler(...)]`.
 pub(super) struct HandlerArgs {
     pub(super) consumer: Option<LitStr>,
+    /// `batch`: the function handles a whole batch in one call.
+    pub(super) batch: bool,
 }
 
 /// The function's attributes, sorted by where they belong.
@@ -28,11 +30,24 @@ pub(super) struct SortedAttributes<'a> {
     pub(super) body: Vec<&'a Attribute>,
 }
 
-/// `consumer = "payments"`, and nothing else; `None` when the arguments do not parse.
+/// `consumer = "payments"`, perhaps `batch`, and nothing else; `None` when the arguments do not
+/// parse.
 pub(super) fn handler_args(args: TokenStream, errors: &mut Errors) -> Option<HandlerArgs> {
     let mut consumer: Option<LitStr> = None;
+    let mut batch = false;
     let parser = syn::meta::parser(|meta| {
-        if meta.path.is_ident("consumer") {
+        if meta.path.is_ident("batch") {
+            if !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+                return Err(meta.error(
+                    "`batch` takes no value: write #[idem::handler(consumer = \"payments\", batch)]",
+                ));
+            }
+            if batch {
+                return Err(meta.error("`batch` is given twice"));
+            }
+            batch = true;
+            Ok(())
+        } else if meta.path.is_ident("consumer") {
             if !meta.input.peek(syn::Token![=]) {
                 return Err(meta.error("write #[idem::handler(consumer = \"payments\")]"));
             }
@@ -50,14 +65,15 @@ pub(super) fn handler_args(args: TokenStream, errors: &mut Errors) -> Option<Han
             Ok(())
         } else {
             Err(meta.error(format!(
-                "unknown option `{}` for #[idem::handler]: the only option is consumer = \"name\", as in \
-                 #[idem::handler(consumer = \"payments\")]",
+                "unknown option `{}` for #[idem::handler]: the options are consumer = \"name\" and \
+                 batch, as in #[idem::handler(consumer = \"payments\")] or \
+                 #[idem::handler(consumer = \"payments\", batch)]",
                 path_text(&meta.path)
             )))
         }
     });
     match parser.parse2(args) {
-        Ok(()) => Some(HandlerArgs { consumer }),
+        Ok(()) => Some(HandlerArgs { consumer, batch }),
         Err(error) => {
             errors.push(error);
             None

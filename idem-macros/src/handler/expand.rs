@@ -1,5 +1,6 @@
 //! What `#[idem::handler]` generates: a unit struct named after the function, the body as its
-//! `call` method, and `idem::Handler` for it; or, on an error, the function unchanged.
+//! `call` method, and `idem::Handler` for it (with `batch`, `idem::BatchHandler` as well); or,
+//! on an error, the function unchanged.
 
 use super::ast::HandlerInput;
 use super::attr::{sort_attributes, SortedAttributes};
@@ -32,10 +33,7 @@ pub(super) fn expand(handler: &HandlerInput<'_>) -> TokenStream {
     let mut call_sig = sig.clone();
     call_sig.ident = format_ident!("call", span = sig.ident.span());
     let call_doc = call_doc(&handler.consumer);
-    let backend = &handler.backend;
-    let message = handler.message;
-    let into_handler_error = into_handler_error(handler);
-    let consumer = LitStr::new(&handler.consumer.value(), at(handler.consumer.span()));
+    let impls = handler_impls(handler, name, &cfg);
 
     quote! {
         #(#cfg)*
@@ -61,6 +59,68 @@ pub(super) fn expand(handler: &HandlerInput<'_>) -> TokenStream {
             #vis #call_sig #block
         }
 
+        #impls
+    }
+}
+
+/// `idem::Handler` for the struct; for a batch handler, `idem::BatchHandler` too, with `Handler`
+/// running one message as a batch of one.
+fn handler_impls(
+    handler: &HandlerInput<'_>,
+    name: &syn::Ident,
+    cfg: &[&syn::Attribute],
+) -> TokenStream {
+    let backend = &handler.backend;
+    let message = handler.message;
+    let into_handler_error = into_handler_error(handler);
+    let consumer = LitStr::new(&handler.consumer.value(), at(handler.consumer.span()));
+    // A batch handler's `handle` is a batch of one; it answers `batch()` with itself.
+    let (handle, batch_impl, batch_method) = if handler.batch {
+        (
+            quote!(::idem::__private::handle_one(self, tx, message).await),
+            quote! {
+                #(#cfg)*
+                #[::idem::__private::async_trait]
+                impl ::idem::__private::BatchHandler<#backend> for #name {
+                    type Message = #message;
+
+                    fn consumer(&self) -> &::core::primitive::str {
+                        #consumer
+                    }
+
+                    async fn handle_batch(
+                        &self,
+                        tx: &mut ::idem::__private::BatchTx<'_, #backend>,
+                        messages: ::std::vec::Vec<#message>,
+                    ) -> ::core::result::Result<(), ::idem::__private::HandlerError> {
+                        let output = Self::call(tx, messages).await;
+                        #into_handler_error
+                    }
+                }
+            },
+            quote! {
+                fn batch(
+                    &self,
+                ) -> ::core::option::Option<
+                    &dyn ::idem::__private::BatchHandler<#backend, Message = #message>,
+                > {
+                    ::core::option::Option::Some(self)
+                }
+            },
+        )
+    } else {
+        (
+            quote! {
+                let output = Self::call(tx, message).await;
+                #into_handler_error
+            },
+            TokenStream::new(),
+            TokenStream::new(),
+        )
+    };
+    quote! {
+        #batch_impl
+
         #(#cfg)*
         #[::idem::__private::async_trait]
         impl ::idem::__private::Handler<#backend> for #name {
@@ -75,9 +135,10 @@ pub(super) fn expand(handler: &HandlerInput<'_>) -> TokenStream {
                 tx: &mut ::idem::__private::Tx<'_, #backend>,
                 message: #message,
             ) -> ::core::result::Result<(), ::idem::__private::HandlerError> {
-                let output = Self::call(tx, message).await;
-                #into_handler_error
+                #handle
             }
+
+            #batch_method
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `#[idem::handler(consumer = "...")]`: read the arguments (attr.rs) and the function (ast.rs),
+//! `#[idem::handler(consumer = "...")]` (and `…, batch)`): read the arguments (attr.rs) and the function (ast.rs),
 //! check them (valid.rs), generate the handler (expand.rs).
 
 mod ast;
@@ -12,12 +12,13 @@ use proc_macro2::TokenStream;
 pub(crate) fn attribute(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     // The consumer name first, so that its errors come before those about the function.
-    let consumer = attr::handler_args(args, &mut errors)
-        .and_then(|args| valid::consumer_name(args, &mut errors));
+    let args = attr::handler_args(args, &mut errors);
+    let batch = args.as_ref().is_some_and(|args| args.batch);
+    let consumer = args.and_then(|args| valid::consumer_name(args, &mut errors));
     let Some(function) = ast::parse_function(item.clone(), &mut errors) else {
         return expand::unchanged(&errors, item);
     };
-    match valid::check(consumer, &function, &mut errors) {
+    match valid::check(consumer, batch, &function, &mut errors) {
         Some(handler) if errors.is_empty() => expand::expand(&handler),
         _ => expand::unchanged(&errors, item),
     }

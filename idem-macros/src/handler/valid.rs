@@ -12,6 +12,8 @@ use syn::{FnArg, GenericArgument, ItemFn, LitStr, PathArguments, ReturnType, Sig
 
 const TX_FIRST: &str =
     "the first argument must be the transaction handle `&mut idem::Tx<'_, DB>`: idem owns the pool and the commit";
+const BATCH_TX_FIRST: &str =
+    "the first argument of a batch handler must be the batch's transaction handle `&mut idem::BatchTx<'_, DB>`: idem owns the pool and the commit";
 
 /// The consumer name: required, not blank, no control characters.
 pub(super) fn consumer_name(args: HandlerArgs, errors: &mut Errors) -> Option<LitStr> {
@@ -45,6 +47,7 @@ pub(super) fn consumer_name(args: HandlerArgs, errors: &mut Errors) -> Option<Li
 /// Checks the signature; the handler, if it and the consumer name (checked before) are valid.
 pub(super) fn check<'a>(
     consumer: Option<LitStr>,
+    batch: bool,
     function: &'a ItemFn,
     errors: &mut Errors,
 ) -> Option<HandlerInput<'a>> {
@@ -54,7 +57,7 @@ pub(super) fn check<'a>(
     let output = check_output(sig, errors);
     // With `self`, the arguments are not the expected two anyway; one error is enough.
     let arguments = if free_function {
-        check_arguments(sig, errors)
+        check_arguments(sig, batch, errors)
     } else {
         None
     };
@@ -65,6 +68,7 @@ pub(super) fn check<'a>(
     Some(HandlerInput {
         function,
         consumer: consumer?,
+        batch,
         backend,
         message,
         output: output?,
@@ -168,8 +172,13 @@ fn returns_result(ty: &Type) -> bool {
     last_segment(ty).is_some_and(|last| last.ident == "Result")
 }
 
-/// `tx: &mut Tx<'_, DB>, msg: M`: the backend `DB` and the message type `M`.
-fn check_arguments<'a>(sig: &'a Signature, errors: &mut Errors) -> Option<(Type, &'a Type)> {
+/// `tx: &mut Tx<'_, DB>, msg: M` (with `batch`: `tx: &mut BatchTx<'_, DB>, msgs: Vec<M>`): the
+/// backend `DB` and the message type `M`.
+fn check_arguments<'a>(
+    sig: &'a Signature,
+    batch: bool,
+    errors: &mut Errors,
+) -> Option<(Type, &'a Type)> {
     let typed: Vec<&syn::PatType> = sig
         .inputs
         .iter()
@@ -190,9 +199,33 @@ fn check_arguments<'a>(sig: &'a Signature, errors: &mut Errors) -> Option<(Type,
         );
         return None;
     };
-    let backend = transaction_backend(&tx.ty);
+    if batch {
+        return batch_arguments(tx, msg, errors);
+    }
+    let backend = transaction_backend(&tx.ty, "Tx");
     if backend.is_none() {
+        if transaction_backend(&tx.ty, "BatchTx").is_some() {
+            errors.spanned(
+                &tx.ty,
+                "`BatchTx` is the handle of a batch handler: add `batch` to the attribute \
+                 (#[idem::handler(consumer = \"payments\", batch)]) and take `msgs: Vec<YourMessage>`, \
+                 or take `tx: &mut idem::Tx<'_, DB>` to handle one message per call",
+            );
+            return None;
+        }
         errors.spanned(&tx.ty, format!("{TX_FIRST}; {}", transaction_hint(tx)));
+    }
+    if let Some(element) = vec_element(&msg.ty) {
+        errors.spanned(
+            &msg.ty,
+            format!(
+                "a handler takes one message; to take a whole batch in one call, write \
+                 #[idem::handler(consumer = \"…\", batch)] and `tx: &mut idem::BatchTx<'_, DB>, {}: Vec<{}>`",
+                text(&msg.pat),
+                text(element)
+            ),
+        );
+        return None;
     }
     let message = match peel(&msg.ty) {
         Type::Reference(reference) => {
@@ -218,13 +251,71 @@ fn check_arguments<'a>(sig: &'a Signature, errors: &mut Errors) -> Option<(Type,
     Some((backend?, message?))
 }
 
-/// `DB` of `&mut Tx<'_, DB>` (any path ending in `Tx`; the lifetime may be elided).
-fn transaction_backend(ty: &Type) -> Option<Type> {
+/// A batch handler's `tx: &mut BatchTx<'_, DB>, msgs: Vec<M>`.
+fn batch_arguments<'a>(
+    tx: &syn::PatType,
+    msgs: &'a syn::PatType,
+    errors: &mut Errors,
+) -> Option<(Type, &'a Type)> {
+    let backend = transaction_backend(&tx.ty, "BatchTx");
+    if backend.is_none() {
+        let hint = match transaction_backend(&tx.ty, "Tx") {
+            Some(db) => format!(
+                "write `{}: &mut idem::BatchTx<'_, {}>` (it publishes for one message of the batch: \
+                 `tx.publish_for(i, &event)`)",
+                text(&tx.pat),
+                text(&db)
+            ),
+            None => format!(
+                "write `{}: &mut idem::BatchTx<'_, idem::Postgres>` and run queries with `.execute(tx.conn())`",
+                text(&tx.pat)
+            ),
+        };
+        errors.spanned(&tx.ty, format!("{BATCH_TX_FIRST}; {hint}"));
+    }
+    let message = vec_element(&msgs.ty);
+    if message.is_none() {
+        let written = match peel(&msgs.ty) {
+            Type::Reference(reference) => match peel(&reference.elem) {
+                Type::Slice(slice) => text(&slice.elem),
+                other => text(other),
+            },
+            other => text(other),
+        };
+        errors.spanned(
+            &msgs.ty,
+            format!(
+                "a batch handler takes the batch's messages by value, as a Vec: write `{}: Vec<{written}>`",
+                text(&msgs.pat)
+            ),
+        );
+    }
+    Some((backend?, message?))
+}
+
+/// `M` of `Vec<M>` (any path ending in `Vec`).
+fn vec_element(ty: &Type) -> Option<&Type> {
+    let last = unqualified_last_segment(ty)?;
+    if last.ident != "Vec" {
+        return None;
+    }
+    match &last.arguments {
+        PathArguments::AngleBracketed(arguments) => match arguments.args.first() {
+            Some(GenericArgument::Type(element)) if arguments.args.len() == 1 => Some(element),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `DB` of `&mut Tx<'_, DB>` (any path ending in `handle`, `Tx` or `BatchTx`; the lifetime may
+/// be elided).
+fn transaction_backend(ty: &Type, handle: &str) -> Option<Type> {
     let Type::Reference(reference) = peel(ty) else {
         return None;
     };
     reference.mutability?;
-    let arguments = tx_arguments(&reference.elem)?;
+    let arguments = handle_arguments(&reference.elem, handle)?;
     let mut backend = None;
     let mut lifetimes = 0;
     for argument in arguments {
@@ -242,8 +333,16 @@ fn transaction_backend(ty: &Type) -> Option<Type> {
 
 /// The generic arguments of a path ending in `Tx<..>`.
 fn tx_arguments(ty: &Type) -> Option<&Punctuated<GenericArgument, syn::Token![,]>> {
+    handle_arguments(ty, "Tx")
+}
+
+/// The generic arguments of a path ending in `handle<..>`.
+fn handle_arguments<'a>(
+    ty: &'a Type,
+    handle: &str,
+) -> Option<&'a Punctuated<GenericArgument, syn::Token![,]>> {
     let last = unqualified_last_segment(ty)?;
-    if last.ident != "Tx" {
+    if last.ident != handle {
         return None;
     }
     match &last.arguments {
