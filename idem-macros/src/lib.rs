@@ -134,6 +134,45 @@ pub fn derive_publish(input: TokenStream) -> TokenStream {
 ///
 /// The handler gets only the transaction handle: it cannot commit, roll back, or reach the pool.
 /// idem commits the ledger claim and the handler's writes together, then acknowledges.
+///
+/// # Batch handlers
+///
+/// `#[idem::handler(consumer = "payments", batch)]` on
+/// `async fn NAME(tx: &mut idem::BatchTx<'_, DB>, msgs: Vec<M>) -> Result<T, E>` makes a handler
+/// of whole batches for set-based SQL: with the consumer's `group_commit`, it gets every
+/// claimed (first-time) message of a group in one call, in one transaction. `NAME` implements
+/// `idem::BatchHandler<DB>` and `idem::Handler<DB>` (a message that runs alone is a batch of
+/// one). When it fails, idem splits the batch until the message to blame is alone. What it
+/// publishes belongs to one message: `tx.publish_for(i, &event)` for `msgs[i]`.
+///
+/// ```
+/// # #[derive(Debug, serde::Deserialize, idem::Message)]
+/// # struct PaymentRequested { #[idem(key)] payment_id: uuid::Uuid, account_id: String, amount_cents: i64 }
+/// #[idem::handler(consumer = "payments", batch)]
+/// async fn capture(
+///     tx: &mut idem::BatchTx<'_, idem::Postgres>,
+///     payments: Vec<PaymentRequested>,
+/// ) -> Result<(), sqlx::Error> {
+///     let accounts: Vec<&str> = payments.iter().map(|p| p.account_id.as_str()).collect();
+///     let cents: Vec<i64> = payments.iter().map(|p| p.amount_cents).collect();
+///     // Batches side by side lock shared rows in one order, or they deadlock.
+///     sqlx::query("SELECT 1 FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+///         .bind(&accounts)
+///         .execute(tx.conn())
+///         .await?;
+///     sqlx::query(
+///         "UPDATE accounts SET balance_cents = balance_cents + s.cents
+///            FROM (SELECT id, SUM(cents)::bigint AS cents
+///                    FROM UNNEST($1::text[], $2::bigint[]) AS p(id, cents) GROUP BY id) s
+///           WHERE accounts.id = s.id",
+///     )
+///     .bind(&accounts)
+///     .bind(&cents)
+///     .execute(tx.conn())
+///     .await?;
+///     Ok(())
+/// }
+/// ```
 #[proc_macro_attribute]
 pub fn handler(args: TokenStream, item: TokenStream) -> TokenStream {
     handler::attribute(args.into(), item.into()).into()

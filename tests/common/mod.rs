@@ -195,6 +195,8 @@ pub trait TestDb: Backend {
     async fn forget_published(pool: &sqlx::Pool<Self>);
     /// The last publish error recorded in the outbox.
     async fn last_outbox_error(pool: &sqlx::Pool<Self>) -> String;
+    /// The message ids of the outbox rows caused by the inbound message `causation_id`.
+    async fn outbox_ids(pool: &sqlx::Pool<Self>, causation_id: &str) -> Vec<String>;
 }
 
 macro_rules! test_db {
@@ -263,6 +265,15 @@ macro_rules! test_db {
                 .unwrap()
                 .flatten()
                 .unwrap_or_default()
+            }
+            async fn outbox_ids(pool: &sqlx::Pool<Self>, causation_id: &str) -> Vec<String> {
+                sqlx::query_scalar(
+                    "SELECT CAST(message_id AS TEXT) FROM idem_outbox WHERE causation_id = $1 ORDER BY id",
+                )
+                .bind(causation_id)
+                .fetch_all(pool)
+                .await
+                .unwrap()
             }
             async fn amount(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64 {
                 sqlx::query_scalar("SELECT amount FROM test_effects WHERE consumer = $1 AND key = $2 ORDER BY id LIMIT 1")

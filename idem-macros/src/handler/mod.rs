@@ -12,9 +12,13 @@ use proc_macro2::TokenStream;
 pub(crate) fn attribute(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     // The consumer name first, so that its errors come before those about the function.
-    let args = attr::handler_args(args, &mut errors);
-    let batch = args.as_ref().is_some_and(|args| args.batch);
-    let consumer = args.and_then(|args| valid::consumer_name(args, &mut errors));
+    let Some(args) = attr::handler_args(args, &mut errors) else {
+        // Which shape to expect (`batch` or not) is unknown: checking the function against
+        // either would only add a second, misleading error.
+        return expand::unchanged(&errors, item);
+    };
+    let batch = args.batch;
+    let consumer = valid::consumer_name(args, &mut errors);
     let Some(function) = ast::parse_function(item.clone(), &mut errors) else {
         return expand::unchanged(&errors, item);
     };
