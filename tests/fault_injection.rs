@@ -8,6 +8,10 @@
 //! exactly once (capture rows and balances), the DLQ every bad message with its reason, and the
 //! main and retry queues nothing.
 //!
+//! With `IDEM_TEST_GROUP_COMMIT=<n>` the consumers commit in groups of up to n messages (the
+//! second pass of `scripts/test` runs it so): SIGKILLs then land in the middle of groups, and
+//! the same checks hold.
+//!
 //! Every random choice comes from one seed, printed first: `IDEM_FAULT_SEED=<n>` replays the
 //! same workload and fault schedule (the interleaving with the processes differs, of course).
 //! It needs what `scripts/test` exports — IDEM_TEST_AMQP_URL, IDEM_TEST_DATABASE_URL,
@@ -180,9 +184,15 @@ impl Run {
         }
     }
 
+    /// With `IDEM_TEST_GROUP_COMMIT=<n>` (scripts/test's second pass) the consumers commit in
+    /// groups of up to n (`IDEM_GROUP_COMMIT`): the kills then land mid-group.
     fn consumer_env(&self) -> Vec<(String, String)> {
-        self.scratch
-            .env(&[("IDEM_QUEUE", &self.queue), ("IDEM_PREFETCH", PREFETCH)])
+        let group = std::env::var("IDEM_TEST_GROUP_COMMIT").unwrap_or_else(|_| "0".into());
+        self.scratch.env(&[
+            ("IDEM_QUEUE", &self.queue),
+            ("IDEM_PREFETCH", PREFETCH),
+            ("IDEM_GROUP_COMMIT", &group),
+        ])
     }
 }
 

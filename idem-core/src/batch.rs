@@ -284,6 +284,9 @@ pub(crate) async fn run_batches<DB: Backend, M: Message>(
                 }
             }
             BatchEnd::Contended(why) if !contended => {
+                crate::group::warn_contention(
+                    "lock the rows a batch shares with others in one order before writing them (SELECT … WHERE id = ANY($1) ORDER BY id FOR UPDATE)",
+                );
                 // One re-run: the other transaction has usually ended by now.
                 tracing::debug!(%why, members = set.len(), "a batch met another transaction; running it again");
                 tokio::time::sleep(std::time::Duration::from_millis(

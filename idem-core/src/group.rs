@@ -123,7 +123,8 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
         .await;
     }
     while members.len() > 1 {
-        match run_group(pool, handler, &mut members, deliveries, policy).await {
+        let ordered = lock_order.is_some();
+        match run_group(pool, handler, &mut members, deliveries, policy, ordered).await {
             GroupEnd::Committed(endings) => {
                 for (member, ended) in members.drain(..).zip(endings) {
                     let metadata = deliveries[member.at].metadata;
@@ -181,6 +182,23 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
         .collect()
 }
 
+/// Says, at most once a minute, that groups in flight side by side met on the same rows (a
+/// deadlock, a serialization failure): each costs a re-run, and `fix` says how to avoid it.
+pub(crate) fn warn_contention(fix: &str) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60)) {
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    tracing::warn!(
+        fix,
+        "groups in flight side by side deadlocked or failed to serialize on the same rows; each time costs a re-run (PostgreSQL breaks a deadlock after deadlock_timeout, 1 s by default)"
+    );
+}
+
 /// One run of the group: BEGIN, the set-based claim, each claimed member's handler, COMMIT.
 async fn run_group<DB: Backend, H: Handler<DB>>(
     pool: &Pool<DB>,
@@ -188,6 +206,7 @@ async fn run_group<DB: Backend, H: Handler<DB>>(
     members: &mut [Member<H::Message>],
     deliveries: &[Delivery<'_>],
     policy: &Policy,
+    ordered: bool,
 ) -> GroupEnd {
     let consumer = handler.consumer();
     let mut unit = match DB::begin(pool, policy.isolation).await {
@@ -268,7 +287,14 @@ async fn run_group<DB: Backend, H: Handler<DB>>(
                     error.explicit_class().is_none() && contention_in(error.source_error());
                 return match end_failed(unit, error).await {
                     Ended::Unavailable(error) => GroupEnd::Unavailable(error),
-                    _ if contention => GroupEnd::Culprit(position, None),
+                    _ if contention => {
+                        warn_contention(if ordered {
+                            "a handler writes several shared rows: lock them in one order inside it (SELECT … ORDER BY … FOR UPDATE)"
+                        } else {
+                            "name the rows a message writes with ConsumerBuilder::group_lock_order, so that every group takes them in one order"
+                        });
+                        GroupEnd::Culprit(position, None)
+                    }
                     // Its own failure: the attempt counts, as it would alone.
                     ended => GroupEnd::Culprit(position, Some(ended)),
                 };
