@@ -197,6 +197,8 @@ pub trait TestDb: Backend {
     async fn last_outbox_error(pool: &sqlx::Pool<Self>) -> String;
     /// The message ids of the outbox rows caused by the inbound message `causation_id`.
     async fn outbox_ids(pool: &sqlx::Pool<Self>, causation_id: &str) -> Vec<String>;
+    /// Deletes the outbox rows caused by the inbound messages `causation_ids`.
+    async fn forget_outbox(pool: &sqlx::Pool<Self>, causation_ids: &[String]);
 }
 
 macro_rules! test_db {
@@ -274,6 +276,15 @@ macro_rules! test_db {
                 .fetch_all(pool)
                 .await
                 .unwrap()
+            }
+            async fn forget_outbox(pool: &sqlx::Pool<Self>, causation_ids: &[String]) {
+                for id in causation_ids {
+                    sqlx::query("DELETE FROM idem_outbox WHERE causation_id = $1")
+                        .bind(id)
+                        .execute(pool)
+                        .await
+                        .unwrap();
+                }
             }
             async fn amount(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64 {
                 sqlx::query_scalar("SELECT amount FROM test_effects WHERE consumer = $1 AND key = $2 ORDER BY id LIMIT 1")
