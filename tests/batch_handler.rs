@@ -19,8 +19,8 @@
 mod common;
 
 use common::*;
-use idem::transport::{process, process_group, Delivery, Outcome, Policy};
-use idem::{async_trait, Batch, BatchHandler, BatchTx, HandlerError, Metadata, Reason};
+use idem::transport::{process, process_group, Outcome};
+use idem::{async_trait, Batch, BatchHandler, BatchTx, HandlerError, Reason};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
@@ -97,55 +97,6 @@ impl<DB: TestDb> BatchHandler<DB> for Ledgers<DB> {
     }
 }
 
-/// Transfers as they would arrive: bodies and their metadata.
-struct Arrivals {
-    bodies: Vec<Vec<u8>>,
-    metadata: Vec<Metadata>,
-}
-
-impl Arrivals {
-    fn of(transfers: &[(Uuid, &str, i64, bool)]) -> Self {
-        let bodies = transfers
-            .iter()
-            .map(|(id, account, amount, fail)| {
-                serde_json::to_vec(&serde_json::json!({
-                    "id": id, "account": account, "amount": amount, "fail": fail
-                }))
-                .unwrap()
-            })
-            .collect();
-        let metadata = transfers
-            .iter()
-            .map(|(id, ..)| Metadata {
-                message_id: Some(id.to_string()),
-                ..Metadata::default()
-            })
-            .collect();
-        Self { bodies, metadata }
-    }
-
-    fn deliveries(&self) -> Vec<Delivery<'_>> {
-        self.bodies
-            .iter()
-            .zip(&self.metadata)
-            .map(|(body, metadata)| Delivery {
-                body,
-                metadata,
-                tries_in_place: 0,
-                blame_if_unavailable: false,
-            })
-            .collect()
-    }
-}
-
-fn policy() -> Policy {
-    let mut policy = Policy::default();
-    policy.retry =
-        idem::RetryPolicy::exponential(Duration::from_millis(50), Duration::from_millis(400))
-            .max_attempts(4);
-    policy
-}
-
 async fn a_poison_message_is_found_by_splitting_and_the_rest_apply_once<DB: TestDb>() {
     let story = Story::<DB>::begin("batch-poison").await;
     let handler = Ledgers::<DB>::new(&story.consumer);
@@ -168,7 +119,7 @@ async fn a_poison_message_is_found_by_splitting_and_the_rest_apply_once<DB: Test
         &story.pool,
         &handler,
         &arrivals.deliveries(),
-        &policy(),
+        &fast_policy(),
         None,
     )
     .await;
@@ -218,7 +169,7 @@ async fn a_message_that_keeps_failing_or_panicking_ends_alone_and_is_retried_the
         &story.pool,
         &handler,
         &arrivals.deliveries(),
-        &policy(),
+        &fast_policy(),
         None,
     )
     .await;
@@ -263,7 +214,14 @@ async fn the_handler_only_ever_sees_first_time_messages<DB: TestDb>() {
         (earlier, "acct-b3", 7, false),
         (reused, "acct-b3", 8, false),
     ]);
-    let first = process_group(&story.pool, &handler, &before.deliveries(), &policy(), None).await;
+    let first = process_group(
+        &story.pool,
+        &handler,
+        &before.deliveries(),
+        &fast_policy(),
+        None,
+    )
+    .await;
     assert!(first.iter().all(|p| p.outcome == Outcome::Applied));
     handler.0.calls.lock().unwrap().clear();
 
@@ -278,7 +236,7 @@ async fn the_handler_only_ever_sees_first_time_messages<DB: TestDb>() {
         &story.pool,
         &handler,
         &arrivals.deliveries(),
-        &policy(),
+        &fast_policy(),
         None,
     )
     .await;
@@ -340,7 +298,7 @@ async fn each_message_publishes_the_ids_it_has_alone<DB: TestDb>() {
         &story.pool,
         &handler,
         &arrivals.deliveries(),
-        &policy(),
+        &fast_policy(),
         None,
     )
     .await;
@@ -366,7 +324,7 @@ async fn each_message_publishes_the_ids_it_has_alone<DB: TestDb>() {
         DB::pool().await
     };
     for delivery in arrivals.deliveries() {
-        process(&elsewhere, &handler, delivery, &policy()).await;
+        process(&elsewhere, &handler, delivery, &fast_policy()).await;
     }
     let alone = published(&elsewhere, &ids).await;
     assert_eq!(

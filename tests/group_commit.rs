@@ -18,8 +18,8 @@
 mod common;
 
 use common::*;
-use idem::transport::{process_group, Delivery, Outcome, Policy};
-use idem::{async_trait, Handler, HandlerError, Metadata, Reason, Tx};
+use idem::transport::{process_group, Outcome};
+use idem::{async_trait, Handler, HandlerError, Reason, Tx};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
@@ -124,66 +124,21 @@ impl<DB: Txid> Handler<DB> for Payouts<DB> {
     }
 }
 
-/// Payouts as they would arrive: bodies and their metadata.
-struct Batch {
-    bodies: Vec<Vec<u8>>,
-    metadata: Vec<Metadata>,
-}
-
-impl Batch {
-    fn of(transfers: &[(Uuid, &str, i64, bool)]) -> Self {
-        let bodies = transfers
-            .iter()
-            .map(|(id, account, amount, fail)| {
-                serde_json::to_vec(&serde_json::json!({
-                    "id": id, "account": account, "amount": amount, "fail": fail
-                }))
-                .unwrap()
-            })
-            .collect();
-        let metadata = transfers
-            .iter()
-            .map(|(id, ..)| Metadata {
-                message_id: Some(id.to_string()),
-                ..Metadata::default()
-            })
-            .collect();
-        Self { bodies, metadata }
-    }
-
-    fn deliveries(&self) -> Vec<Delivery<'_>> {
-        self.bodies
-            .iter()
-            .zip(&self.metadata)
-            .map(|(body, metadata)| Delivery {
-                body,
-                metadata,
-                tries_in_place: 0,
-                blame_if_unavailable: false,
-            })
-            .collect()
-    }
-}
-
-fn policy() -> Policy {
-    let mut policy = Policy::default();
-    policy.retry = idem::RetryPolicy::exponential(
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_millis(400),
-    )
-    .max_attempts(4);
-    policy
-}
-
 async fn a_group_commits_together_and_each_message_keeps_its_own_outcome<DB: Txid>() {
     let story = Story::<DB>::begin("group").await;
     let handler = Payouts::<DB>::new(&story.consumer);
     let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
     let transfers: Vec<_> = ids.iter().map(|id| (*id, "acct-g1", 10, false)).collect();
-    let batch = Batch::of(&transfers);
+    let batch = Arrivals::of(&transfers);
 
-    let processed =
-        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
+    let processed = process_group(
+        &story.pool,
+        &handler,
+        &batch.deliveries(),
+        &fast_policy(),
+        None,
+    )
+    .await;
 
     assert!(
         processed.iter().all(|p| p.outcome == Outcome::Applied),
@@ -212,10 +167,16 @@ async fn a_failing_or_panicking_message_is_taken_out_and_the_rest_commit<DB: Txi
     transfers.insert(1, (frozen, "acct-frozen", 5, true));
     transfers.insert(3, (flaky, "acct-flaky", 5, false));
     transfers.insert(5, (panicky, "acct-panicky", 5, false));
-    let batch = Batch::of(&transfers);
+    let batch = Arrivals::of(&transfers);
 
-    let processed =
-        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
+    let processed = process_group(
+        &story.pool,
+        &handler,
+        &batch.deliveries(),
+        &fast_policy(),
+        None,
+    )
+    .await;
 
     for (transfer, p) in transfers.iter().zip(&processed) {
         let id = transfer.0;
@@ -262,22 +223,35 @@ async fn duplicates_conflicts_and_copies_inside_a_group_apply_once<DB: Txid>() {
         Uuid::new_v4(),
     );
     // Applied before, in groups of their own.
-    let before = Batch::of(&[
+    let before = Arrivals::of(&[
         (earlier, "acct-g3", 7, false),
         (reused, "acct-g3", 8, false),
     ]);
-    let first = process_group(&story.pool, &handler, &before.deliveries(), &policy(), None).await;
+    let first = process_group(
+        &story.pool,
+        &handler,
+        &before.deliveries(),
+        &fast_policy(),
+        None,
+    )
+    .await;
     assert!(first.iter().all(|p| p.outcome == Outcome::Applied));
 
-    let batch = Batch::of(&[
+    let batch = Arrivals::of(&[
         (earlier, "acct-g3", 7, false), // the same payment again
         (copied, "acct-g3", 9, false),
         (reused, "acct-g3", 999, false), // the key reused for another amount
         (copied, "acct-g3", 9, false),   // a second copy inside this very group
         (fresh, "acct-g3", 1, false),
     ]);
-    let processed =
-        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
+    let processed = process_group(
+        &story.pool,
+        &handler,
+        &batch.deliveries(),
+        &fast_policy(),
+        None,
+    )
+    .await;
     let outcomes: Vec<_> = processed.iter().map(|p| &p.outcome).collect();
     assert_eq!(*outcomes[0], Outcome::Duplicate);
     assert_eq!(*outcomes[1], Outcome::Applied);
@@ -310,10 +284,16 @@ async fn a_handler_that_hides_a_failed_statement_fails_alone<DB: Txid>() {
     let fine: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
     let mut transfers: Vec<_> = fine.iter().map(|id| (*id, "acct-g4", 3, false)).collect();
     transfers.insert(2, (sloppy, "acct-sloppy", 3, false));
-    let batch = Batch::of(&transfers);
+    let batch = Arrivals::of(&transfers);
 
-    let processed =
-        process_group(&story.pool, &handler, &batch.deliveries(), &policy(), None).await;
+    let processed = process_group(
+        &story.pool,
+        &handler,
+        &batch.deliveries(),
+        &fast_policy(),
+        None,
+    )
+    .await;
 
     for (transfer, p) in transfers.iter().zip(&processed) {
         if transfer.0 == sloppy && DB::NAME == "PostgreSQL" {

@@ -7,18 +7,18 @@
 //! message is alone and takes the per-message path — its retry or dead letter exactly as in
 //! per-message mode. A bad message among 100 costs about 2·log2(100) ≈ 14 extra transactions.
 
-use crate::backend::{Backend, BatchClaim, Claim, Unit};
-use crate::classify::{cause_of, class_of_sqlx, contention_in, Cause};
+use crate::backend::{Backend, Claim, Unit};
+use crate::classify::contention_in;
 use crate::delivery::{Delivery, Metadata};
-use crate::group::{commit_group, GroupEnd, Member};
-use crate::handler::{ErrorClass, Handler, HandlerError};
+use crate::group::{begin_and_claim, claims_of, commit_group, ClaimFailed, GroupEnd, Member};
+use crate::handler::{Handler, HandlerError};
 use crate::key::Key;
 use crate::message::{Message, Publish};
 use crate::outbox::{PublishError, Route};
 use crate::outcome::{Outcome, Processed};
 use crate::policy::Policy;
 use crate::process::{decode, verdict};
-use crate::transaction::{end_failed, hex, panic_text, rollback, Ended};
+use crate::transaction::{end_failed, panic_text, rollback, Ended};
 use crate::tx::Tx;
 use futures_util::FutureExt;
 use sqlx::Pool;
@@ -324,32 +324,13 @@ async fn run_batch<DB: Backend, M: Message>(
     policy: &Policy,
 ) -> BatchEnd {
     let consumer = batch.consumer();
-    let mut unit = match DB::begin(pool, policy.isolation).await {
-        Ok(unit) => unit,
-        Err(error) => return BatchEnd::Unavailable(format!("cannot begin a transaction: {error}")),
-    };
-    let claims: Vec<BatchClaim<'_>> = members
-        .iter()
-        .map(|m| BatchClaim {
-            key: m.key.as_str(),
-            payload_hash: &m.fingerprint,
-            origin: deliveries[m.at].metadata,
-        })
-        .collect();
-    let answers = match DB::claim_batch(&mut unit, consumer, &claims).await {
-        Ok(answers) => answers,
-        Err(error) => {
-            rollback(unit).await;
-            let raced = cause_of(&error) == Cause::Statement
-                && class_of_sqlx(&error) == ErrorClass::Transient;
-            return if raced {
-                BatchEnd::Contended(format!(
-                    "the batch's claim raced another transaction: {error}"
-                ))
-            } else {
-                BatchEnd::Unavailable(format!("cannot claim the keys in the ledger: {error}"))
-            };
-        }
+    let claims = claims_of(members, deliveries);
+    let claimed = begin_and_claim(pool, consumer, &claims, policy).await;
+    drop(claims);
+    let (mut unit, answers) = match claimed {
+        Ok(claimed) => claimed,
+        Err(ClaimFailed::Raced(why)) => return BatchEnd::Contended(why),
+        Err(ClaimFailed::Unavailable(why)) => return BatchEnd::Unavailable(why),
     };
     let mut endings = Vec::with_capacity(members.len());
     let mut claimed = Vec::new();
@@ -363,12 +344,7 @@ async fn run_batch<DB: Backend, M: Message>(
                 endings.push(Ended::Applied);
             }
             Claim::Duplicate => endings.push(Ended::Duplicate),
-            Claim::Conflict { stored } => endings.push(Ended::Conflict(format!(
-                "key {} was already applied with a different payload (ledger fingerprint {}, this message {}); the first effect stands",
-                member.key,
-                hex(&stored),
-                hex(&member.fingerprint)
-            ))),
+            Claim::Conflict { stored } => endings.push(member.conflict(&stored)),
         }
     }
     let (Some(txid), Some(&first)) = (txid, claimed.first()) else {

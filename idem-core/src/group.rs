@@ -37,6 +37,67 @@ pub(crate) struct Member<M> {
     pub(crate) message: Option<M>,
 }
 
+impl<M> Member<M> {
+    /// Its key is in the ledger with another payload's fingerprint.
+    pub(crate) fn conflict(&self, stored: &[u8]) -> Ended {
+        Ended::Conflict(format!(
+            "key {} was already applied with a different payload (ledger fingerprint {}, this message {}); the first effect stands",
+            self.key,
+            hex(stored),
+            hex(&self.fingerprint)
+        ))
+    }
+}
+
+/// Why BEGIN and the set-based claim did not give an open transaction with its claims.
+pub(crate) enum ClaimFailed {
+    /// The claim lost a race with another transaction (a copy of a message committing first).
+    Raced(String),
+    /// The database is away.
+    Unavailable(String),
+}
+
+/// Each member's part of the set-based claim, in member order.
+pub(crate) fn claims_of<'a, M>(
+    members: &'a [Member<M>],
+    deliveries: &[Delivery<'a>],
+) -> Vec<BatchClaim<'a>> {
+    members
+        .iter()
+        .map(|m| BatchClaim {
+            key: m.key.as_str(),
+            payload_hash: &m.fingerprint,
+            origin: deliveries[m.at].metadata,
+        })
+        .collect()
+}
+
+/// BEGIN and one set-based claim of every key in `claims` ([`claims_of`]): the open
+/// transaction and each one's answer, in order.
+pub(crate) async fn begin_and_claim<DB: Backend>(
+    pool: &Pool<DB>,
+    consumer: &str,
+    claims: &[BatchClaim<'_>],
+    policy: &Policy,
+) -> Result<(Unit<DB>, Vec<Claim>), ClaimFailed> {
+    let mut unit = DB::begin(pool, policy.isolation).await.map_err(|error| {
+        ClaimFailed::Unavailable(format!("cannot begin a transaction: {error}"))
+    })?;
+    match DB::claim_batch(&mut unit, consumer, claims).await {
+        Ok(answers) => Ok((unit, answers)),
+        Err(error) => {
+            rollback(unit).await;
+            let raced = cause_of(&error) == Cause::Statement
+                && class_of_sqlx(&error) == ErrorClass::Transient;
+            Err(if raced {
+                ClaimFailed::Raced(format!("the claim raced another transaction: {error}"))
+            } else {
+                ClaimFailed::Unavailable(format!("cannot claim the keys in the ledger: {error}"))
+            })
+        }
+    }
+}
+
 /// How one run of the group ended.
 pub(crate) enum GroupEnd {
     /// Committed: each member's ending, in member order.
@@ -209,34 +270,15 @@ async fn run_group<DB: Backend, H: Handler<DB>>(
     ordered: bool,
 ) -> GroupEnd {
     let consumer = handler.consumer();
-    let mut unit = match DB::begin(pool, policy.isolation).await {
-        Ok(unit) => unit,
-        Err(error) => return GroupEnd::Unavailable(format!("cannot begin a transaction: {error}")),
-    };
-    let claims: Vec<BatchClaim<'_>> = members
-        .iter()
-        .map(|m| BatchClaim {
-            key: m.key.as_str(),
-            payload_hash: &m.fingerprint,
-            origin: deliveries[m.at].metadata,
-        })
-        .collect();
-    let answers = match DB::claim_batch(&mut unit, consumer, &claims).await {
-        Ok(answers) => answers,
-        Err(error) => {
-            rollback(unit).await;
-            // A lost race (another copy's transaction committed first) is settled by the
-            // per-message path, which claims again; anything else is the database away.
-            let raced = cause_of(&error) == Cause::Statement
-                && class_of_sqlx(&error) == ErrorClass::Transient;
-            return if raced {
-                GroupEnd::Unsettled(format!(
-                    "the group's claim raced another transaction: {error}"
-                ))
-            } else {
-                GroupEnd::Unavailable(format!("cannot claim the keys in the ledger: {error}"))
-            };
-        }
+    let claims = claims_of(members, deliveries);
+    let claimed = begin_and_claim(pool, consumer, &claims, policy).await;
+    drop(claims);
+    let (mut unit, answers) = match claimed {
+        Ok(claimed) => claimed,
+        // A lost race (another copy's transaction committed first) is settled by the
+        // per-message path, which claims again.
+        Err(ClaimFailed::Raced(why)) => return GroupEnd::Unsettled(why),
+        Err(ClaimFailed::Unavailable(why)) => return GroupEnd::Unavailable(why),
     };
     let mut endings = Vec::with_capacity(members.len());
     let mut claimed: Option<(i64, usize)> = None;
@@ -249,12 +291,7 @@ async fn run_group<DB: Backend, H: Handler<DB>>(
                 continue;
             }
             Claim::Conflict { stored } => {
-                endings.push(Ended::Conflict(format!(
-                    "key {} was already applied with a different payload (ledger fingerprint {}, this message {}); the first effect stands",
-                    member.key,
-                    hex(&stored),
-                    hex(&member.fingerprint)
-                )));
+                endings.push(member.conflict(&stored));
                 continue;
             }
         };

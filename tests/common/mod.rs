@@ -697,3 +697,53 @@ pub async fn delete_queues(connection: &Connection, queue: &str, retry: &RetryPo
     }
     let _ = channel.close(200, "cleaned up".into()).await;
 }
+
+/// Transfers as they would arrive at `process_group`: bodies and their metadata (the message id
+/// is the transfer id).
+pub struct Arrivals {
+    bodies: Vec<Vec<u8>>,
+    metadata: Vec<idem::Metadata>,
+}
+
+impl Arrivals {
+    pub fn of(transfers: &[(Uuid, &str, i64, bool)]) -> Self {
+        let bodies = transfers
+            .iter()
+            .map(|(id, account, amount, fail)| {
+                serde_json::to_vec(&serde_json::json!({
+                    "id": id, "account": account, "amount": amount, "fail": fail
+                }))
+                .unwrap()
+            })
+            .collect();
+        let metadata = transfers
+            .iter()
+            .map(|(id, ..)| idem::Metadata {
+                message_id: Some(id.to_string()),
+                ..idem::Metadata::default()
+            })
+            .collect();
+        Self { bodies, metadata }
+    }
+
+    pub fn deliveries(&self) -> Vec<idem::transport::Delivery<'_>> {
+        self.bodies
+            .iter()
+            .zip(&self.metadata)
+            .map(|(body, metadata)| idem::transport::Delivery {
+                body,
+                metadata,
+                tries_in_place: 0,
+                blame_if_unavailable: false,
+            })
+            .collect()
+    }
+}
+
+/// Four attempts, 50 ms doubling to 400 ms.
+pub fn fast_policy() -> idem::transport::Policy {
+    let mut policy = idem::transport::Policy::default();
+    policy.retry = RetryPolicy::exponential(Duration::from_millis(50), Duration::from_millis(400))
+        .max_attempts(4);
+    policy
+}
