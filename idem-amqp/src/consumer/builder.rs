@@ -212,6 +212,14 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
         self.check(&queue)?;
         let concurrency = self.checked_concurrency()?;
         let consumer = self.handler.consumer();
+        let grouped = self.group.is_some_and(|group| group.max_messages > 1);
+        if self.handler.batch().is_some() && !grouped {
+            // It works (each message is a batch of one), but it is surely not what was meant.
+            tracing::warn!(
+                consumer,
+                "the handler takes whole batches, but group commit is off: each message is a batch of one; call .group_commit(max_messages, max_wait) on the consumer builder"
+            );
+        }
         let (counters, health) = (
             Counters::new(consumer),
             HealthState::new(ConsumerMetrics::new(consumer)),
