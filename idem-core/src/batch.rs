@@ -398,9 +398,9 @@ async fn run_batch<DB: Backend, M: Message>(
     match commit_group(unit, txid, consumer, &key, endings).await {
         GroupEnd::Committed(endings) => BatchEnd::Committed(endings),
         GroupEnd::Unavailable(error) => BatchEnd::Unavailable(error),
-        GroupEnd::Unsettled(why) | GroupEnd::Culprit(_, Some(Ended::Failed { error: why, .. })) => {
-            BatchEnd::Failed(why)
-        }
+        // Refused, or the handler ended or spoiled the transaction: someone is to blame.
+        GroupEnd::Unsettled(why) => BatchEnd::Failed(why),
+        // (The COMMIT never names a culprit.)
         GroupEnd::Culprit(..) => BatchEnd::Failed("the batch's COMMIT failed".into()),
     }
 }

@@ -183,8 +183,8 @@ pub async fn process_group<DB: Backend, H: Handler<DB>>(
         )
         .await;
     }
+    let ordered = lock_order.is_some();
     while members.len() > 1 {
-        let ordered = lock_order.is_some();
         match run_group(pool, handler, &mut members, deliveries, policy, ordered).await {
             GroupEnd::Committed(endings) => {
                 for (member, ended) in members.drain(..).zip(endings) {

@@ -212,8 +212,9 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
         self.check(&queue)?;
         let concurrency = self.checked_concurrency()?;
         let consumer = self.handler.consumer();
-        let grouped = self.group.is_some_and(|group| group.max_messages > 1);
-        if self.handler.batch().is_some() && !grouped {
+        // Groups of one are one transaction per message.
+        let group = self.group.filter(|group| group.max_messages > 1);
+        if self.handler.batch().is_some() && group.is_none() {
             // It works (each message is a batch of one), but it is surely not what was meant.
             tracing::warn!(
                 consumer,
@@ -242,7 +243,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             ledger_purge_interval: self.ledger_purge_interval,
             dlq_alert_threshold: self.dlq_alert_threshold,
             dlq_poll_interval: self.dlq_poll_interval,
-            group: self.group.filter(|group| group.max_messages > 1),
+            group,
         })
     }
 
