@@ -23,6 +23,9 @@ pub(crate) const KEY_CONFLICTS: &str = "idem_key_conflicts_total";
 pub(crate) const CRASH_LOOPS: &str = "idem_crash_loops_total";
 /// `idem_ack_failures_total{consumer}`: acks or nacks the broker did not get.
 pub(crate) const ACK_FAILURES: &str = "idem_ack_failures_total";
+/// `idem_ack_frames_total{consumer}`: `basic.ack` frames sent; fewer than the deliveries acked
+/// when one ack covers several (`multiple`).
+pub(crate) const ACK_FRAMES: &str = "idem_ack_frames_total";
 /// `idem_reconnects_total{consumer}`: reconnections after a lost broker connection.
 pub(crate) const RECONNECTS: &str = "idem_reconnects_total";
 /// `idem_handler_seconds{consumer}`: the unit of work (begin, claim, handler, commit).
@@ -111,6 +114,10 @@ impl ConsumerMetrics {
 
     pub(crate) fn ack_failure(&self) {
         counter!(ACK_FAILURES, "consumer" => self.label()).increment(1);
+    }
+
+    pub(crate) fn ack_frame(&self) {
+        counter!(ACK_FRAMES, "consumer" => self.label()).increment(1);
     }
 
     pub(crate) fn reconnect(&self) {
@@ -300,6 +307,7 @@ mod tests {
             KEY_CONFLICTS,
             CRASH_LOOPS,
             ACK_FAILURES,
+            ACK_FRAMES,
             RECONNECTS,
             LEDGER_PURGED,
             REDELIVERY_COUNTS_PURGED,

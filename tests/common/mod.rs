@@ -538,6 +538,14 @@ impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
         }
     }
 
+    /// Ends the consumer the way a crash does: its task dropped mid-flight (open transactions
+    /// roll back), its connection closed with nothing more acknowledged.
+    pub async fn crash(self) -> ConsumerStats {
+        self.task.abort();
+        let _ = self.task.await;
+        self.consumer.stats()
+    }
+
     pub async fn stop(mut self) -> ConsumerStats {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

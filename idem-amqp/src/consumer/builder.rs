@@ -222,7 +222,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             );
         }
         let (counters, health) = (
-            Counters::new(consumer),
+            Arc::new(Counters::new(consumer)),
             HealthState::new(ConsumerMetrics::new(consumer)),
         );
         Ok(Consumer {

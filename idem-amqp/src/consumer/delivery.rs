@@ -3,8 +3,10 @@
 //! the confirm, then ack; or hand the delivery back (nack with requeue).
 //!
 //! Nothing is acked before the broker confirmed what had to be published first, and nothing is
-//! acked or nacked once the connection is known lost: the broker requeues it by itself.
+//! acked or nacked once the connection is known lost: the broker requeues it by itself. Acks and
+//! nacks go through the channel's [`AckWindow`](super::acks::AckWindow), which sends them.
 
+use super::acks::Ticket;
 use super::metadata::metadata_of;
 use super::unreadable::unreadable_part;
 use super::Shared;
@@ -17,7 +19,6 @@ use idem_core::{
     Processed, Reason,
 };
 use lapin::message::Delivery as AmqpDelivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -50,7 +51,7 @@ impl Exits {
 pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     publisher: &Publisher,
-    delivery: AmqpDelivery,
+    (delivery, ticket): (AmqpDelivery, Ticket),
     exits: &Exits,
 ) {
     let metadata = metadata_of(&delivery, &shared.queue);
@@ -59,6 +60,7 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
         shared,
         publisher,
         delivery: &delivery,
+        ticket: &ticket,
         metadata: &metadata,
         exits,
     };
@@ -103,20 +105,20 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
 pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     publisher: &Publisher,
-    deliveries: Vec<AmqpDelivery>,
+    deliveries: Vec<(AmqpDelivery, Ticket)>,
     exits: &Exits,
 ) {
-    let (grouped, alone): (Vec<AmqpDelivery>, Vec<AmqpDelivery>) = deliveries
+    let (grouped, alone): (Vec<_>, Vec<_>) = deliveries
         .into_iter()
-        .partition(|d| !d.redelivered && unreadable_part(d).is_none());
+        .partition(|(d, _)| !d.redelivered && unreadable_part(d).is_none());
     let metadata: Vec<Metadata> = grouped
         .iter()
-        .map(|d| metadata_of(d, &shared.queue))
+        .map(|(d, _)| metadata_of(d, &shared.queue))
         .collect();
     let units: Vec<Delivery<'_>> = grouped
         .iter()
         .zip(&metadata)
-        .map(|(d, metadata)| Delivery {
+        .map(|((d, _), metadata)| Delivery {
             body: &d.data,
             metadata,
             tries_in_place: 0,
@@ -153,7 +155,7 @@ pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
     };
     let committed_at = Instant::now();
     let mut again = Vec::new();
-    for (at, ((delivery, metadata), processed)) in
+    for (at, (((delivery, ticket), metadata), processed)) in
         grouped.iter().zip(&metadata).zip(processed).enumerate()
     {
         let Processed { key, outcome } = processed;
@@ -168,6 +170,7 @@ pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
             shared,
             publisher,
             delivery,
+            ticket,
             metadata,
             exits,
         };
@@ -188,7 +191,7 @@ pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
     }
     drop(in_flight);
     // The per-message way: held while the database is away, run alone when redelivered.
-    let again: Vec<AmqpDelivery> = grouped
+    let again: Vec<_> = grouped
         .into_iter()
         .enumerate()
         .filter(|(at, _)| again.contains(at))
@@ -204,6 +207,7 @@ struct Task<'a, DB: Backend, H> {
     shared: &'a Shared<DB, H>,
     publisher: &'a Publisher,
     delivery: &'a AmqpDelivery,
+    ticket: &'a Ticket,
     metadata: &'a Metadata,
     exits: &'a Exits,
 }
@@ -256,7 +260,7 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
             tries_in_place += 1;
             tokio::select! {
                 () = self.exits.give_up() => {
-                    self.redeliver().await;
+                    self.redeliver();
                     return None;
                 }
                 () = tokio::time::sleep(wait) => {}
@@ -280,18 +284,14 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
     /// Acts on the outcome: ack, or publish the retry or dead letter and then ack.
     /// `committed_at`: when the unit of work ended.
     async fn settle(&self, outcome: Outcome, key: Option<&Key>, committed_at: Instant) {
-        let counters = &self.shared.counters;
         match outcome {
             Outcome::Applied => {
-                if self.ack().await {
-                    counters.metrics.commit_to_ack(committed_at.elapsed());
-                    counters.settled(Settled::Applied);
+                if self.ack(Settled::Applied, Some(committed_at)) {
                     tracing::info!(outcome = "applied", "applied");
                 }
             }
             Outcome::Duplicate => {
-                if self.ack().await {
-                    counters.settled(Settled::Duplicate);
+                if self.ack(Settled::Duplicate, None) {
                     tracing::info!(
                         outcome = "duplicate",
                         "duplicate: already in the ledger, handler not run"
@@ -335,8 +335,7 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         .await;
         match published {
             Ok(()) => {
-                if self.ack().await {
-                    shared.counters.settled(Settled::DeadLettered(reason));
+                if self.ack(Settled::DeadLettered(reason), None) {
                     tracing::warn!(outcome = "dead-lettered", %reason, %error, "dead-lettered");
                 }
             }
@@ -369,8 +368,7 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         .await;
         match published {
             Ok(()) => {
-                if self.ack().await {
-                    self.shared.counters.settled(Settled::Retried);
+                if self.ack(Settled::Retried, None) {
                     tracing::warn!(outcome = "retry", %error, attempts, retry_in = ?delay, "failed; retrying later");
                 }
             }
@@ -390,23 +388,16 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         }
     }
 
-    /// Acks, and says whether the broker got it. A lost ack is never ignored: it is counted and
-    /// logged, and the redelivery it causes is absorbed by the ledger.
-    async fn ack(&self) -> bool {
-        let counters = &self.shared.counters;
-        match self.delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => true,
-            Ok(false) => {
-                counters.ack_failure();
-                tracing::error!("ack not sent: the channel is closed; the broker will redeliver and the ledger will skip it");
-                false
-            }
-            Err(error) => {
-                counters.ack_failure();
-                tracing::error!(%error, "ack failed; the broker will redeliver and the ledger will skip it");
-                false
-            }
+    /// Asks the ack window for the ack (counted as `settled` once the broker has it), and says
+    /// whether it could. A lost ack is never ignored: it is counted and logged, and the
+    /// redelivery it causes is absorbed by the ledger.
+    fn ack(&self, settled: Settled, committed_at: Option<Instant>) -> bool {
+        if self.ticket.ack(settled, committed_at) {
+            return true;
         }
+        self.shared.counters.ack_failure();
+        tracing::error!("ack not sent: the connection is gone; the broker will redeliver and the ledger will skip it");
+        false
     }
 
     /// Waits a little (the first database backoff, so a broker-side problem does not become a
@@ -416,29 +407,21 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
             () = self.exits.give_up() => {}
             () = tokio::time::sleep(self.shared.database_backoff.initial()) => {}
         }
-        self.redeliver().await;
+        self.redeliver();
     }
 
     /// Nacks with requeue: the broker delivers the message again, to this consumer or another.
     /// Once the connection is lost there is no one to tell: the broker requeues it by itself.
-    async fn redeliver(&self) {
+    fn redeliver(&self) {
         if self.exits.lost.is_cancelled() {
             return;
         }
-        let counters = &self.shared.counters;
-        let requeue = BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        };
-        match self.delivery.acker.nack(requeue).await {
-            Ok(true) => counters.settled(Settled::HandedBack),
-            Ok(false) | Err(_) => {
-                // The channel is gone: the broker requeues every unacked delivery by itself.
-                counters.ack_failure();
-                tracing::warn!(
-                    "nack not sent: the channel is closed; the broker will redeliver the message"
-                );
-            }
+        if !self.ticket.hand_back() {
+            // The connection is gone: the broker requeues every unacked delivery by itself.
+            self.shared.counters.ack_failure();
+            tracing::warn!(
+                "nack not sent: the connection is gone; the broker will redeliver the message"
+            );
         }
     }
 }

@@ -4,9 +4,12 @@
 //! - [`serve`]: the connection loop (reconnect; on one connection, consume and dispatch; drain
 //!   on stop or loss);
 //! - [`delivery`]: one delivery, from the unit of work to its ack or nack;
+//! - [`acks`]: the ack window, which sends a channel's acks (several per frame where it safely
+//!   can);
 //! - [`metadata`]: AMQP properties as [`idem_core::Metadata`];
 //! - [`stats`]: the counters.
 
+mod acks;
 mod builder;
 mod delivery;
 mod metadata;
@@ -39,7 +42,8 @@ struct Shared<DB: Backend, H> {
     policy: Policy,
     /// While the database is away: a delivery's waits between tries in place.
     database_backoff: Backoff,
-    counters: Counters,
+    /// Shared with the ack window, which counts deliveries as the broker takes their acks.
+    counters: Arc<Counters>,
     health: HealthState,
     /// Redelivered messages run alone (write lock), everything else side by side (read lock):
     /// after a crash, the message that caused it must not take innocent deliveries that happen

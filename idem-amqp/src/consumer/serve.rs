@@ -3,6 +3,7 @@
 //! [`Consumer::dispatch`] (a delivery per free slot, each on its own task) and
 //! [`Consumer::drain`] (on a stop, finish and ack what is in flight; on a loss, ack nothing).
 
+use super::acks::AckWindow;
 use super::delivery::{self, Exits};
 use super::Consumer;
 use crate::error::Error;
@@ -107,10 +108,16 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             lost: CancellationToken::new(),
         };
         let mut in_flight = JoinSet::new();
+        let acks = AckWindow::open(
+            session.channel.clone(),
+            Arc::clone(&self.shared.counters),
+            exits.lost.clone(),
+            self.prefetch,
+        );
         // The dead-letter watch lives exactly as long as the dispatch on this connection.
         let watch_channel = connection.create_channel().await.ok();
         let ended = {
-            let dispatch = self.dispatch(&mut session, &exits, &mut in_flight);
+            let dispatch = self.dispatch(&mut session, &acks, &exits, &mut in_flight);
             let watch = self.watch_dead_letters(watch_channel.as_ref());
             tokio::pin!(dispatch, watch);
             tokio::select! {
@@ -123,7 +130,8 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         if let Some(channel) = watch_channel.filter(|c| c.status().connected()) {
             let _ = channel.close(200, "idem consumer stopped".into()).await;
         }
-        self.drain(&session, &ended, &exits.lost, in_flight).await;
+        self.drain(&session, &ended, &exits.lost, in_flight, acks)
+            .await;
         ended
     }
 
@@ -216,11 +224,13 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         }
     }
 
-    /// Takes a free slot, then the next delivery, and hands it to a task of `in_flight`; until
-    /// `exits.stop` is cancelled (`Ok`) or a channel or the consumer stream ends (`Err`).
+    /// Takes a free slot, then the next delivery (its ticket from `acks`, in the order taken),
+    /// and hands it to a task of `in_flight`; until `exits.stop` is cancelled (`Ok`) or a channel
+    /// or the consumer stream ends (`Err`).
     async fn dispatch(
         &self,
         session: &mut Session,
+        acks: &AckWindow,
         exits: &Exits,
         in_flight: &mut JoinSet<()>,
     ) -> Result<(), Error> {
@@ -251,7 +261,10 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 next = session.deliveries.next() => next,
             };
             let delivery = match next {
-                Some(Ok(delivery)) => delivery,
+                Some(Ok(delivery)) => {
+                    let ticket = acks.take(delivery.delivery_tag);
+                    (delivery, ticket)
+                }
                 Some(Err(error)) => return lost(error.to_string()),
                 None => return lost("the broker cancelled the consumer".into()),
             };
@@ -280,7 +293,10 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                     next = session.deliveries.next() => next,
                 };
                 match next {
-                    Some(Ok(delivery)) => deliveries.push(delivery),
+                    Some(Ok(delivery)) => {
+                        let ticket = acks.take(delivery.delivery_tag);
+                        deliveries.push((delivery, ticket));
+                    }
                     Some(Err(error)) => {
                         ended = Some(lost(error.to_string()));
                         break;
@@ -305,13 +321,15 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
 
     /// After the dispatch `ended`: on a stop, cancels the consumer and lets the deliveries in
     /// flight finish and ack within the shutdown deadline; on a loss, cancels `lost` (nothing
-    /// can be acked any more) and gives them a short grace. Then closes the channels.
+    /// can be acked any more) and gives them a short grace. Then lets `acks` send what is left
+    /// and closes the channels.
     async fn drain(
         &self,
         session: &Session,
         ended: &Result<(), Error>,
         lost: &CancellationToken,
         mut in_flight: JoinSet<()>,
+        acks: AckWindow,
     ) {
         let Session {
             channel,
@@ -360,6 +378,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             in_flight.abort_all();
             while in_flight.join_next().await.is_some() {}
         }
+        acks.close().await;
         // Deliveries prefetched but never started go back to the queue when the channel closes.
         for ch in [channel, &publisher.channel] {
             if ch.status().connected() {

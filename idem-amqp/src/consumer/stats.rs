@@ -23,6 +23,9 @@ pub struct ConsumerStats {
     pub redelivered_later: u64,
     /// Acks (or nacks) the broker did not get: the message will come again and be deduplicated.
     pub ack_failures: u64,
+    /// `basic.ack` frames sent. Fewer than the deliveries acknowledged when acks cover several
+    /// at once (`multiple`, only up to the highest delivery below which all are settled).
+    pub ack_frames: u64,
     /// Times the consumer reconnected to the broker after losing its connection.
     pub reconnects: u64,
     /// Connections lost within seconds of being made: each makes the next reconnect wait longer.
@@ -54,6 +57,7 @@ pub(super) struct Counters {
     pub retried: AtomicU64,
     pub redelivered_later: AtomicU64,
     pub ack_failures: AtomicU64,
+    pub ack_frames: AtomicU64,
     pub reconnects: AtomicU64,
     pub quick_losses: AtomicU64,
     pub ledger_purged: AtomicU64,
@@ -72,6 +76,7 @@ impl Counters {
             retried: AtomicU64::default(),
             redelivered_later: AtomicU64::default(),
             ack_failures: AtomicU64::default(),
+            ack_frames: AtomicU64::default(),
             reconnects: AtomicU64::default(),
             quick_losses: AtomicU64::default(),
             ledger_purged: AtomicU64::default(),
@@ -97,6 +102,11 @@ impl Counters {
     pub fn ack_failure(&self) {
         self.ack_failures.fetch_add(1, Ordering::Relaxed);
         self.metrics.ack_failure();
+    }
+
+    pub fn ack_frame(&self) {
+        self.ack_frames.fetch_add(1, Ordering::Relaxed);
+        self.metrics.ack_frame();
     }
 
     pub fn reconnect(&self) {
@@ -151,6 +161,7 @@ impl Counters {
             retried: self.retried.load(Ordering::Relaxed),
             redelivered_later: self.redelivered_later.load(Ordering::Relaxed),
             ack_failures: self.ack_failures.load(Ordering::Relaxed),
+            ack_frames: self.ack_frames.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             quick_losses: self.quick_losses.load(Ordering::Relaxed),
             ledger_purged: self.ledger_purged.load(Ordering::Relaxed),
