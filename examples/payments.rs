@@ -18,8 +18,10 @@
 //! this database's outbox — on SQLite only one relay may run per database), `IDEM_METRICS_ADDR`
 //! (unset by default; e.g. `127.0.0.1:9464` serves Prometheus metrics at `/metrics`, liveness at
 //! `/healthz` and readiness at `/readyz`: 200, or 503 while not ready), `IDEM_GROUP_COMMIT`
-//! (unset or 0/1: one transaction per message; n: group commit of up to n messages) and
-//! `IDEM_GROUP_WAIT_MS` (default 5: how long a group may wait to fill).
+//! (unset or 0/1: one transaction per message; n: group commit of up to n messages),
+//! `IDEM_GROUP_WAIT_MS` (default 5: how long a group may wait to fill) and `IDEM_BATCH_HANDLER`
+//! (default `off`; `on`: the handler takes each group's payments in one call, a batch handler;
+//! needs `IDEM_GROUP_COMMIT`).
 //!
 //! Over 400 lines on purpose: the contract the tests drive (configuration, consumer, relay, demo)
 //! stays one example a user reads top to bottom.
@@ -36,7 +38,7 @@ use clap::Parser;
 use idem::amqp::lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use idem::amqp::lapin::{BasicProperties, Connection};
 use idem::amqp::{headers, Consumer, Relay, Shutdown};
-use idem::{Backend, Handler, Postgres, Sqlite};
+use idem::{Backend, Batch, BatchHandler, Handler, Postgres, Sqlite};
 use service::{Capture, PaymentRequested, PaymentsStore};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -77,6 +79,10 @@ struct Config {
     /// How long a group may wait to fill, in milliseconds.
     #[arg(long, env = "IDEM_GROUP_WAIT_MS", default_value_t = 5)]
     group_wait_ms: u64,
+    /// The handler takes a group's payments in one call (`on`/`off`): a batch handler. Needs
+    /// group commit.
+    #[arg(long, env = "IDEM_BATCH_HANDLER", default_value = "off", value_parser = BoolishValueParser::new(), hide_possible_values = true, action = clap::ArgAction::Set)]
+    batch_handler: bool,
     /// The queue `payment.captured` goes to, for payments that name an order.
     #[arg(long, env = "IDEM_ORDERS_QUEUE", default_value = "orders")]
     orders_queue: String,
@@ -135,7 +141,28 @@ type AnyError = Box<dyn std::error::Error + Send + Sync>;
 async fn run<DB: PaymentsStore>(config: &Config) -> Result<(), AnyError>
 where
     Capture: Handler<DB, Message = PaymentRequested>,
+    Capture: BatchHandler<DB, Message = PaymentRequested>,
 {
+    if config.batch_handler && config.group_commit < 2 {
+        return Err(format!(
+            "IDEM_BATCH_HANDLER=on needs group commit, or every payment is a batch of one: set IDEM_GROUP_COMMIT (e.g. 100), or IDEM_BATCH_HANDLER=off (IDEM_GROUP_COMMIT is {})",
+            config.group_commit
+        )
+        .into());
+    }
+    let capture = Capture::new(&config.orders_queue);
+    if config.batch_handler {
+        serve::<DB, _>(config, Batch(capture)).await
+    } else {
+        serve::<DB, _>(config, capture).await
+    }
+}
+
+/// Runs `handler` as the payments consumer (and the relay beside it), or the demo.
+async fn serve<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
+    config: &Config,
+    handler: H,
+) -> Result<(), AnyError> {
     // Before the consumer exists: every series it records from its first delivery on is kept.
     let endpoint = match &config.metrics_addr {
         Some(addr) if !config.demo => Some(observe::install(addr).await?),
@@ -152,7 +179,7 @@ where
         .map_err(|error| format!("{error} (the URL comes from DATABASE_URL or --database-url)"))?;
     DB::migrate(&pool).await?;
     DB::create_tables(&pool).await?;
-    let mut builder = Consumer::builder(pool.clone(), Capture::new(&config.orders_queue))
+    let mut builder = Consumer::builder(pool.clone(), handler)
         .queue(&config.queue)
         .prefetch(config.prefetch)
         .concurrency(concurrency as usize);

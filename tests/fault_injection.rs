@@ -9,8 +9,9 @@
 //! main and retry queues nothing.
 //!
 //! With `IDEM_TEST_GROUP_COMMIT=<n>` the consumers commit in groups of up to n messages (the
-//! second pass of `scripts/test` runs it so): SIGKILLs then land in the middle of groups, and
-//! the same checks hold.
+//! second pass of `scripts/test` runs it so), and the second consumer takes each group in one
+//! call (a batch handler, `IDEM_BATCH_HANDLER`) beside the others' per-message handlers:
+//! SIGKILLs then land in the middle of groups and of batches, and the same checks hold.
 //!
 //! Every random choice comes from one seed, printed first: `IDEM_FAULT_SEED=<n>` replays the
 //! same workload and fault schedule (the interleaving with the processes differs, of course).
@@ -97,7 +98,7 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
     let mut fleet = Fleet::new(&run.scratch.dir, t0);
     let payments = common::example_binary("payments");
     for i in 0..CONSUMERS {
-        fleet.start(Process::new("consumer", i, &payments).env(run.consumer_env()));
+        fleet.start(Process::new("consumer", i, &payments).env(run.consumer_env(i)));
     }
     let mut story = Story {
         fleet,
@@ -185,13 +186,21 @@ impl Run {
     }
 
     /// With `IDEM_TEST_GROUP_COMMIT=<n>` (scripts/test's second pass) the consumers commit in
-    /// groups of up to n (`IDEM_GROUP_COMMIT`): the kills then land mid-group.
-    fn consumer_env(&self) -> Vec<(String, String)> {
+    /// groups of up to n (`IDEM_GROUP_COMMIT`), and consumer 1 with a batch handler
+    /// (`IDEM_BATCH_HANDLER`): the kills then land mid-group and mid-batch.
+    fn consumer_env(&self, consumer: usize) -> Vec<(String, String)> {
         let group = std::env::var("IDEM_TEST_GROUP_COMMIT").unwrap_or_else(|_| "0".into());
+        let grouped = group.parse::<usize>().is_ok_and(|n| n > 1);
+        let batch = if grouped && consumer == 1 {
+            "on"
+        } else {
+            "off"
+        };
         self.scratch.env(&[
             ("IDEM_QUEUE", &self.queue),
             ("IDEM_PREFETCH", PREFETCH),
             ("IDEM_GROUP_COMMIT", &group),
+            ("IDEM_BATCH_HANDLER", batch),
         ])
     }
 }

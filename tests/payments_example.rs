@@ -173,13 +173,34 @@ impl Db {
     }
 }
 
+/// How the example's consumer runs in a story.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    PerMessage,
+    /// `IDEM_GROUP_COMMIT` with `IDEM_BATCH_HANDLER=on`: a group's payments in one call.
+    BatchHandler,
+}
+
 /// A credit that would carry a balance past i64::MAX is refused as a permanent error on both
 /// ledgers — nothing of it applied — rather than wrapping or (SQLite) turning the balance into a
-/// float. The example is what users copy.
-async fn a_credit_that_would_overflow_the_balance_is_rejected(database_url: String, db: Db) {
+/// float. The example is what users copy. With the batch handler the refused payment sits among
+/// good ones in one batch: it is split out and rejected alone, and the others are captured once.
+async fn a_credit_that_would_overflow_the_balance_is_rejected(
+    database_url: String,
+    db: Db,
+    mode: Mode,
+) {
     let (connection, queue) = (connection().await, fresh_queue("overflow"));
     declare_durable(&connection, &queue).await;
-    let mut child = Command::new(example_binary("payments"))
+    let mut command = Command::new(example_binary("payments"));
+    if mode == Mode::BatchHandler {
+        // Long enough a wait that the payments published back to back share a batch.
+        command
+            .env("IDEM_GROUP_COMMIT", "20")
+            .env("IDEM_GROUP_WAIT_MS", "300")
+            .env("IDEM_BATCH_HANDLER", "on");
+    }
+    let mut child = command
         .env("AMQP_URL", amqp_url())
         .env("DATABASE_URL", &database_url)
         .env("IDEM_QUEUE", &queue)
@@ -211,14 +232,39 @@ async fn a_credit_that_would_overflow_the_balance_is_rejected(database_url: Stri
         &account,
     )
     .await;
+    let good: Vec<Uuid> = match mode {
+        Mode::PerMessage => Vec::new(),
+        Mode::BatchHandler => (0..8).map(|_| Uuid::new_v4()).collect(),
+    };
+    let good_account = format!("acct-{}", Uuid::new_v4());
     let id = Uuid::new_v4();
-    publish(
-        &connection,
-        &queue,
-        &payment(id, &account, 100),
-        Some(&id.to_string()),
-    )
-    .await;
+    for (n, beside) in good.iter().enumerate() {
+        if n == good.len() / 2 {
+            publish(
+                &connection,
+                &queue,
+                &payment(id, &account, 100),
+                Some(&id.to_string()),
+            )
+            .await;
+        }
+        publish(
+            &connection,
+            &queue,
+            &payment(*beside, &good_account, 10),
+            Some(&beside.to_string()),
+        )
+        .await;
+    }
+    if good.is_empty() {
+        publish(
+            &connection,
+            &queue,
+            &payment(id, &account, 100),
+            Some(&id.to_string()),
+        )
+        .await;
+    }
     eventually("the overflowing credit is dead-lettered", || async {
         queue_depth(&connection, &idem::amqp::dead_letter_queue(&queue))
             .await
@@ -254,17 +300,33 @@ async fn a_credit_that_would_overflow_the_balance_is_rejected(database_url: Stri
         Some(0),
         "the capture row of a refused credit stayed"
     );
+    for good in &good {
+        let captures = db
+            .scalar(
+                "SELECT COUNT(*) FROM captures WHERE payment_id = $1",
+                &good.to_string(),
+            )
+            .await;
+        assert_eq!(captures, Some(1), "payment {good} beside the refused one");
+    }
+    if !good.is_empty() {
+        let balance = db
+            .scalar(
+                "SELECT balance_cents FROM accounts WHERE account_id = $1",
+                &good_account,
+            )
+            .await;
+        assert_eq!(balance, Some(10 * good.len() as i64));
+    }
     delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_credit_that_would_overflow_the_balance_is_rejected() {
+async fn on_postgres(mode: Mode) {
     let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
-    a_credit_that_would_overflow_the_balance_is_rejected(pg_url(), Db::Postgres(pool)).await;
+    a_credit_that_would_overflow_the_balance_is_rejected(pg_url(), Db::Postgres(pool), mode).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_credit_that_would_overflow_the_balance_is_rejected() {
+async fn on_sqlite(mode: Mode) {
     let path = std::env::temp_dir().join(format!("idem-overflow-{}.db", Uuid::new_v4()));
     let url = format!("sqlite://{}", path.display());
     let options = url
@@ -272,7 +334,47 @@ async fn sqlite_a_credit_that_would_overflow_the_balance_is_rejected() {
         .unwrap()
         .create_if_missing(true);
     let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-    a_credit_that_would_overflow_the_balance_is_rejected(url, Db::Sqlite(pool)).await;
+    a_credit_that_would_overflow_the_balance_is_rejected(url, Db::Sqlite(pool), mode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_credit_that_would_overflow_the_balance_is_rejected() {
+    on_postgres(Mode::PerMessage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_credit_that_would_overflow_the_balance_is_rejected() {
+    on_sqlite(Mode::PerMessage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_overflowing_credit_in_a_batch_is_rejected_alone() {
+    on_postgres(Mode::BatchHandler).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_overflowing_credit_in_a_batch_is_rejected_alone() {
+    on_sqlite(Mode::BatchHandler).await;
+}
+
+/// The batch handler without group commit would run every payment as a batch of one: the
+/// example refuses to start and says which setting to add.
+#[test]
+fn a_batch_handler_without_group_commit_is_refused_at_start() {
+    let output = Command::new(example_binary("payments"))
+        .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", "sqlite::memory:")
+        .env("IDEM_BATCH_HANDLER", "on")
+        .env_remove("IDEM_GROUP_COMMIT")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("IDEM_BATCH_HANDLER=on needs group commit"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("set IDEM_GROUP_COMMIT"), "{stderr}");
 }
 
 /// `IDEM_LOG_FORMAT=json`: every line the example logs is one JSON object a log pipeline can

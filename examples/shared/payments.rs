@@ -4,7 +4,9 @@
 //! builds `examples/*.rs` and `examples/*/main.rs`.
 
 use idem::outbox::Route;
-use idem::{async_trait, Backend, Handler, HandlerError, Postgres, Sqlite, Tx};
+use idem::{
+    async_trait, Backend, BatchHandler, BatchTx, Handler, HandlerError, Postgres, Sqlite, Tx,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -116,7 +118,9 @@ const CREDIT_ACCOUNT: &str = "INSERT INTO accounts (account_id, balance_cents) V
      WHERE accounts.balance_cents <= 9223372036854775807 - excluded.balance_cents";
 
 /// The payments handler. Written by hand rather than with `#[idem::handler]` because it carries
-/// configuration: the queue its `payment.captured` announcements go to.
+/// configuration: the queue its `payment.captured` announcements go to. It is both a per-message
+/// [`Handler`] and a [`BatchHandler`] (`idem::Batch(Capture::new(..))`, the payments example's
+/// `IDEM_BATCH_HANDLER`): the same capture for every payment of a group in one call.
 pub struct Capture {
     orders_queue: String,
 }
@@ -131,37 +135,31 @@ impl Capture {
 }
 
 // One handler body, stamped for both backends because these binaries pick their database at
-// run time from DATABASE_URL. A service with one database writes the impl once.
+// run time from DATABASE_URL. A service with one database writes the impls once.
 macro_rules! capture_handler {
-    ($db:ty) => {
-        #[async_trait]
-        impl Handler<$db> for Capture {
-            type Message = PaymentRequested;
-
-            fn consumer(&self) -> &str {
-                CONSUMER
-            }
+    ($db:ty, $module:ident) => {
+        mod $module {
+            use super::*;
 
             /// Captures a payment: one `captures` row, and the amount credited to the account
-            /// (the account row is created at 0 if missing). For an order's payment, also
-            /// `payment.captured` through the outbox. idem commits all of it with the ledger
-            /// claim, so the announcement goes out if and only if the capture happened.
-            async fn handle(
-                &self,
-                tx: &mut Tx<'_, $db>,
-                payment: PaymentRequested,
-            ) -> Result<(), HandlerError> {
+            /// (the account row is created at 0 if missing). For an order's payment, returns the
+            /// `payment.captured` to announce: through the outbox, in the same transaction, so
+            /// the announcement goes out if and only if the capture happened.
+            async fn capture(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                payment: &PaymentRequested,
+            ) -> Result<Option<PaymentCaptured>, HandlerError> {
                 sqlx::query(INSERT_CAPTURE)
                     .bind(payment.payment_id.to_string())
                     .bind(&payment.account_id.0)
                     .bind(payment.amount_cents.0)
                     .bind(&payment.currency.0)
-                    .execute(tx.conn())
+                    .execute(&mut *conn)
                     .await?;
                 let credited = sqlx::query(CREDIT_ACCOUNT)
                     .bind(&payment.account_id.0)
                     .bind(payment.amount_cents.0)
-                    .execute(tx.conn())
+                    .execute(&mut *conn)
                     .await?;
                 if credited.rows_affected() != 1 {
                     // Nothing of it is applied: idem rolls back the capture row with the claim.
@@ -170,25 +168,70 @@ macro_rules! capture_handler {
                         payment.amount_cents.0, payment.account_id.0
                     )));
                 }
-                if let Some(order_id) = payment.order_id {
-                    // The id is derived from (consumer, payment id, ordinal): a run of this
-                    // handler after a crash writes the same id, so the outbox keeps one row.
-                    let captured = PaymentCaptured {
-                        order_id,
-                        payment_id: payment.payment_id,
-                        amount_cents: payment.amount_cents.0,
-                        currency: payment.currency.0,
-                    };
-                    tx.publish_to(Route::queue(&self.orders_queue), &captured)
-                        .await?;
+                Ok(payment.order_id.as_ref().map(|order_id| PaymentCaptured {
+                    order_id: order_id.clone(),
+                    payment_id: payment.payment_id,
+                    amount_cents: payment.amount_cents.0,
+                    currency: payment.currency.0.clone(),
+                }))
+            }
+
+            #[async_trait]
+            impl Handler<$db> for Capture {
+                type Message = PaymentRequested;
+
+                fn consumer(&self) -> &str {
+                    CONSUMER
                 }
-                Ok(())
+
+                async fn handle(
+                    &self,
+                    tx: &mut Tx<'_, $db>,
+                    payment: PaymentRequested,
+                ) -> Result<(), HandlerError> {
+                    if let Some(captured) = capture(tx.conn(), &payment).await? {
+                        // The id is derived from (consumer, payment id, ordinal): a run of this
+                        // handler after a crash writes the same id, so the outbox keeps one row.
+                        tx.publish_to(Route::queue(&self.orders_queue), &captured)
+                            .await?;
+                    }
+                    Ok(())
+                }
+            }
+
+            #[async_trait]
+            impl BatchHandler<$db> for Capture {
+                type Message = PaymentRequested;
+
+                fn consumer(&self) -> &str {
+                    CONSUMER
+                }
+
+                /// Every payment of the group in one transaction, in the group's lock order
+                /// (accounts sorted: the consumer's `group_lock_order`), so that groups side by
+                /// side never deadlock on an account row. A payment that fails fails the call;
+                /// idem then splits the group until that payment is alone.
+                async fn handle_batch(
+                    &self,
+                    tx: &mut BatchTx<'_, $db>,
+                    payments: Vec<PaymentRequested>,
+                ) -> Result<(), HandlerError> {
+                    for (i, payment) in payments.iter().enumerate() {
+                        if let Some(captured) = capture(tx.conn(), payment).await? {
+                            // Numbered on payment i's own key: the same id as when it runs
+                            // alone, whichever group it lands in.
+                            tx.publish_to_for(i, Route::queue(&self.orders_queue), &captured)
+                                .await?;
+                        }
+                    }
+                    Ok(())
+                }
             }
         }
     };
 }
-capture_handler!(Postgres);
-capture_handler!(Sqlite);
+capture_handler!(Postgres, postgres);
+capture_handler!(Sqlite, sqlite);
 
 /// The payments tables and the demos' read-back queries, per backend.
 pub trait PaymentsStore: Backend {
