@@ -58,10 +58,11 @@ async fn payments_and_their_copies_apply_once_in_groups<DB: TestDb>() {
         .await;
     let stats = running.stop().await;
     assert_eq!(stats.retried, 0, "{stats:?}");
-    // Groups of 20 filled from a full queue: a group's acks go out as one frame (the dead
-    // letters, acked after their confirm, may go alone).
+    // A group's acks go out as one frame (the dead letters, acked after their confirm, may go
+    // alone). How big the groups get depends on timing: one starts at once when no other is in
+    // flight.
     assert!(
-        stats.ack_frames * 4 <= stats.applied + stats.duplicates + stats.dead_lettered,
+        stats.ack_frames * 2 <= stats.applied + stats.duplicates + stats.dead_lettered,
         "{stats:?}"
     );
     for id in &ids {

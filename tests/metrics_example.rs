@@ -195,6 +195,11 @@ async fn the_metrics_endpoint_counts_what_the_database_and_the_queues_show() {
         5.0,
         "{metrics}"
     );
+    assert_eq!(
+        value(&metrics, "idem_taken_to_commit_seconds_count", &consumer),
+        5.0,
+        "{metrics}"
+    );
     // The relay in the process sampled the outbox: these payments name no order, so it is empty.
     for gauge in [
         "idem_outbox_pending",

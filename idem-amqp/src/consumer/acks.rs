@@ -72,6 +72,7 @@ impl AckWindow {
         let _ = self.events.send(Event::Taken(tag));
         Ticket {
             tag,
+            taken: Instant::now(),
             events: self.events.clone(),
             settled: AtomicBool::new(false),
         }
@@ -97,11 +98,18 @@ impl AckWindow {
 /// abnormally), the delivery is handed back.
 pub(super) struct Ticket {
     tag: u64,
+    /// When the delivery was taken off the channel.
+    taken: Instant,
     events: mpsc::UnboundedSender<Event>,
     settled: AtomicBool,
 }
 
 impl Ticket {
+    /// When the delivery was taken off the channel.
+    pub fn taken(&self) -> Instant {
+        self.taken
+    }
+
     /// Asks for the ack, counted as `settled` once the broker has it. `committed_at`: when the
     /// effect committed (for the commit-to-ack latency). False when it cannot be sent any more
     /// (the connection is gone, or the ticket was already used).

@@ -84,11 +84,14 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
     }
 
     /// Group commit: up to `max_messages` deliveries run in one transaction (one set-based
-    /// ledger claim, each handler in turn, one COMMIT, then the acks), waiting at most
-    /// `max_wait` for a group to fill. Each message keeps the guarantee it has alone: one that
-    /// fails is taken out and runs alone (its retry or dead letter as in per-message mode), the
-    /// others commit without it; a redelivered message always runs alone. `concurrency` groups
-    /// are in flight at once. `max_messages` 1 is one transaction per message (the default).
+    /// ledger claim, each handler in turn, one COMMIT, then the acks, one `basic.ack(multiple)`
+    /// where the tags allow), waiting at most `max_wait` for a group to fill. A group starts
+    /// without waiting when no other group is in flight (waiting would only add latency; under
+    /// load groups are in flight and the wait fills them). Each message keeps the guarantee it
+    /// has alone: one that fails is taken out and runs alone (its retry or dead letter as in
+    /// per-message mode), the others commit without it; a redelivered message always runs alone.
+    /// `concurrency` groups are in flight at once. `max_messages` 1 is one transaction per
+    /// message (the default).
     pub fn group_commit(mut self, max_messages: usize, max_wait: Duration) -> Self {
         self.group = Some(super::Group {
             max_messages,

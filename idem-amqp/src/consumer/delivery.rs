@@ -83,7 +83,7 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
         };
         let committed_at = Instant::now();
         if matches!(outcome, Outcome::Applied) {
-            task.end_to_end();
+            task.applied(committed_at);
         }
         // Every wait on the broker from here on ends when the connection is found lost: then
         // nothing is acked and the broker redelivers.
@@ -175,7 +175,7 @@ pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
             exits,
         };
         if matches!(outcome, Outcome::Applied) {
-            task.end_to_end();
+            task.applied(committed_at);
         }
         let span = delivery_span(shared.handler.consumer(), metadata);
         if let Some(key) = &key {
@@ -268,9 +268,15 @@ impl<DB: Backend, H: Handler<DB>> Task<'_, DB, H> {
         }
     }
 
-    /// Records how long ago the producer stamped the message (the AMQP `timestamp` property,
-    /// whole seconds), when it did: the latency a user of the service sees.
-    fn end_to_end(&self) {
+    /// Records an applied delivery's latencies: from being taken off the channel to its commit
+    /// (`committed_at`), and from the producer's stamp (the AMQP `timestamp` property, whole
+    /// seconds), when it set one: the latency a user of the service sees.
+    fn applied(&self, committed_at: Instant) {
+        let taken_to_commit = committed_at.saturating_duration_since(self.ticket.taken());
+        self.shared
+            .counters
+            .metrics
+            .taken_to_commit(taken_to_commit);
         let Some(&stamped) = self.delivery.properties.timestamp().as_ref() else {
             return;
         };

@@ -8,7 +8,7 @@ use super::delivery::{self, Exits};
 use super::Consumer;
 use crate::error::Error;
 use crate::publish::Publisher;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use idem_core::{Backend, Handler};
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
@@ -286,11 +286,19 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             let deadline = tokio::time::Instant::now() + group.max_wait;
             let mut ended = None;
             while deliveries.len() < group.max_messages {
-                let next = tokio::select! {
-                    () = stop.cancelled() => { ended = Some(Ok(())); break; }
-                    () = &mut closed => { ended = Some(lost("a channel closed".into())); break; }
-                    () = tokio::time::sleep_until(deadline) => break,
-                    next = session.deliveries.next() => next,
+                // What has already arrived joins at once. When nothing more has, and no other
+                // group is in flight, waiting would only add latency: the group starts now, and
+                // the deliveries that come meanwhile fill the next one (under load, groups are
+                // in flight and the wait fills them).
+                let next = match session.deliveries.next().now_or_never() {
+                    Some(next) => next,
+                    None if slots.available_permits() + 1 >= self.concurrency => break,
+                    None => tokio::select! {
+                        () = stop.cancelled() => { ended = Some(Ok(())); break; }
+                        () = &mut closed => { ended = Some(lost("a channel closed".into())); break; }
+                        () = tokio::time::sleep_until(deadline) => break,
+                        next = session.deliveries.next() => next,
+                    },
                 };
                 match next {
                     Some(Ok(delivery)) => {
