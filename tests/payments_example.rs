@@ -272,6 +272,16 @@ async fn a_credit_that_would_overflow_the_balance_is_rejected(
             == 1
     })
     .await;
+    eventually("the payments beside it are captured", || async {
+        let captured = db
+            .scalar(
+                "SELECT COUNT(*) FROM captures WHERE account_id = $1",
+                &good_account,
+            )
+            .await;
+        captured == Some(good.len() as i64) || good.is_empty()
+    })
+    .await;
     child.kill().unwrap();
     child.wait().unwrap();
 
