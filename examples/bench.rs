@@ -165,54 +165,36 @@ const CREATE_TABLES: [&str; 2] = [
         currency     TEXT   NOT NULL
     )",
 ];
-const CLEAR_LEDGER: &str = "DELETE FROM idem_ledger WHERE consumer IN ($1, $2)";
 /// The same statement idem's PostgreSQL ledger claim runs.
 const CLAIM: &str = "INSERT INTO idem_ledger (consumer, key, payload_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 const INSERT_CAPTURE: &str = "INSERT INTO bench_captures (payment_id, account_id, amount_cents, currency) VALUES ($1, $2, $3, $4)";
 const CREDIT_ACCOUNT: &str = "INSERT INTO bench_accounts (account_id, balance_cents) VALUES ($1, $2)
      ON CONFLICT (account_id) DO UPDATE SET balance_cents = bench_accounts.balance_cents + excluded.balance_cents";
 
-/// The idem contestant: the payments example's effect, on the bench tables.
-#[idem::handler(consumer = "bench-idem")]
-async fn capture_pg(
-    tx: &mut Tx<'_, Postgres>,
-    payment: PaymentRequested,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(INSERT_CAPTURE)
-        .bind(payment.payment_id.to_string())
-        .bind(&payment.account_id)
-        .bind(payment.amount_cents)
-        .bind(&payment.currency)
-        .execute(tx.conn())
-        .await?;
-    sqlx::query(CREDIT_ACCOUNT)
-        .bind(&payment.account_id)
-        .bind(payment.amount_cents)
-        .execute(tx.conn())
-        .await?;
-    Ok(())
+/// The idem contestant: the payments example's effect, on the bench tables; the same handler for
+/// each database.
+macro_rules! capture_handler {
+    ($name:ident, $db:ty) => {
+        #[idem::handler(consumer = "bench-idem")]
+        async fn $name(tx: &mut Tx<'_, $db>, payment: PaymentRequested) -> Result<(), sqlx::Error> {
+            sqlx::query(INSERT_CAPTURE)
+                .bind(payment.payment_id.to_string())
+                .bind(&payment.account_id)
+                .bind(payment.amount_cents)
+                .bind(&payment.currency)
+                .execute(tx.conn())
+                .await?;
+            sqlx::query(CREDIT_ACCOUNT)
+                .bind(&payment.account_id)
+                .bind(payment.amount_cents)
+                .execute(tx.conn())
+                .await?;
+            Ok(())
+        }
+    };
 }
-
-/// The same on SQLite.
-#[idem::handler(consumer = "bench-idem")]
-async fn capture_lite(
-    tx: &mut Tx<'_, Sqlite>,
-    payment: PaymentRequested,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(INSERT_CAPTURE)
-        .bind(payment.payment_id.to_string())
-        .bind(&payment.account_id)
-        .bind(payment.amount_cents)
-        .bind(&payment.currency)
-        .execute(tx.conn())
-        .await?;
-    sqlx::query(CREDIT_ACCOUNT)
-        .bind(&payment.account_id)
-        .bind(payment.amount_cents)
-        .execute(tx.conn())
-        .await?;
-    Ok(())
-}
+capture_handler!(capture_pg, Postgres);
+capture_handler!(capture_lite, Sqlite);
 
 /// The same effect for a whole batch, set-based: every capture in one `UNNEST` insert, then one
 /// upsert of each account's sum, in account order (the lock order every batch keeps, so that
@@ -295,6 +277,8 @@ async fn capture_batch_lite(
 /// What differs between the databases: the handlers, the tables, the hand-written loop's
 /// transaction and the housekeeping between runs.
 trait BenchDb: Backend {
+    /// Statements that empty the bench tables.
+    const EMPTY_TABLES: &'static [&'static str];
     /// The per-message handler on this database.
     type Capture: Handler<Self, Message = PaymentRequested>;
     /// The batch handler on this database.
@@ -321,6 +305,35 @@ trait BenchDb: Backend {
         pool: &Pool<Self>,
         delivery: &AmqpDelivery,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// What both databases do alike, inside each `impl BenchDb`: count the captures; drop the bench
+/// consumers' ledger rows.
+macro_rules! same_on_both {
+    () => {
+        async fn captures(pool: &Pool<Self>) -> anyhow::Result<i64> {
+            sqlx::query_scalar("SELECT count(*) FROM bench_captures")
+                .fetch_one(pool)
+                .await
+                .context("counting bench_captures")
+        }
+
+        async fn clear_bench_rows(pool: &Pool<Self>) -> anyhow::Result<()> {
+            for &sql in Self::EMPTY_TABLES {
+                sqlx::query(sql)
+                    .execute(pool)
+                    .await
+                    .context("emptying the bench tables")?;
+            }
+            sqlx::query("DELETE FROM idem_ledger WHERE consumer IN ($1, $2)")
+                .bind(IDEM_CONSUMER)
+                .bind(RAW_CONSUMER)
+                .execute(pool)
+                .await
+                .context("removing the bench consumers' ledger rows")?;
+            Ok(())
+        }
+    };
 }
 
 /// The hand-written loop's transaction, the same on both databases once begun with `$begin`.
@@ -361,6 +374,7 @@ macro_rules! raw_handle {
 }
 
 impl BenchDb for Postgres {
+    const EMPTY_TABLES: &'static [&'static str] = &["TRUNCATE bench_captures, bench_accounts"];
     type Capture = capture_pg;
     type CaptureBatch = capture_batch_pg;
     fn capture() -> Self::Capture {
@@ -386,19 +400,7 @@ impl BenchDb for Postgres {
         Self::clear_bench_rows(pool).await
     }
 
-    async fn clear_bench_rows(pool: &Pool<Self>) -> anyhow::Result<()> {
-        sqlx::query("TRUNCATE bench_captures, bench_accounts")
-            .execute(pool)
-            .await
-            .context("emptying the bench tables")?;
-        sqlx::query(CLEAR_LEDGER)
-            .bind(IDEM_CONSUMER)
-            .bind(RAW_CONSUMER)
-            .execute(pool)
-            .await
-            .context("removing the bench consumers' ledger rows")?;
-        Ok(())
-    }
+    same_on_both!();
 
     /// Vacuums what the previous run churned (the account upserts leave dead rows), checkpoints
     /// so that no contestant pays for a checkpoint (and the full-page writes after it) that the
@@ -417,13 +419,6 @@ impl BenchDb for Postgres {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         Ok(())
-    }
-
-    async fn captures(pool: &Pool<Self>) -> anyhow::Result<i64> {
-        sqlx::query_scalar("SELECT count(*) FROM bench_captures")
-            .fetch_one(pool)
-            .await
-            .context("counting bench_captures")
     }
 
     async fn age_ledger(pool: &Pool<Self>, round: u32, rows: u64) -> anyhow::Result<()> {
@@ -447,6 +442,8 @@ impl BenchDb for Postgres {
 }
 
 impl BenchDb for Sqlite {
+    const EMPTY_TABLES: &'static [&'static str] =
+        &["DELETE FROM bench_captures", "DELETE FROM bench_accounts"];
     type Capture = capture_lite;
     type CaptureBatch = capture_batch_lite;
     fn capture() -> Self::Capture {
@@ -468,21 +465,7 @@ impl BenchDb for Sqlite {
         Self::clear_bench_rows(pool).await
     }
 
-    async fn clear_bench_rows(pool: &Pool<Self>) -> anyhow::Result<()> {
-        for sql in ["DELETE FROM bench_captures", "DELETE FROM bench_accounts"] {
-            sqlx::query(sql)
-                .execute(pool)
-                .await
-                .context("emptying the bench tables")?;
-        }
-        sqlx::query(CLEAR_LEDGER)
-            .bind(IDEM_CONSUMER)
-            .bind(RAW_CONSUMER)
-            .execute(pool)
-            .await
-            .context("removing the bench consumers' ledger rows")?;
-        Ok(())
-    }
+    same_on_both!();
 
     /// Folds the write-ahead log back into the database file, so that no contestant pays for a
     /// checkpoint the other did not, then gives the broker a moment after the publish.
@@ -493,13 +476,6 @@ impl BenchDb for Sqlite {
             .context("checkpointing SQLite")?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         Ok(())
-    }
-
-    async fn captures(pool: &Pool<Self>) -> anyhow::Result<i64> {
-        sqlx::query_scalar("SELECT count(*) FROM bench_captures")
-            .fetch_one(pool)
-            .await
-            .context("counting bench_captures")
     }
 
     async fn age_ledger(_pool: &Pool<Self>, _round: u32, _rows: u64) -> anyhow::Result<()> {
