@@ -360,8 +360,8 @@ where
                 None => None,
             };
             let shutdown = Shutdown::on_signals()?;
-            // One connection for the batch being published (LISTEN has one of its own).
-            let pool = DB::connect(&cli.database_url, 2).await?;
+            // LISTEN's connection, and one per batch in flight (two on PostgreSQL).
+            let pool = DB::connect(&cli.database_url, 3).await?;
             DB::migrate(&pool).await?;
             relay(cli, pool, poll_ms.map(Duration::from_millis))?
                 .serve(&cli.amqp_url, shutdown.requested())
@@ -525,7 +525,7 @@ where
     let started = Instant::now();
     let concurrency = cli.concurrency.unwrap_or(4).min(u32::from(cli.prefetch));
     // Both consumers, the relay, and the demo's own queries.
-    let pool = DB::connect(&cli.database_url, 2 * concurrency + 2).await?;
+    let pool = DB::connect(&cli.database_url, 2 * concurrency + 3).await?;
     DB::migrate(&pool).await?;
     DB::create_tables(&pool).await?;
     DB::create_orders_table(&pool).await?;

@@ -172,8 +172,8 @@ async fn serve<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
         .concurrency
         .unwrap_or_else(|| 8.min(u32::from(config.prefetch)));
     let relay = config.relay && !config.demo;
-    // The relay holds one connection while it publishes a batch.
-    let connections = concurrency + u32::from(relay);
+    // The relay holds LISTEN's connection and, on PostgreSQL, one per batch in flight (two).
+    let connections = concurrency + 3 * u32::from(relay);
     let pool = DB::connect(&config.database_url, connections)
         .await
         .map_err(|error| format!("{error} (the URL comes from DATABASE_URL or --database-url)"))?;

@@ -1,28 +1,38 @@
 //! The outbox relay, measured: how fast it publishes, and how long a message takes from the
 //! producer's commit to the downstream consumer's transaction.
 //!
-//! 1. **Throughput**: `--messages` rows are committed to the outbox (1 000 per transaction)
-//!    while no relay runs; then one relay starts and the clock runs until every row is published
-//!    and confirmed by the broker and marked in the database.
-//! 2. **Latency**: `--latency-messages` orders are placed one transaction each (a business row
-//!    plus an outbox row) at `--rate` per second, with the relay (woken by LISTEN/NOTIFY) and an
+//! 1. **Throughput**, in `--rounds` rounds: first the broker's own pace — a plain lapin
+//!    publisher with confirms (a window of 1,000 unconfirmed) sends `--messages` persistent
+//!    messages of the relay's size and properties to a queue; then `--messages` rows are
+//!    committed to the outbox (1,000 per transaction) while no relay runs, `--relays` relays
+//!    start and the clock runs until every row is published, confirmed by the broker and
+//!    marked in the database. Each round prints both rates and their ratio.
+//! 2. **Latency**, at each of `--rates` orders per second: `--latency-messages` orders are placed
+//!    one transaction each (a business row plus an outbox row; each order on its own task, so a
+//!    slow commit does not hold back the next), with one relay (woken by LISTEN/NOTIFY) and an
 //!    idem consumer downstream running. For each message: the time from the producer's COMMIT
 //!    returning to the downstream handler running inside its transaction (its COMMIT follows
 //!    within one round trip). Printed as p50 / p99 / max.
 //!
+//! The last line is the median of the rounds' relay/publish ratios (target ≥ 0.8).
+//!
 //! ```text
 //! scripts/bench relay                  # throw-away servers, then the line below
-//! DATABASE_URL=postgres://… AMQP_URL=amqp://… cargo run --release --example relay_bench
+//! DATABASE_URL=postgres://… AMQP_URL=amqp://… cargo run --release --example relay_bench [-- --relays 2]
 //! ```
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use idem::amqp::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use idem::amqp::lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
 use idem::amqp::lapin::types::FieldTable;
+use idem::amqp::lapin::{BasicProperties, Channel, Confirmation, Connection};
 use idem::amqp::{Consumer, Relay};
 use idem::outbox::{self, Outgoing, Route};
 use idem::{async_trait, Backend, Handler, HandlerError, Postgres, Tx};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,15 +41,21 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(about = "Outbox relay throughput and commit-to-downstream latency, on PostgreSQL")]
 struct Config {
-    /// Rows for the throughput run.
+    /// Rows (and plain publishes) per throughput round.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     messages: u64,
-    /// Messages for the latency run.
+    /// Throughput rounds; the last line is the median of their relay/publish ratios.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Relays draining the backlog side by side (PostgreSQL shares one outbox between them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    relays: u32,
+    /// Messages per latency run.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
     latency_messages: u64,
-    /// Orders per second placed during the latency run.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    rate: u32,
+    /// The latency runs: orders per second placed, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [200, 2000])]
+    rates: Vec<u32>,
     /// Rows the relay takes per round trip.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
     batch_size: u16,
@@ -111,7 +127,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if !config.database_url.starts_with("postgres") {
         bail!("DATABASE_URL must be a postgres:// URL: the relay benchmark measures PostgreSQL");
     }
-    let pool = Postgres::connect(&config.database_url, 10).await?;
+    // The producers placing orders, the downstream consumer (8) and the relays (2 each) all
+    // draw on it: none of them may wait for a connection.
+    let pool = Postgres::connect(&config.database_url, 40).await?;
     Postgres::migrate(&pool).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_orders (order_id TEXT PRIMARY KEY)")
         .execute(&pool)
@@ -128,11 +146,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let run = &Uuid::new_v4().simple().to_string()[..8];
     println!(
-        "idem relay bench: PostgreSQL, batch {} rows, {} rows for throughput, {} at {}/s for latency",
-        config.batch_size, config.messages, config.latency_messages, config.rate
+        "idem relay bench: PostgreSQL, batch {} rows, {} relay(s), {} rounds of {} rows for throughput, {} orders for latency at {:?}/s",
+        config.batch_size,
+        config.relays,
+        config.rounds,
+        config.messages,
+        config.latency_messages,
+        config.rates
     );
 
-    // 1. Throughput: a backlog, then one relay.
+    // 1. Throughput: the broker's pace with a plain publisher, then a backlog and the relays.
     let sink = format!("bench-relay-sink-{run}");
     channel
         .queue_declare(
@@ -141,6 +164,101 @@ async fn run(config: Config) -> anyhow::Result<()> {
             FieldTable::default(),
         )
         .await?;
+    let mut publish_rates = Vec::new();
+    let mut relay_rates = Vec::new();
+    let mut ratios = Vec::new();
+    for round in 1..=config.rounds {
+        let publish_rate = plain_publish(&connection, &sink, config.messages).await?;
+        channel
+            .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+        let relay_rate = relay_backlog(&config, &pool, &sink).await?;
+        channel
+            .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+        let ratio = relay_rate / publish_rate;
+        println!(
+            "round {round}/{}: publish {publish_rate:.0} msgs/s, relay {relay_rate:.0} msgs/s ({} relay{}), relay/publish {ratio:.2}",
+            config.rounds,
+            config.relays,
+            if config.relays == 1 { "" } else { "s" }
+        );
+        publish_rates.push(publish_rate);
+        relay_rates.push(relay_rate);
+        ratios.push(ratio);
+    }
+    channel
+        .queue_delete(sink.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    println!("publish: {:.0} msgs/s", median(&mut publish_rates));
+    println!("relay: {:.0} msgs/s", median(&mut relay_rates));
+
+    // 2. Latency at each rate: paced orders through outbox, relay and a downstream consumer.
+    for &rate in &config.rates {
+        latency(&config, &pool, &connection, &channel, run, rate).await?;
+    }
+    println!("relay/publish throughput ratio: {:.2}", median(&mut ratios));
+    Ok(())
+}
+
+/// The broker's pace: `n` persistent messages of the relay's size and properties, published with
+/// confirms, at most 1,000 unconfirmed; msgs/s.
+async fn plain_publish(connection: &Connection, queue: &str, n: u64) -> anyhow::Result<f64> {
+    let channel: Channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut window = VecDeque::with_capacity(1000);
+    for _ in 0..n {
+        let order = OrderPlaced {
+            order_id: Uuid::new_v4(),
+        };
+        let body = serde_json::to_vec(&order)?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(Uuid::new_v4().to_string().into())
+            .with_type("bench.order-placed".into())
+            .with_timestamp(0)
+            .with_headers(FieldTable::default());
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                properties,
+            )
+            .await?;
+        window.push_back(confirm);
+        if window.len() == 1000 {
+            if let Some(oldest) = window.pop_front() {
+                confirmed(oldest.await?)?;
+            }
+        }
+    }
+    for confirm in window {
+        confirmed(confirm.await?)?;
+    }
+    let took = started.elapsed();
+    let _ = channel.close(200, "published".into()).await;
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+fn confirmed(confirmation: Confirmation) -> anyhow::Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        other => bail!("the broker did not take a message: {other:?}"),
+    }
+}
+
+/// `--messages` rows committed to the outbox, then `--relays` relays drain them; msgs/s from
+/// their start until every row is marked published.
+async fn relay_backlog(config: &Config, pool: &sqlx::PgPool, sink: &str) -> anyhow::Result<f64> {
     let mut placed = 0u64;
     while placed < config.messages {
         let mut tx = pool.begin().await?;
@@ -148,36 +266,72 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let order = OrderPlaced {
                 order_id: Uuid::new_v4(),
             };
-            let message = Outgoing::json(&order, Uuid::new_v4())?.route(Route::queue(&sink));
+            let message = Outgoing::json(&order, Uuid::new_v4())?.route(Route::queue(sink));
             outbox::enqueue::<Postgres>(&mut tx, &message).await?;
             placed += 1;
         }
         tx.commit().await?;
     }
+    let relays: Vec<Arc<Relay<Postgres>>> = (0..config.relays)
+        .map(|_| {
+            Relay::builder(pool.clone())
+                .batch_size(config.batch_size)
+                .build()
+                .map(Arc::new)
+        })
+        .collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    let running: Vec<_> = relays
+        .iter()
+        .map(|relay| spawn_relay(relay, &config.amqp_url))
+        .collect();
+    let published = || relays.iter().map(|r| r.stats().published).sum::<u64>();
+    wait_until("the backlog is published", Duration::from_secs(600), || {
+        published() >= config.messages
+    })
+    .await?;
+    let took = started.elapsed();
+    for (stop, task) in running {
+        let _ = stop.send(());
+        task.await??;
+    }
+    let failed: u64 = relays.iter().map(|r| r.stats().failed).sum();
+    if published() != config.messages || failed > 0 {
+        bail!(
+            "the relays published {} rows of {} ({failed} failed publishes): a row went out twice or not at all",
+            published(),
+            config.messages
+        );
+    }
+    Ok(config.messages as f64 / took.as_secs_f64())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One latency run at `rate` orders/s: each order one transaction (a business row and its
+/// outbox row) on a task of its own, the relay and a downstream consumer running.
+async fn latency(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    connection: &Connection,
+    channel: &Channel,
+    run: &str,
+    rate: u32,
+) -> anyhow::Result<()> {
     let relay = Arc::new(
         Relay::builder(pool.clone())
             .batch_size(config.batch_size)
             .build()?,
     );
     let (stop_relay, relay_task) = spawn_relay(&relay, &config.amqp_url);
-    let started = Instant::now();
-    wait_until("the backlog is published", Duration::from_secs(600), || {
-        relay.stats().published >= config.messages
-    })
-    .await?;
-    let took = started.elapsed();
-    println!(
-        "relay: {:.0} msgs/s published and confirmed ({} rows in {took:.2?}, failed publishes: {})",
-        config.messages as f64 / took.as_secs_f64(),
-        config.messages,
-        relay.stats().failed
-    );
-    channel
-        .queue_delete(sink.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-
-    // 2. Latency: paced orders through outbox, relay and a downstream idem consumer.
-    let queue = format!("bench-relay-orders-{run}");
+    let queue = format!("bench-relay-orders-{run}-{rate}");
     let arrived = Arc::new(Mutex::new(HashMap::new()));
     let consumer = Arc::new(
         Consumer::builder(
@@ -187,9 +341,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             },
         )
         .queue(&queue)
+        // Group commit, so that the consumer is not the slowest hop at 2k orders/s on two
+        // cores (one transaction per message tops out near there); a group starts at once
+        // when none is in flight, so at low rates this is per-message latency.
+        .group_commit(50, Duration::from_millis(2))
         .build()?,
     );
-    consumer.declare(&connection).await?;
+    consumer.declare(connection).await?;
     let (stop_consumer, consumer_task) = {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let consumer = Arc::clone(&consumer);
@@ -203,25 +361,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
         });
         (stop, task)
     };
-    let mut committed = HashMap::new();
-    let gap = Duration::from_secs_f64(1.0 / f64::from(config.rate));
+    let gap = Duration::from_secs_f64(1.0 / f64::from(rate));
     let mut next = Instant::now();
+    let mut placing = tokio::task::JoinSet::new();
     for _ in 0..config.latency_messages {
         tokio::time::sleep_until(next.into()).await;
         next += gap;
-        let order = OrderPlaced {
-            order_id: Uuid::new_v4(),
-        };
-        let mut tx = pool.begin().await?;
-        sqlx::query("INSERT INTO bench_orders (order_id) VALUES ($1)")
-            .bind(order.order_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        let id = outbox::stable_id("bench-orders", &order.order_id.to_string());
-        let message = Outgoing::json(&order, id)?.route(Route::queue(&queue));
-        outbox::enqueue::<Postgres>(&mut tx, &message).await?;
-        tx.commit().await?;
-        committed.insert(order.order_id, Instant::now());
+        let (pool, queue) = (pool.clone(), queue.clone());
+        placing.spawn(async move {
+            let order = OrderPlaced {
+                order_id: Uuid::new_v4(),
+            };
+            let mut tx = pool.begin().await?;
+            sqlx::query("INSERT INTO bench_orders (order_id) VALUES ($1)")
+                .bind(order.order_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            let id = outbox::stable_id("bench-orders", &order.order_id.to_string());
+            let message = Outgoing::json(&order, id)?.route(Route::queue(&queue));
+            outbox::enqueue::<Postgres>(&mut tx, &message).await?;
+            tx.commit().await?;
+            Ok::<_, anyhow::Error>((order.order_id, Instant::now()))
+        });
+    }
+    let mut committed = HashMap::new();
+    while let Some(placed) = placing.join_next().await {
+        let (order_id, at) = placed??;
+        committed.insert(order_id, at);
+    }
+    let behind = Instant::now().saturating_duration_since(next);
+    if behind > Duration::from_millis(100) {
+        tracing::warn!(?behind, "the producers fell behind the rate");
     }
     let expected = committed.len();
     wait_until(
@@ -255,7 +425,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         at(0.99).as_secs_f64() * 1e3,
         at(1.0).as_secs_f64() * 1e3,
         latencies.len(),
-        config.rate
+        rate
     );
     let stats = consumer.stats();
     if stats.applied != expected as u64 {

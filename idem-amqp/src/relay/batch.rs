@@ -34,6 +34,7 @@ use super::link::{Link, Trouble};
 use crate::publish;
 use idem_core::outbox::relay::{OutboxRow, Settled};
 use idem_core::Backoff;
+use lapin::PublisherConfirm;
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
@@ -130,6 +131,39 @@ pub(super) async fn publish(link: &mut Link, rows: &[OutboxRow], park_after: u32
     }
 }
 
+/// Whether `rows` may go out as one run while the previous batch's confirms are still coming:
+/// every exchange has answered a publish on this channel and no body is big enough to go alone.
+/// Otherwise a refusal could close the channel under the other batch's publishes too.
+pub(super) fn pipelines(link: &Link, rows: &[OutboxRow]) -> bool {
+    rows.iter()
+        .all(|row| row.message.body.len() <= ALONE_ABOVE && link.knows(&row.message.route.exchange))
+}
+
+/// The answers to a batch sent whole ([`send_run`] of all its `rows`): how to settle each row
+/// that got one (rows without an answer stay due), and what went wrong. A refusal — the broker
+/// closed the channel — comes back as such, not hunted down here: the caller reopens the
+/// channel, which forgets every exchange, so the rounds after it publish to each exchange alone
+/// again and find the refused row the way [`publish`] does.
+pub(super) async fn land(
+    link: &Link,
+    rows: &[OutboxRow],
+    sending: Sending,
+    deadline: tokio::time::Instant,
+    park_after: u32,
+) -> (Vec<Settled>, Option<Trouble>) {
+    let run: Vec<&OutboxRow> = rows.iter().collect();
+    let sent = collect_run(link, &run, sending, deadline).await;
+    let settled = sent
+        .answered
+        .into_iter()
+        .map(|(row, answer)| match answer {
+            Ok(()) => Settled::Published(row.id),
+            Err(error) => failed(row, error.to_string(), park_after),
+        })
+        .collect();
+    (settled, sent.trouble)
+}
+
 /// The next rows to publish together: all that are left (`one`: just the next), up to a row
 /// that must go `alone`, which goes in a run of its own; the rows of held destinations are
 /// left out (and so stay due).
@@ -194,29 +228,73 @@ async fn publish_run<'r>(
     run: &[&'r OutboxRow],
     deadline: tokio::time::Instant,
 ) -> Sent<'r> {
+    let sending = send_run(link, run, deadline).await;
+    collect_run(link, run, sending, deadline).await
+}
+
+/// A run's publishes written, their confirms still to come.
+pub(super) struct Sending {
+    /// The confirm of each row published, by its place in the run.
+    pending: Vec<(usize, PublisherConfirm)>,
+    /// Where the run stopped short (a publish failed or timed out): that row and the rest were
+    /// not published.
+    unsent_from: Option<usize>,
+    /// Why it stopped short.
+    trouble: Option<Trouble>,
+}
+
+/// Publishes `run` in order by `deadline`, without waiting for the confirms.
+pub(super) async fn send_run(
+    link: &Link,
+    run: &[&OutboxRow],
+    deadline: tokio::time::Instant,
+) -> Sending {
+    let mut sending = Sending {
+        pending: Vec::with_capacity(run.len()),
+        unsent_from: None,
+        trouble: None,
+    };
+    for (i, row) in run.iter().enumerate() {
+        match tokio::time::timeout_at(deadline, link.publish(row)).await {
+            Ok(Ok(confirm)) => sending.pending.push((i, confirm)),
+            Ok(Err(error)) => {
+                sending.trouble = Some(link.trouble(&error));
+                sending.unsent_from = Some(i);
+                break;
+            }
+            Err(_) => {
+                sending.trouble = Some(timed_out(link));
+                sending.unsent_from = Some(i);
+                break;
+            }
+        }
+    }
+    sending
+}
+
+/// Awaits the confirms of a run `sending` published, by `deadline`.
+async fn collect_run<'r>(
+    link: &Link,
+    run: &[&'r OutboxRow],
+    sending: Sending,
+    deadline: tokio::time::Instant,
+) -> Sent<'r> {
     let mut sent = Sent {
         answered: Vec::with_capacity(run.len()),
         unanswered: Vec::new(),
         trouble: None,
     };
-    let mut pending = Vec::with_capacity(run.len());
-    let mut unsent: &[&OutboxRow] = &[];
-    for (i, row) in run.iter().enumerate() {
-        match tokio::time::timeout_at(deadline, link.publish(row)).await {
-            Ok(Ok(confirm)) => pending.push((*row, confirm)),
-            Ok(Err(error)) => {
-                sent.note(link.trouble(&error));
-                unsent = &run[i..];
-                break;
-            }
-            Err(_) => {
-                sent.note(timed_out(link));
-                unsent = &run[i..];
-                break;
-            }
-        }
+    let Sending {
+        pending,
+        unsent_from,
+        trouble,
+    } = sending;
+    if let Some(trouble) = trouble {
+        sent.note(trouble);
     }
-    for (row, confirm) in pending {
+    let unsent = unsent_from.map_or(&[][..], |from| &run[from..]);
+    for (i, confirm) in pending {
+        let row = run[i];
         // After a timeout this still collects the answers already in.
         match tokio::time::timeout_at(deadline, confirm).await {
             Ok(Ok(confirmation)) => {

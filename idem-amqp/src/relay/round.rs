@@ -1,10 +1,22 @@
-//! One round of the relay — lease, take a batch of due rows, publish it ([`super::batch`]),
-//! settle it — and the relay's other uses of the outbox table (wake-ups, purge, lease
-//! hand-over). With [`super::batch`], the only files of the relay that touch idem-core's
-//! outbox plumbing.
+//! The relay's rounds — lease, take a batch of due rows, publish it ([`super::batch`]), settle
+//! it — pipelined where the database allows, and the relay's other uses of the outbox table
+//! (wake-ups, purge, lease hand-over). With [`super::batch`], the only files of the relay that
+//! touch idem-core's outbox plumbing.
+//!
+//! **Pipelined rounds** (PostgreSQL): a round's confirms take the broker a few milliseconds,
+//! and marking its rows takes the database as long; one after the other, each sits idle half
+//! the time. So while one batch's confirms come in and its rows are marked, the next batch is
+//! taken (its rows locked, `SKIP LOCKED` passes over the batch in flight) and published on the
+//! same channel, after the first: at most two batches are unconfirmed at once, rows are still
+//! marked only after their confirm, and per destination the broker gets them in id order. A
+//! relay killed anywhere in between leaves the unmarked rows due (their locks die with its
+//! transactions) and publishes them again, same message ids, for the next consumer's ledger.
+//! A batch that has a row to publish alone (an exchange that has not answered on this channel,
+//! a big body) waits for the one in flight and goes the one-round-at-a-time way of
+//! [`batch::publish`]; so does every batch on SQLite, whose takes lock nothing.
 
-use super::batch::{self, Outcome};
-use super::link::Link;
+use super::batch::{self, Outcome, Sending};
+use super::link::{Link, Trouble};
 use super::Relay;
 use idem_core::outbox::relay::{OutboxBatch, Settled};
 use idem_core::Backend;
@@ -35,14 +47,95 @@ pub(super) async fn wakeup(wakeups: &mut Wakeups) {
     }
 }
 
+/// A batch published whole, its confirms still coming: its rows stay locked (its transaction
+/// open) until it lands.
+struct Flight<DB: Backend> {
+    batch: OutboxBatch<DB>,
+    sending: Sending,
+    sent_at: Instant,
+    /// Every wait on the broker for this batch ends by then.
+    deadline: tokio::time::Instant,
+}
+
+/// What the take beside a landing brought.
+enum Next<DB: Backend> {
+    /// Nothing taken (nothing due, or on SQLite another relay holds the lease).
+    Nothing,
+    /// A full or partial batch, published whole and in flight.
+    Flying(Flight<DB>, usize),
+    /// A batch with a row that must go alone: published once the flight has landed.
+    Alone(OutboxBatch<DB>, usize),
+}
+
+/// How a flight landed.
+enum Landing {
+    Done,
+    /// The broker closed the channel over one of its publishes: reopen it.
+    Refused,
+}
+
 impl<DB: Backend> Relay<DB> {
-    /// Takes one batch, publishes it on `link` and settles it: confirmed rows published,
-    /// refused ones backing off or parked, unanswered ones still due. Returns how many rows it
-    /// took. On PostgreSQL the batch's row locks are held (a pool connection in a transaction)
-    /// until the settle; every wait on the broker in between is bounded by the link's timeout.
-    pub(super) async fn round(&self, link: &mut Link) -> Result<usize, RoundError> {
+    /// Publishes what is due: rounds until one takes less than a full batch, the next batch
+    /// taken and published while the last one's confirms come in and its rows are marked
+    /// (see the module docs). Every wait on the broker is bounded by the link's timeout.
+    pub(super) async fn drain(&self, link: &mut Link) -> Result<(), RoundError> {
+        let mut flight: Option<Flight<DB>> = None;
+        let mut more = true;
+        while more || flight.is_some() {
+            let shared: &Link = link;
+            let take_next = async {
+                if more {
+                    self.take_and_send(shared).await
+                } else {
+                    Ok(Next::Nothing)
+                }
+            };
+            let (landed, next) = match flight.take() {
+                Some(flight) => {
+                    let (landed, next) = tokio::join!(self.land(shared, flight), take_next);
+                    (Some(landed), next)
+                }
+                None => (None, take_next.await),
+            };
+            // A batch in flight when the broker was lost is dropped unsettled: its locks go,
+            // its rows stay due.
+            let refused = matches!(landed.transpose()?, Some(Landing::Refused));
+            let next = next?;
+            if refused {
+                let deadline = tokio::time::Instant::now() + link.timeout;
+                link.reopen(deadline).await.map_err(RoundError::Broker)?;
+            }
+            more = false;
+            match next {
+                Next::Nothing => {}
+                Next::Flying(next, taken) => {
+                    more = taken == usize::from(self.batch_size);
+                    if refused {
+                        // Published on the channel the broker closed: what got no answer stays
+                        // due (its failed confirms are that closed channel, not a lost broker;
+                        // a broker really lost shows on the next publish), and the rounds after
+                        // it go one at a time.
+                        if let Err(RoundError::Database(error)) = self.land(link, next).await {
+                            return Err(RoundError::Database(error));
+                        }
+                    } else {
+                        flight = Some(next);
+                    }
+                }
+                Next::Alone(batch, taken) => {
+                    more = taken == usize::from(self.batch_size);
+                    self.publish_alone(link, batch).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the next batch and, when it can go out whole beside a batch in flight (PostgreSQL,
+    /// every exchange known, no big body), publishes it without waiting for the confirms.
+    async fn take_and_send(&self, link: &Link) -> Result<Next<DB>, RoundError> {
         if !self.lease().await? {
-            return Ok(0);
+            return Ok(Next::Nothing);
         }
         let batch: OutboxBatch<DB> = DB::outbox_take(&self.pool, i64::from(self.batch_size))
             .await
@@ -52,19 +145,72 @@ impl<DB: Backend> Relay<DB> {
             DB::outbox_settle(batch, &[])
                 .await
                 .map_err(RoundError::Database)?;
-            return Ok(0);
+            return Ok(Next::Nothing);
         }
+        if !(batch.holds_locks() && batch::pipelines(link, &batch.rows)) {
+            return Ok(Next::Alone(batch, taken));
+        }
+        let sent_at = Instant::now();
+        let deadline = tokio::time::Instant::now() + link.timeout;
+        let run: Vec<_> = batch.rows.iter().collect();
+        let sending = batch::send_run(link, &run, deadline).await;
+        Ok(Next::Flying(
+            Flight {
+                batch,
+                sending,
+                sent_at,
+                deadline,
+            },
+            taken,
+        ))
+    }
+
+    /// Waits for a flight's confirms and settles its rows: confirmed ones published, refused
+    /// ones backing off or parked, unanswered ones still due.
+    async fn land(&self, link: &Link, flight: Flight<DB>) -> Result<Landing, RoundError> {
+        let Flight {
+            batch,
+            sending,
+            sent_at,
+            deadline,
+        } = flight;
+        let (settled, trouble) =
+            batch::land(link, &batch.rows, sending, deadline, self.park_after).await;
+        crate::telemetry::relay_confirm_time(sent_at.elapsed());
+        self.settle(batch, &settled).await?;
+        match trouble {
+            None => Ok(Landing::Done),
+            Some(Trouble::Refused(_)) => Ok(Landing::Refused),
+            Some(Trouble::Lost(why) | Trouble::ChannelClosed(why)) => Err(RoundError::Broker(why)),
+        }
+    }
+
+    /// Publishes a batch the one-round-at-a-time way ([`batch::publish`]: runs up to each row
+    /// that must go alone) and settles it. On PostgreSQL its row locks are held (a pool
+    /// connection in a transaction) until the settle.
+    async fn publish_alone(
+        &self,
+        link: &mut Link,
+        batch: OutboxBatch<DB>,
+    ) -> Result<(), RoundError> {
         let started = Instant::now();
         let Outcome { settled, lost } = batch::publish(link, &batch.rows, self.park_after).await;
         crate::telemetry::relay_confirm_time(started.elapsed());
-        DB::outbox_settle(batch, &settled)
-            .await
-            .map_err(RoundError::Database)?;
-        self.count(&settled);
+        self.settle(batch, &settled).await?;
         match lost {
             Some(error) => Err(RoundError::Broker(error)),
-            None => Ok(taken),
+            None => Ok(()),
         }
+    }
+
+    /// Marks what became of a batch's rows (one statement for all the published ones) and
+    /// counts it.
+    async fn settle(&self, batch: OutboxBatch<DB>, settled: &[Settled]) -> Result<(), RoundError> {
+        DB::outbox_settle(batch, settled)
+            .await
+            .map_err(RoundError::Database)?;
+        self.count(settled);
+        Ok(())
     }
 
     /// Adds a settled batch to the counters.

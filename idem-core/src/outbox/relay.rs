@@ -53,6 +53,15 @@ pub struct OutboxBatch<DB: sqlx::Database> {
     pub(crate) pool: Pool<DB>,
 }
 
+impl<DB: sqlx::Database> OutboxBatch<DB> {
+    /// Whether the batch holds its rows' locks until settled (PostgreSQL): then another take
+    /// skips its rows, and the next batch can be taken and published before this one is
+    /// settled. Without locks (SQLite) a take would find them again: one batch at a time.
+    pub fn holds_locks(&self) -> bool {
+        self.locks.is_some()
+    }
+}
+
 impl<DB: sqlx::Database> std::fmt::Debug for OutboxBatch<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxBatch")
