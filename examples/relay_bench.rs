@@ -56,6 +56,11 @@ struct Config {
     /// The latency runs: orders per second placed, one run each.
     #[arg(long, value_delimiter = ',', default_values_t = [200, 2000])]
     rates: Vec<u32>,
+    /// With M > 0, every round also drains the backlog with M published rows aged past the
+    /// retention (8 days old) in the outbox: the relays' purge deletes them meanwhile, and the
+    /// round prints `relay+purge` and its ratio to the plain relay run.
+    #[arg(long, default_value_t = 0)]
+    aged_rows: u64,
     /// Rows the relay takes per round trip.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
     batch_size: u16,
@@ -111,7 +116,8 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // sqlx WARNs of every statement over 1 s (the aged rows' insert).
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error")),
         )
         .init();
     match run(Config::parse()).await {
@@ -176,9 +182,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
         channel
             .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
             .await?;
+        let purging = if config.aged_rows > 0 {
+            age_published_rows(&pool, config.aged_rows).await?;
+            let rate = relay_backlog(&config, &pool, &sink).await?;
+            channel
+                .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
+                .await?;
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM idem_outbox WHERE published_at < now() - interval '7 days'",
+            )
+            .fetch_one(&pool)
+            .await?;
+            format!(
+                ", relay+purge {rate:.0} msgs/s (relay+purge/relay {:.2}, {} aged rows purged meanwhile)",
+                rate / relay_rate,
+                i64::try_from(config.aged_rows)? - left
+            )
+        } else {
+            String::new()
+        };
         let ratio = relay_rate / publish_rate;
         println!(
-            "round {round}/{}: publish {publish_rate:.0} msgs/s, relay {relay_rate:.0} msgs/s ({} relay{}), relay/publish {ratio:.2}",
+            "round {round}/{}: publish {publish_rate:.0} msgs/s, relay {relay_rate:.0} msgs/s ({} relay{}), relay/publish {ratio:.2}{purging}",
             config.rounds,
             config.relays,
             if config.relays == 1 { "" } else { "s" }
@@ -304,6 +329,24 @@ async fn relay_backlog(config: &Config, pool: &sqlx::PgPool, sink: &str) -> anyh
         );
     }
     Ok(config.messages as f64 / took.as_secs_f64())
+}
+
+/// Writes `rows` outbox rows published 8 days ago: past the default retention, so the relays'
+/// purge deletes them (5,000 per batch, paced) while they publish.
+async fn age_published_rows(pool: &sqlx::PgPool, rows: u64) -> anyhow::Result<()> {
+    sqlx::query("DELETE FROM idem_outbox WHERE published_at < now() - interval '7 days'")
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO idem_outbox (message_id, exchange, routing_key, kind, body, published_at)
+         SELECT gen_random_uuid()::text, '', 'aged', 'bench.aged', '\\x7b7d', now() - interval '8 days'
+         FROM generate_series(1, $1)",
+    )
+    .bind(i64::try_from(rows)?)
+    .execute(pool)
+    .await
+    .context("writing aged published rows")?;
+    Ok(())
 }
 
 fn median(values: &mut [f64]) -> f64 {
