@@ -61,8 +61,8 @@ struct Config {
     /// round prints `relay+purge` and its ratio to the plain relay run.
     #[arg(long, default_value_t = 0)]
     aged_rows: u64,
-    /// Rows the relay takes per round trip.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Rows the relay takes per round (the relay's default: 500).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..))]
     batch_size: u16,
     #[arg(
         long,
@@ -219,6 +219,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     println!("relay: {:.0} msgs/s", median(&mut relay_rates));
 
     // 2. Latency at each rate: paced orders through outbox, relay and a downstream consumer.
+    // Without aged rows left for a purge to delete meanwhile.
+    sqlx::query("DELETE FROM idem_outbox WHERE published_at < now() - interval '7 days'")
+        .execute(&pool)
+        .await?;
     for &rate in &config.rates {
         latency(&config, &pool, &connection, &channel, run, rate).await?;
     }

@@ -20,8 +20,14 @@ use super::link::{Link, Trouble};
 use super::Relay;
 use idem_core::outbox::relay::{OutboxBatch, Settled};
 use idem_core::Backend;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// Batches unsettled at once at most, the one being taken included: each holds its rows' locks
+/// in a transaction (a pool connection) until its confirms are in and its rows marked. Three
+/// measured no faster here: the rounds' own database work, not the window, is the limit.
+const IN_FLIGHT: usize = 2;
 
 /// Why a round of publishing stopped.
 pub(super) enum RoundError {
@@ -79,9 +85,9 @@ impl<DB: Backend> Relay<DB> {
     /// taken and published while the last one's confirms come in and its rows are marked
     /// (see the module docs). Every wait on the broker is bounded by the link's timeout.
     pub(super) async fn drain(&self, link: &mut Link) -> Result<(), RoundError> {
-        let mut flight: Option<Flight<DB>> = None;
+        let mut flights: VecDeque<Flight<DB>> = VecDeque::new();
         let mut more = true;
-        while more || flight.is_some() {
+        while more || !flights.is_empty() {
             let shared: &Link = link;
             let take_next = async {
                 if more {
@@ -90,42 +96,67 @@ impl<DB: Backend> Relay<DB> {
                     Ok(Next::Nothing)
                 }
             };
-            let (landed, next) = match flight.take() {
+            // With room for another batch, it is taken at once; otherwise (or with nothing
+            // left to take) the oldest lands, and the next take goes beside it.
+            let landing = if more && flights.len() + 1 < IN_FLIGHT {
+                None
+            } else {
+                flights.pop_front()
+            };
+            let (landed, next) = match landing {
                 Some(flight) => {
                     let (landed, next) = tokio::join!(self.land(shared, flight), take_next);
                     (Some(landed), next)
                 }
                 None => (None, take_next.await),
             };
-            // A batch in flight when the broker was lost is dropped unsettled: its locks go,
-            // its rows stay due.
+            // Batches in flight when the broker was lost are dropped unsettled: their locks
+            // go, their rows stay due.
             let refused = matches!(landed.transpose()?, Some(Landing::Refused));
             let next = next?;
             if refused {
-                let deadline = tokio::time::Instant::now() + link.timeout;
-                link.reopen(deadline).await.map_err(RoundError::Broker)?;
+                self.after_refusal(link, &mut flights).await?;
             }
             more = false;
             match next {
                 Next::Nothing => {}
                 Next::Flying(next, taken) => {
                     more = taken == usize::from(self.batch_size);
+                    flights.push_back(next);
                     if refused {
-                        // Published on the channel the broker closed: what got no answer stays
-                        // due (its failed confirms are that closed channel, not a lost broker;
-                        // a broker really lost shows on the next publish), and the rounds after
-                        // it go one at a time.
-                        if let Err(RoundError::Database(error)) = self.land(link, next).await {
-                            return Err(RoundError::Database(error));
-                        }
-                    } else {
-                        flight = Some(next);
+                        self.after_refusal(link, &mut flights).await?;
                     }
                 }
                 Next::Alone(batch, taken) => {
                     more = taken == usize::from(self.batch_size);
+                    // What is in flight lands first: a refusal among this batch's publishes
+                    // closes the channel under any publish still waiting for its confirm.
+                    while let Some(flight) = flights.pop_front() {
+                        if let Landing::Refused = self.land(link, flight).await? {
+                            self.after_refusal(link, &mut flights).await?;
+                        }
+                    }
                     self.publish_alone(link, batch).await?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// After the broker closed the channel over a publish: a new channel, and every batch
+    /// still in flight landed — published on the closed channel, what got no answer stays due
+    /// (its failed confirms are that closed channel, not a lost broker; a broker really lost
+    /// shows on the next publish). The rounds after it publish to each exchange alone again.
+    async fn after_refusal(
+        &self,
+        link: &mut Link,
+        flights: &mut VecDeque<Flight<DB>>,
+    ) -> Result<(), RoundError> {
+        let deadline = tokio::time::Instant::now() + link.timeout;
+        link.reopen(deadline).await.map_err(RoundError::Broker)?;
+        while let Some(flight) = flights.pop_front() {
+            if let Err(RoundError::Database(error)) = self.land(link, flight).await {
+                return Err(RoundError::Database(error));
             }
         }
         Ok(())
