@@ -22,10 +22,11 @@
 //! Per-destination order: once a row of a destination (exchange + routing key) failed, the
 //! later rows of that destination are not published in this round; they stay due, and the
 //! next takes hold them back while the failed row backs off (`Store::outbox_take`). Rows of
-//! other destinations go on. The one gap: rows already in flight behind the failed one in
-//! the same pipelined run — the broker answers those on their own, so a later row it takes
-//! right after refusing an earlier one of the same destination (a nack, or a queue declared
-//! between the two publishes) goes out first.
+//! other destinations go on. The one gap: rows already in flight behind the failed one — in
+//! the same pipelined run, or in the next batch, published before this one's confirms came in
+//! (`super::round`'s pipeline) — the broker answers those on their own, so a later row it
+//! takes right after refusing an earlier one of the same destination (a nack, or a queue
+//! declared between the two publishes) goes out first.
 //!
 //! A failed row backs off (1 s doubling to 5 min) and, at its `park_after`-th failure, is
 //! parked instead: never taken again, no longer holding its destination back.
