@@ -11,6 +11,11 @@
 //! | malformed, missing key, permanent failure, retries exhausted, key conflict, crash loop | publish to `<queue>.dlq` with `x-idem-reason`, wait for the broker's confirm, then ack |
 //! | database unreachable, commit outcome unknown | hold the delivery and run it again with backoff (1 s doubling to 30 s); not an attempt |
 //!
+//! The acks of a channel go out through one ack window: a `basic.ack(multiple)` covers every
+//! delivery up to the highest tag below which all are settled (a group's acks are one frame), and
+//! never one still in its transaction, held, or waiting for a confirm; settled deliveries above
+//! such a gap wait for it at most 100 ms, then are acked one by one.
+//!
 //! [`Consumer::serve`] reconnects by itself after a broker restart or a forced close. The stop
 //! is graceful: on the shutdown future it cancels the consumer, lets in-flight deliveries finish
 //! and ack, and closes its channels.
