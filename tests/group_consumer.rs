@@ -11,7 +11,7 @@
 //!   effect per key.
 //! - Acks: a group's deliveries share one `basic.ack(multiple)`; and a delivery still in its
 //!   transaction below a committed group is never covered by such an ack: after a crash it
-//!   comes back, and only it.
+//!   comes back, and only it (the same in per-message mode, whose acks take the same window).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +19,7 @@
 mod common;
 
 use common::*;
+use idem::amqp::ConsumerBuilder;
 use idem::{async_trait, Handler, HandlerError, Tx};
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,17 +173,33 @@ impl<DB: TestDb> Handler<DB> for Holding<DB> {
 /// nothing could commit beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_held_below_a_committed_group_comes_back_after_a_crash() {
+    held_below_committed("group-held", |b| b.group_commit(GROUP, WAIT).concurrency(2)).await;
+}
+
+/// The same in per-message mode: the ten beside the held one are acked one by one (after the
+/// window's wait for the gap below them), never by an ack that covers the held one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_below_committed_ones_comes_back_after_a_crash_per_message() {
+    held_below_committed("message-held", |b| b.concurrency(2)).await;
+}
+
+/// One delivery (the lowest tag) held in its transaction while ten after it commit and are
+/// acked; then the process dies: the held one, and only it, comes back.
+async fn held_below_committed(
+    name: &str,
+    configure: impl FnOnce(
+        ConsumerBuilder<idem::Postgres, Holding<idem::Postgres>>,
+    ) -> ConsumerBuilder<idem::Postgres, Holding<idem::Postgres>>,
+) {
     type DB = idem::Postgres;
-    let story = Story::<DB>::begin("group-held").await;
+    let story = Story::<DB>::begin(name).await;
     story.declare().await;
     let held = Arc::new(Notify::new());
     let handler = Holding {
         recorder: story.recorder(),
         held: Arc::clone(&held),
     };
-    let running = story
-        .run_with(handler, |b| b.group_commit(GROUP, WAIT).concurrency(2))
-        .await;
+    let running = story.run_with(handler, configure).await;
     // The first delivery (the lowest tag) stays in its transaction...
     let stuck = Uuid::new_v4();
     let body = transfer_body(stuck, "acct-held", 5);
@@ -190,7 +207,7 @@ async fn a_delivery_held_below_a_committed_group_comes_back_after_a_crash() {
     tokio::time::timeout(Duration::from_secs(30), held.notified())
         .await
         .expect("the held transfer reached its handler");
-    // ...while the next ones commit as a group beside it, and are acked.
+    // ...while the next ones commit beside it (as a group, or one by one), and are acked.
     let ids: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
     for id in &ids {
         let body = transfer_body(*id, "acct-gc4", 1);
