@@ -19,7 +19,7 @@
 mod common;
 
 use common::*;
-use idem::transport::{process, process_group, Outcome};
+use idem::transport::{process, Outcome};
 use idem::{async_trait, Batch, BatchHandler, BatchTx, HandlerError, Reason};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,14 +115,7 @@ async fn a_poison_message_is_found_by_splitting_and_the_rest_apply_once<DB: Test
         .collect();
     let arrivals = Arrivals::of(&transfers);
 
-    let processed = process_group(
-        &story.pool,
-        &handler,
-        &arrivals.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    let processed = arrivals.in_one_group(&story.pool, &handler).await;
 
     for (n, (id, p)) in ids.iter().zip(&processed).enumerate() {
         if n == 37 {
@@ -165,14 +158,7 @@ async fn a_message_that_keeps_failing_or_panicking_ends_alone_and_is_retried_the
         .collect();
     let arrivals = Arrivals::of(&transfers);
 
-    let processed = process_group(
-        &story.pool,
-        &handler,
-        &arrivals.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    let processed = arrivals.in_one_group(&story.pool, &handler).await;
 
     for (n, (id, p)) in ids.iter().zip(&processed).enumerate() {
         match n {
@@ -204,63 +190,21 @@ async fn a_message_that_keeps_failing_or_panicking_ends_alone_and_is_retried_the
 async fn the_handler_only_ever_sees_first_time_messages<DB: TestDb>() {
     let story = Story::<DB>::begin("batch-dupes").await;
     let handler = Ledgers::<DB>::new(&story.consumer);
-    let (earlier, reused, copied, fresh) = (
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-    );
-    let before = Arrivals::of(&[
-        (earlier, "acct-b3", 7, false),
-        (reused, "acct-b3", 8, false),
-    ]);
-    let first = process_group(
-        &story.pool,
-        &handler,
-        &before.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    let keys = KeysStory::new("acct-b3");
+    let before = keys.before();
+    let first = before.in_one_group(&story.pool, &handler).await;
     assert!(first.iter().all(|p| p.outcome == Outcome::Applied));
     handler.0.calls.lock().unwrap().clear();
 
-    let arrivals = Arrivals::of(&[
-        (earlier, "acct-b3", 7, false), // the same payment again
-        (copied, "acct-b3", 9, false),
-        (reused, "acct-b3", 999, false), // the key reused for another amount
-        (copied, "acct-b3", 9, false),   // a second copy inside this very batch
-        (fresh, "acct-b3", 1, false),
-    ]);
-    let processed = process_group(
-        &story.pool,
-        &handler,
-        &arrivals.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
-    let outcomes: Vec<_> = processed.iter().map(|p| &p.outcome).collect();
-    assert_eq!(*outcomes[0], Outcome::Duplicate);
-    assert_eq!(*outcomes[1], Outcome::Applied);
-    assert!(
-        matches!(
-            outcomes[2],
-            Outcome::DeadLetter {
-                reason: Reason::KeyConflict,
-                ..
-            }
-        ),
-        "{outcomes:?}"
-    );
-    assert_eq!(*outcomes[3], Outcome::Duplicate);
-    assert_eq!(*outcomes[4], Outcome::Applied);
+    let arrivals = keys.group();
+    let processed = arrivals.in_one_group(&story.pool, &handler).await;
+    KeysStory::assert_outcomes(&processed);
     assert_eq!(
         *handler.0.calls.lock().unwrap(),
         vec![2],
         "one call, with the two first-time messages only"
     );
-    for id in [earlier, reused, copied, fresh] {
+    for id in keys.keys() {
         assert_eq!(story.effects(&id).await, 1, "{id}");
     }
 }
@@ -294,14 +238,7 @@ async fn each_message_publishes_the_ids_it_has_alone<DB: TestDb>() {
         })
         .collect();
     let arrivals = Arrivals::of(&transfers);
-    process_group(
-        &story.pool,
-        &handler,
-        &arrivals.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    arrivals.in_one_group(&story.pool, &handler).await;
     let in_batches = published(&story.pool, &ids).await;
     assert_eq!(
         in_batches.len(),

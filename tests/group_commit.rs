@@ -18,7 +18,7 @@
 mod common;
 
 use common::*;
-use idem::transport::{process_group, Outcome};
+use idem::transport::Outcome;
 use idem::{async_trait, Handler, HandlerError, Reason, Tx};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -131,14 +131,7 @@ async fn a_group_commits_together_and_each_message_keeps_its_own_outcome<DB: Txi
     let transfers: Vec<_> = ids.iter().map(|id| (*id, "acct-g1", 10, false)).collect();
     let batch = Arrivals::of(&transfers);
 
-    let processed = process_group(
-        &story.pool,
-        &handler,
-        &batch.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    let processed = batch.in_one_group(&story.pool, &handler).await;
 
     assert!(
         processed.iter().all(|p| p.outcome == Outcome::Applied),
@@ -169,14 +162,7 @@ async fn a_failing_or_panicking_message_is_taken_out_and_the_rest_commit<DB: Txi
     transfers.insert(5, (panicky, "acct-panicky", 5, false));
     let batch = Arrivals::of(&transfers);
 
-    let processed = process_group(
-        &story.pool,
-        &handler,
-        &batch.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    let processed = batch.in_one_group(&story.pool, &handler).await;
 
     for (transfer, p) in transfers.iter().zip(&processed) {
         let id = transfer.0;
@@ -216,62 +202,20 @@ async fn a_failing_or_panicking_message_is_taken_out_and_the_rest_commit<DB: Txi
 async fn duplicates_conflicts_and_copies_inside_a_group_apply_once<DB: Txid>() {
     let story = Story::<DB>::begin("group-dupes").await;
     let handler = Payouts::<DB>::new(&story.consumer);
-    let (earlier, reused, copied, fresh) = (
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-    );
-    // Applied before, in groups of their own.
-    let before = Arrivals::of(&[
-        (earlier, "acct-g3", 7, false),
-        (reused, "acct-g3", 8, false),
-    ]);
-    let first = process_group(
-        &story.pool,
-        &handler,
-        &before.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    let keys = KeysStory::new("acct-g3");
+    // Applied before.
+    let before = keys.before();
+    let first = before.in_one_group(&story.pool, &handler).await;
     assert!(first.iter().all(|p| p.outcome == Outcome::Applied));
 
-    let batch = Arrivals::of(&[
-        (earlier, "acct-g3", 7, false), // the same payment again
-        (copied, "acct-g3", 9, false),
-        (reused, "acct-g3", 999, false), // the key reused for another amount
-        (copied, "acct-g3", 9, false),   // a second copy inside this very group
-        (fresh, "acct-g3", 1, false),
-    ]);
-    let processed = process_group(
-        &story.pool,
-        &handler,
-        &batch.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
-    let outcomes: Vec<_> = processed.iter().map(|p| &p.outcome).collect();
-    assert_eq!(*outcomes[0], Outcome::Duplicate);
-    assert_eq!(*outcomes[1], Outcome::Applied);
-    assert!(
-        matches!(
-            outcomes[2],
-            Outcome::DeadLetter {
-                reason: Reason::KeyConflict,
-                ..
-            }
-        ),
-        "{outcomes:?}"
-    );
-    assert_eq!(*outcomes[3], Outcome::Duplicate);
-    assert_eq!(*outcomes[4], Outcome::Applied);
-    for id in [earlier, reused, copied, fresh] {
+    let batch = keys.group();
+    let processed = batch.in_one_group(&story.pool, &handler).await;
+    KeysStory::assert_outcomes(&processed);
+    for id in keys.keys() {
         assert_eq!(story.effects(&id).await, 1, "{id}");
     }
     assert_eq!(
-        DB::amount(&story.pool, &story.consumer, &reused.to_string()).await,
+        DB::amount(&story.pool, &story.consumer, &keys.reused.to_string()).await,
         8,
         "the first effect stands"
     );
@@ -286,14 +230,7 @@ async fn a_handler_that_hides_a_failed_statement_fails_alone<DB: Txid>() {
     transfers.insert(2, (sloppy, "acct-sloppy", 3, false));
     let batch = Arrivals::of(&transfers);
 
-    let processed = process_group(
-        &story.pool,
-        &handler,
-        &batch.deliveries(),
-        &fast_policy(),
-        None,
-    )
-    .await;
+    let processed = batch.in_one_group(&story.pool, &handler).await;
 
     for (transfer, p) in transfers.iter().zip(&processed) {
         if transfer.0 == sloppy && DB::NAME == "PostgreSQL" {

@@ -734,6 +734,16 @@ impl Arrivals {
         Self { bodies, metadata }
     }
 
+    /// Runs them through `process_group` as one group: the fast retry policy, no lock order.
+    pub async fn in_one_group<DB: Backend, H: Handler<DB>>(
+        &self,
+        pool: &sqlx::Pool<DB>,
+        handler: &H,
+    ) -> Vec<idem::transport::Processed> {
+        idem::transport::process_group(pool, handler, &self.deliveries(), &fast_policy(), None)
+            .await
+    }
+
     pub fn deliveries(&self) -> Vec<idem::transport::Delivery<'_>> {
         self.bodies
             .iter()
@@ -745,6 +755,74 @@ impl Arrivals {
                 blame_if_unavailable: false,
             })
             .collect()
+    }
+}
+
+/// The keys story of group commit and batch handlers: two payments applied before, then one
+/// group holding the first again, a new one, the second's key reused for another amount, a
+/// copy of the new one inside the same group, and another new one.
+pub struct KeysStory {
+    pub earlier: Uuid,
+    pub reused: Uuid,
+    pub copied: Uuid,
+    pub fresh: Uuid,
+    account: &'static str,
+}
+
+impl KeysStory {
+    pub fn new(account: &'static str) -> Self {
+        Self {
+            earlier: Uuid::new_v4(),
+            reused: Uuid::new_v4(),
+            copied: Uuid::new_v4(),
+            fresh: Uuid::new_v4(),
+            account,
+        }
+    }
+
+    /// The two payments applied before (amounts 7 and 8).
+    pub fn before(&self) -> Arrivals {
+        Arrivals::of(&[
+            (self.earlier, self.account, 7, false),
+            (self.reused, self.account, 8, false),
+        ])
+    }
+
+    /// The group itself.
+    pub fn group(&self) -> Arrivals {
+        Arrivals::of(&[
+            (self.earlier, self.account, 7, false), // the same payment again
+            (self.copied, self.account, 9, false),
+            (self.reused, self.account, 999, false), // the key reused for another amount
+            (self.copied, self.account, 9, false),   // a second copy inside this very group
+            (self.fresh, self.account, 1, false),
+        ])
+    }
+
+    /// The group's outcomes, each as the message would get it alone: duplicate, applied, key
+    /// conflict, duplicate (of the copy applied just before it), applied.
+    pub fn assert_outcomes(processed: &[idem::transport::Processed]) {
+        use idem::transport::Outcome;
+        let outcomes: Vec<_> = processed.iter().map(|p| &p.outcome).collect();
+        assert_eq!(*outcomes[0], Outcome::Duplicate);
+        assert_eq!(*outcomes[1], Outcome::Applied);
+        assert!(
+            matches!(
+                outcomes[2],
+                Outcome::DeadLetter {
+                    reason: idem::Reason::KeyConflict,
+                    ..
+                }
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(*outcomes[3], Outcome::Duplicate);
+        assert_eq!(*outcomes[4], Outcome::Applied);
+    }
+
+    /// Every key of the story.
+    pub fn keys(&self) -> [Uuid; 4] {
+        [self.earlier, self.reused, self.copied, self.fresh]
     }
 }
 
