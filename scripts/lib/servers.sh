@@ -249,40 +249,22 @@ idem_rabbitmqctl() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# idem_start_rabbitmq PORT [URL_VAR]
+# idem__rmq_prepare_node DIR NODE PORT DIST_PORT
 #
-# Starts a private RabbitMQ node `idem-PORT@localhost`: AMQP on 127.0.0.1:PORT, Erlang
-# distribution on 127.0.0.1:(PORT+20000) (override: IDEM_RABBITMQ_DIST_PORT), epmd on loopback, no
-# plugins, all state in a temp dir. Waits until the broker is fully booted (timeout
-# IDEM_RABBITMQ_START_TIMEOUT, default 120 s). The default `guest` user works over 127.0.0.1.
-# Exports:
-#   IDEM_RABBITMQ_NODE  node name, for `rabbitmqctl -n`
-#   IDEM_RABBITMQCTL    path to an executable that runs rabbitmqctl against this node correctly
-#                       (as the rabbitmq user, right cookie) — for tests: "$IDEM_RABBITMQCTL" stop_app
-#   URL_VAR             (default IDEM_TEST_AMQP_URL) = amqp://guest:guest@127.0.0.1:PORT/%2f
+# Lays out the directory of one throw-away node (DIR must exist): its config, mnesia/, log/, and
+# four executables, because a test (Rust's Command) can't call a shell function:
+#   DIR/rabbitmqctl ARGS...  rabbitmqctl -n NODE ARGS..., as the rabbitmq user (owner of the cookie)
+#   DIR/start   boots the node in the background (again, after a stop or kill: same data, same
+#               environment) and returns once it has fully booted — for a cluster member that
+#               includes rejoining the cluster. Timeout IDEM_RABBITMQ_START_TIMEOUT (default 120 s).
+#   DIR/stop    graceful `rabbitmqctl stop`; returns once the node is down and its port closed
+#   DIR/kill    SIGKILL to the node's beam.smp; returns once it is gone and its port closed
+# start/stop/kill exit 1, saying why (with log tails), if the node is not in the state they
+# expect (start: down; stop, kill: running) or does not get there in time.
 # ---------------------------------------------------------------------------------------------
-idem_start_rabbitmq() {
-    local port=${1:?usage: idem_start_rabbitmq PORT [URL_VAR]}
-    local url_var=${2:-IDEM_TEST_AMQP_URL}
-    local knob=${IDEM__PORT_KNOB_AMQP:-IDEM_TEST_AMQP_PORT}
-    [[ "$port" =~ ^[0-9]+$ ]] || { idem__die "idem_start_rabbitmq: bad port '$port'"; return 1; }
-    [[ -z "$IDEM__RMQ_NODE" ]] || { idem__die "a RabbitMQ node ($IDEM__RMQ_NODE) is already running from this shell"; return 1; }
-    [[ -x "$IDEM__RMQ_BIN/rabbitmq-server" ]] || { idem__die "RabbitMQ is not installed (run idem_install_packages rabbitmq)"; return 1; }
-
-    local dist_port=${IDEM_RABBITMQ_DIST_PORT:-$((port + 20000))}
-    local node="idem-$port@localhost"
-    idem__require_free_port "$port" "AMQP" "$knob" || return 1
-    idem__require_free_port "$dist_port" "Erlang distribution for $node" "IDEM_RABBITMQ_DIST_PORT (default: AMQP port + 20000) or $knob" || return 1
-    # A node with our name still registered in epmd (a leftover from a killed run) would make ours
-    # fail with a confusing "node name already in use".
-    if command -v epmd >/dev/null 2>&1 && epmd -names 2>/dev/null | grep -q "^name idem-$port at port"; then
-        idem__die "an Erlang node named $node is already running (leftover from an earlier run?); stop it, or use another $knob"
-        return 1
-    fi
-
-    local dir
-    dir=$(mktemp -d "${TMPDIR:-/tmp}/idem-rabbitmq-$port.XXXXXX")
-    mkdir -p "$dir/mnesia" "$dir/log"
+idem__rmq_prepare_node() {
+    local dir=$1 node=$2 port=$3 dist_port=$4
+    mkdir -p "$dir/mnesia" "$dir/log" || return 1
     # No plugins: the management plugin alone adds seconds to every boot and tests don't need it.
     printf '[].\n' >"$dir/enabled_plugins"
     # An empty env file so /etc/rabbitmq/rabbitmq-env.conf (a developer's NODENAME, etc.) can't leak in.
@@ -298,126 +280,371 @@ log.file.level = info
 # size (max_body_bytes), so the broker must refuse what is too large to hold (16 MiB).
 max_message_size = 16777216
 EOF
-    chown -R rabbitmq:rabbitmq "$dir"
+    chown -R rabbitmq:rabbitmq "$dir" || return 1
 
-    # A tiny executable for tests (Rust's Command can't call a shell function).
-    local ctl="$dir/rabbitmqctl"
-    cat >"$ctl" <<EOF
+    cat >"$dir/rabbitmqctl" <<EOF
 #!/bin/sh
 # rabbitmqctl against the idem test node $node (as the rabbitmq user, which owns the cookie)
 cd "$IDEM__RMQ_HOME" || exit 1
 as=""
 [ "\$(id -un)" = rabbitmq ] || as="runuser -u rabbitmq --"
-exec \$as env HOME="$IDEM__RMQ_HOME" ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_CTL_ERL_ARGS="$IDEM__ERL_LOOPBACK_DIST" \
+exec \$as env HOME="$IDEM__RMQ_HOME" ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_CTL_ERL_ARGS="$IDEM__ERL_LOOPBACK_DIST" \\
     "$IDEM__RMQ_BIN/rabbitmqctl" -n "$node" "\$@"
 EOF
-    chmod 755 "$ctl"
-    chmod 711 "$dir"   # so a non-root test process could still exec $dir/rabbitmqctl
 
+    # start/stop/kill: this node's parameters, then the helpers of this file they use (copied in
+    # with `declare -f`, so there is one definition of each), then the script proper.
+    local vars
+    printf -v vars 'dir=%q\nnode=%q\nport=%q\ndist_port=%q\nrmq_bin=%q\nrmq_home=%q\nerl_dist_args=%q\n%s' \
+        "$dir" "$node" "$port" "$dist_port" "$IDEM__RMQ_BIN" "$IDEM__RMQ_HOME" "$IDEM__ERL_LOOPBACK_DIST" \
+        "$(declare -f idem__log idem__alive idem__pid_from_file idem__rmq_beam_pid \
+            idem__rmq_launcher_pid idem__port_in_use idem__rmq_wait_gone idem__tail_logs)"
+    # shellcheck disable=SC2059  # $head is the format, on purpose
+    local head='#!/bin/bash\n# %s the idem test RabbitMQ node %s (written by scripts/lib/servers.sh)\n%s\n'
+
+    # shellcheck disable=SC2016  # the bodies are scripts of their own, expanded when they run
+    {
+        printf "$head" 'Boot (again)' "$node" "$vars"
+        cat <<'EOF'
+timeout=${IDEM_RABBITMQ_START_TIMEOUT:-120}
+beam=$(idem__rmq_beam_pid "$dir")
+if [[ -n "$beam" ]]; then
+    idem__log "RabbitMQ node $node is already running (beam pid $beam)"
+    exit 1
+fi
+if idem__port_in_use "$port"; then
+    idem__log "cannot start RabbitMQ node $node: 127.0.0.1:$port is in use (node still going down?)"
+    exit 1
+fi
+# After a kill the old pid file is left behind; the node writes a new one as it boots.
+rm -f "$dir/rabbitmq.pid"
+as=()
+[[ "$(id -un)" == rabbitmq ]] || as=(runuser -u rabbitmq --)
+
+idem__log "starting RabbitMQ node $node on 127.0.0.1:$port (dist port $dist_port, dir $dir)"
+started=$SECONDS
+# env -i: a clean environment, so nothing from the caller (RABBITMQ_*, ERL_*) changes the node.
+# setsid: own session, so a Ctrl-C at the terminal reaches our caller's trap, not the broker.
+# All three std streams go to files: a caller reading our output (Command::output()) must not
+# wait for the broker to close them.
+(
+    cd "$dir" || exit 1
+    exec setsid "${as[@]}" env -i \
+        PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME="$rmq_home" \
+        LANG=C.UTF-8 LC_ALL=C.UTF-8 \
+        ERL_EPMD_ADDRESS=127.0.0.1 \
+        RABBITMQ_NODENAME="$node" \
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+        RABBITMQ_NODE_PORT="$port" \
+        RABBITMQ_DIST_PORT="$dist_port" \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="$erl_dist_args" \
+        RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" \
+        RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
+        RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
+        RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+        RABBITMQ_MNESIA_BASE="$dir/mnesia" \
+        RABBITMQ_LOG_BASE="$dir/log" \
+        RABBITMQ_LOGS="$dir/log/rabbit.log" \
+        RABBITMQ_PID_FILE="$dir/rabbitmq.pid" \
+        "$rmq_bin/rabbitmq-server"
+) </dev/null >>"$dir/log/server.out" 2>&1 &
+launcher=$!
+# For whoever stops the node later: the root of the process tree to kill if `stop` can't.
+echo "$launcher" >"$dir/launcher.pid"
+
+# Wait for the AMQP listener with a cheap bash probe (each rabbitmqctl call boots an Erlang VM,
+# ~1 s of CPU that the booting node would have to share on a 2-core machine), bailing out
+# early if the server died; then `await_startup` confirms the boot has fully completed (the
+# listener opens a moment before that).
+deadline=$((SECONDS + timeout)) failed=""
+until idem__port_in_use "$port"; do
+    if ! idem__alive "$launcher"; then
+        failed="exited during startup"; break
+    fi
+    if (( SECONDS >= deadline )); then
+        failed="did not open its AMQP port within ${timeout}s (IDEM_RABBITMQ_START_TIMEOUT)"; break
+    fi
+    sleep 0.25
+done
+if [[ -z "$failed" ]]; then
+    left=$((deadline - SECONDS))
+    (( left >= 5 )) || left=5
+    if ! "$dir/rabbitmqctl" await_startup --timeout "$left" >"$dir/log/await_startup.out" 2>&1; then
+        failed="did not finish booting (rabbitmqctl await_startup failed)"
+    fi
+fi
+if [[ -n "$failed" ]]; then
+    idem__log "RabbitMQ node $node $failed"
+    idem__tail_logs "$dir/log/server.out" "$dir/log/rabbit.log" "$dir/log/await_startup.out"
+    exit 1
+fi
+idem__log "RabbitMQ node $node is up after $((SECONDS - started))s (beam pid $(idem__rmq_beam_pid "$dir"))"
+EOF
+    } >"$dir/start"
+
+    {
+        printf "$head" 'Stop (gracefully)' "$node" "$vars"
+        cat <<'EOF'
+beam=$(idem__rmq_beam_pid "$dir")
+if [[ -z "$beam" ]]; then
+    idem__log "RabbitMQ node $node is not running"
+    exit 1
+fi
+idem__log "stopping RabbitMQ node $node"
+# `stop` returns once the node has agreed to halt, not once it is gone: hence the wait after it.
+if ! timeout 60 "$dir/rabbitmqctl" stop >"$dir/log/stop.out" 2>&1; then
+    idem__log "rabbitmqctl stop failed for RabbitMQ node $node"
+    idem__tail_logs "$dir/log/stop.out" "$dir/log/rabbit.log"
+    exit 1
+fi
+if ! idem__rmq_wait_gone "$beam" "$port" 60; then
+    idem__log "RabbitMQ node $node still runs (or 127.0.0.1:$port is still open) 60s after rabbitmqctl stop"
+    idem__tail_logs "$dir/log/rabbit.log"
+    exit 1
+fi
+idem__log "RabbitMQ node $node is down"
+EOF
+    } >"$dir/stop"
+
+    {
+        printf "$head" 'SIGKILL' "$node" "$vars"
+        cat <<'EOF'
+beam=$(idem__rmq_beam_pid "$dir")
+if [[ -z "$beam" ]]; then
+    idem__log "RabbitMQ node $node is not running"
+    exit 1
+fi
+kill -KILL "$beam"
+# The rabbitmq-server sh and runuser above it exit by themselves once beam.smp is gone.
+if ! idem__rmq_wait_gone "$beam" "$port" 30; then
+    idem__log "RabbitMQ node $node (beam pid $beam) still there 30s after SIGKILL"
+    exit 1
+fi
+idem__log "RabbitMQ node $node killed (beam pid $beam)"
+EOF
+    } >"$dir/kill"
+
+    chmod 755 "$dir/rabbitmqctl" "$dir/start" "$dir/stop" "$dir/kill"
+    chmod 711 "$dir"   # so a non-root test process could still exec the scripts
+}
+
+# idem__rmq_stop_node DIR NODE GRACE_SECONDS
+#
+# Stops a node laid out by idem__rmq_prepare_node, however it was last started (by us or by a
+# test through DIR/start): `rabbitmqctl stop` (at most GRACE_SECONDS), then SIGKILL to whatever is
+# left of the process tree its last start launched. No-op if nothing of it runs.
+idem__rmq_stop_node() {
+    local dir=$1 node=$2 grace=$3 beam launcher pids
+    beam=$(idem__rmq_beam_pid "$dir")
+    launcher=$(idem__rmq_launcher_pid "$dir")
+    [[ -n "$beam$launcher" ]] || return 0
+    idem__log "stopping RabbitMQ node $node"
+    if [[ -n "$beam" ]]; then
+        # `stop` returns once the node has agreed to halt; give it a moment to actually exit.
+        timeout "$grace" "$dir/rabbitmqctl" stop >/dev/null 2>&1 || true
+        for _ in $(seq 1 50); do
+            idem__alive "$beam" || idem__alive "$launcher" || break
+            sleep 0.2
+        done
+    fi
+    if idem__alive "$beam" || idem__alive "$launcher"; then
+        # Still there (e.g. it never finished booting, so `stop` could not reach it): kill the
+        # process tree — runuser → rabbitmq-server sh → beam.smp → helpers.
+        pids=""
+        [[ -z "$launcher" ]] || pids=$(idem__descendants "$launcher")
+        pids="$beam $launcher ${pids//$'\n'/ }"
+        idem__log "RabbitMQ node $node did not stop cleanly; killing pids $pids"
+        # shellcheck disable=SC2086  # a list of PIDs, split on purpose
+        kill -KILL $pids 2>/dev/null || true
+        for _ in $(seq 1 25); do
+            idem__alive "$beam" || idem__alive "$launcher" || break
+            sleep 0.2
+        done
+    fi
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------------
+# idem_start_rabbitmq PORT [URL_VAR]
+#
+# Starts a private RabbitMQ node `idem-PORT@localhost`: AMQP on 127.0.0.1:PORT, Erlang
+# distribution on 127.0.0.1:(PORT+20000) (override: IDEM_RABBITMQ_DIST_PORT), epmd on loopback, no
+# plugins, all state in a temp dir. Waits until the broker is fully booted (timeout
+# IDEM_RABBITMQ_START_TIMEOUT, default 120 s). The default `guest` user works over 127.0.0.1.
+# Exports:
+#   IDEM_RABBITMQ_NODE  node name, for `rabbitmqctl -n`
+#   IDEM_RABBITMQCTL    path to an executable that runs rabbitmqctl against this node correctly
+#                       (as the rabbitmq user, right cookie) — for tests: "$IDEM_RABBITMQCTL" stop_app
+#   URL_VAR             (default IDEM_TEST_AMQP_URL) = amqp://guest:guest@127.0.0.1:PORT/%2f
+# (The node's dir also holds start/stop/kill executables, see idem__rmq_prepare_node.)
+# ---------------------------------------------------------------------------------------------
+idem_start_rabbitmq() {
+    local port=${1:?usage: idem_start_rabbitmq PORT [URL_VAR]}
+    local url_var=${2:-IDEM_TEST_AMQP_URL}
+    local knob=${IDEM__PORT_KNOB_AMQP:-IDEM_TEST_AMQP_PORT}
+    [[ "$port" =~ ^[0-9]+$ ]] || { idem__die "idem_start_rabbitmq: bad port '$port'"; return 1; }
+    [[ -z "$IDEM__RMQ_NODE" ]] || { idem__die "a RabbitMQ node ($IDEM__RMQ_NODE) is already running from this shell"; return 1; }
+    [[ -x "$IDEM__RMQ_BIN/rabbitmq-server" ]] || { idem__die "RabbitMQ is not installed (run idem_install_packages rabbitmq)"; return 1; }
+
+    local dist_port=${IDEM_RABBITMQ_DIST_PORT:-$((port + 20000))}
+    local node="idem-$port@localhost"
+    idem__require_free_port "$port" "AMQP" "$knob" || return 1
+    idem__require_free_port "$dist_port" "Erlang distribution for $node" "IDEM_RABBITMQ_DIST_PORT (default: AMQP port + 20000) or $knob" || return 1
+    idem__require_free_node_name "$node" "$knob" || return 1
+
+    local dir
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/idem-rabbitmq-$port.XXXXXX")
     IDEM__RMQ_DIR=$dir
     IDEM__RMQ_NODE=$node
-    IDEM__RMQ_PIDFILE="$dir/rabbitmq.pid"
-
-    idem__log "starting RabbitMQ node $node on 127.0.0.1:$port (dist port $dist_port, dir $dir)"
-    local started=$SECONDS
-    # env -i: a clean environment, so nothing from the caller (RABBITMQ_*, ERL_*) changes the node.
-    # setsid: own session, so a Ctrl-C at the terminal reaches our trap, not the broker directly.
-    (
-        cd "$dir" || exit 1
-        exec setsid runuser -u rabbitmq -- env -i \
-            PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-            HOME="$IDEM__RMQ_HOME" \
-            LANG=C.UTF-8 LC_ALL=C.UTF-8 \
-            ERL_EPMD_ADDRESS=127.0.0.1 \
-            RABBITMQ_NODENAME="$node" \
-            RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-            RABBITMQ_NODE_PORT="$port" \
-            RABBITMQ_DIST_PORT="$dist_port" \
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="$IDEM__ERL_LOOPBACK_DIST" \
-            RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" \
-            RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
-            RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
-            RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
-            RABBITMQ_MNESIA_BASE="$dir/mnesia" \
-            RABBITMQ_LOG_BASE="$dir/log" \
-            RABBITMQ_LOGS="$dir/log/rabbit.log" \
-            RABBITMQ_PID_FILE="$IDEM__RMQ_PIDFILE" \
-            "$IDEM__RMQ_BIN/rabbitmq-server"
-    ) </dev/null >"$dir/log/server.out" 2>&1 &
-    IDEM__RMQ_LAUNCHER=$!
-
-    # Wait for the AMQP listener with a cheap bash probe (each rabbitmqctl call boots an Erlang VM,
-    # ~1 s of CPU that the booting node would have to share on a 2-core machine), bailing out
-    # early if the server died; then `await_startup` confirms the boot has fully completed (the
-    # listener opens a moment before that).
-    local timeout=${IDEM_RABBITMQ_START_TIMEOUT:-120}
-    local deadline=$((SECONDS + timeout)) failed=""
-    until idem__port_in_use "$port"; do
-        if ! kill -0 "$IDEM__RMQ_LAUNCHER" 2>/dev/null; then
-            failed="exited during startup"; break
-        fi
-        if (( SECONDS >= deadline )); then
-            failed="did not open its AMQP port within ${timeout}s (IDEM_RABBITMQ_START_TIMEOUT)"; break
-        fi
-        sleep 0.25
-    done
-    if [[ -z "$failed" ]]; then
-        local left=$((deadline - SECONDS))
-        (( left >= 5 )) || left=5
-        if ! idem_rabbitmqctl await_startup --timeout "$left" >"$dir/log/await_startup.out" 2>&1; then
-            failed="did not finish booting (rabbitmqctl await_startup failed)"
-        fi
-    fi
-    if [[ -n "$failed" ]]; then
-        idem__log "RabbitMQ node $node $failed"
-        idem__tail_logs "$dir/log/server.out" "$dir/log/rabbit.log" "$dir/log/await_startup.out"
+    # The timeout may be a plain (unexported) variable of the calling script.
+    if ! idem__rmq_prepare_node "$dir" "$node" "$port" "$dist_port" ||
+        ! IDEM_RABBITMQ_START_TIMEOUT=${IDEM_RABBITMQ_START_TIMEOUT:-120} "$dir/start"; then
         idem_stop_rabbitmq
         return 1
     fi
-    IDEM__RMQ_BEAM_PID=$(cat "$IDEM__RMQ_PIDFILE" 2>/dev/null || true)
-    idem__log "RabbitMQ node $node is up after $((SECONDS - started))s (beam pid ${IDEM__RMQ_BEAM_PID:-?})"
 
     export IDEM_RABBITMQ_NODE="$node"
-    export IDEM_RABBITMQCTL="$ctl"
+    export IDEM_RABBITMQCTL="$dir/rabbitmqctl"
     printf -v "$url_var" '%s' "amqp://guest:guest@127.0.0.1:$port/%2f"
     export "${url_var?}"
 }
 
 # Stop the node started by idem_start_rabbitmq (no-op if none). Graceful `rabbitmqctl stop`
-# first, then signals to the PIDs we recorded.
+# first, then signals to the PIDs it recorded.
 idem_stop_rabbitmq() {
-    [[ -n "$IDEM__RMQ_DIR$IDEM__RMQ_LAUNCHER" ]] || return 0
-    local node=$IDEM__RMQ_NODE launcher=$IDEM__RMQ_LAUNCHER dir=$IDEM__RMQ_DIR
-    local beam=${IDEM__RMQ_BEAM_PID:-}
-    [[ -n "$beam" ]] || beam=$(cat "$IDEM__RMQ_PIDFILE" 2>/dev/null || true)
-    # Only trust the recorded beam PID while it still names a beam.smp (PIDs get reused).
-    if [[ -n "$beam" && "$(cat "/proc/$beam/comm" 2>/dev/null)" != beam.smp ]]; then beam=""; fi
-
-    if { [[ -n "$launcher" ]] && kill -0 "$launcher" 2>/dev/null; } || [[ -n "$beam" ]]; then
-        idem__log "stopping RabbitMQ node $node"
-        # `stop` returns once the node has shut down.
-        [[ ! -x "$dir/rabbitmqctl" ]] || timeout 60 "$dir/rabbitmqctl" stop >/dev/null 2>&1 || true
-        for _ in $(seq 1 50); do
-            kill -0 "$launcher" 2>/dev/null || { [[ -n "$beam" ]] && kill -0 "$beam" 2>/dev/null; } || break
-            sleep 0.2
-        done
-        if kill -0 "$launcher" 2>/dev/null || { [[ -n "$beam" ]] && kill -0 "$beam" 2>/dev/null; }; then
-            # Still there (e.g. it never finished booting, so `stop` could not reach it): kill the
-            # process tree we launched — runuser → rabbitmq-server sh → beam.smp → helpers.
-            local pids
-            pids=$(idem__descendants "$launcher")
-            pids="$beam $launcher ${pids//$'\n'/ }"
-            idem__log "RabbitMQ node $node did not stop cleanly; killing pids $pids"
-            # shellcheck disable=SC2086  # a list of PIDs, split on purpose
-            kill -KILL $pids 2>/dev/null || true
-        fi
-        wait "$launcher" 2>/dev/null || true
-    fi
-    if [[ -n "$dir" && -d "$dir" && "$dir" == */idem-rabbitmq-* ]]; then
+    [[ -n "$IDEM__RMQ_DIR" ]] || return 0
+    local dir=$IDEM__RMQ_DIR
+    idem__rmq_stop_node "$dir" "$IDEM__RMQ_NODE" 60
+    if [[ -d "$dir" && "$dir" == */idem-rabbitmq-* ]]; then
         rm -rf "$dir"
     fi
-    IDEM__RMQ_DIR="" IDEM__RMQ_NODE="" IDEM__RMQ_LAUNCHER="" IDEM__RMQ_PIDFILE="" IDEM__RMQ_BEAM_PID=""
+    IDEM__RMQ_DIR="" IDEM__RMQ_NODE=""
     unset IDEM_RABBITMQ_NODE IDEM_RABBITMQCTL
+}
+
+# ---------------------------------------------------------------------------------------------
+# idem_start_rabbitmq_cluster BASE_PORT [URLS_VAR]
+#
+# Starts a private 3-node RabbitMQ cluster for failover tests: nodes `idem-c<PORT>@localhost` with
+# AMQP on 127.0.0.1:BASE_PORT, BASE_PORT+1, BASE_PORT+2 and Erlang distribution on each port
+# + 20000, each configured like idem_start_rabbitmq's node, all state in one temp dir
+# (node1/ node2/ node3/). Boots the three, joins node2 and node3 to node1, and checks that
+# cluster_status lists all three as running. Independent of idem_start_rabbitmq: both can run
+# side by side (they share epmd, as every Erlang node on the machine does).
+# Exports:
+#   URLS_VAR            (default IDEM_TEST_CLUSTER_AMQP_URLS) the three AMQP URLs, comma-separated,
+#                       in node order: amqp://guest:guest@127.0.0.1:PORT/%2f,...
+#   IDEM_CLUSTER_DIR    the temp dir; IDEM_CLUSTER_DIR/nodeN/{rabbitmqctl,start,stop,kill} are the
+#                       levers for tests (see idem__rmq_prepare_node)
+#   IDEM_CLUSTER_NODES  the three node names, space-separated, in node order
+# ---------------------------------------------------------------------------------------------
+idem_start_rabbitmq_cluster() {
+    local base=${1:?usage: idem_start_rabbitmq_cluster BASE_PORT [URLS_VAR]}
+    local urls_var=${2:-IDEM_TEST_CLUSTER_AMQP_URLS}
+    local knob=${IDEM__PORT_KNOB_CLUSTER:-"another BASE_PORT for idem_start_rabbitmq_cluster"}
+    [[ "$base" =~ ^[0-9]+$ ]] || { idem__die "idem_start_rabbitmq_cluster: bad port '$base'"; return 1; }
+    [[ -z "$IDEM__RMQC_DIR" ]] || { idem__die "a RabbitMQ cluster ($IDEM__RMQC_DIR) is already running from this shell"; return 1; }
+    [[ -x "$IDEM__RMQ_BIN/rabbitmq-server" ]] || { idem__die "RabbitMQ is not installed (run idem_install_packages rabbitmq)"; return 1; }
+
+    local i port node nodes=() urls=()
+    for i in 0 1 2; do
+        port=$((base + i))
+        node="idem-c$port@localhost"
+        idem__require_free_port "$port" "AMQP of cluster node $node" "$knob" || return 1
+        idem__require_free_port "$((port + 20000))" "Erlang distribution of cluster node $node" "$knob" || return 1
+        idem__require_free_node_name "$node" "$knob" || return 1
+        nodes+=("$node")
+        urls+=("amqp://guest:guest@127.0.0.1:$port/%2f")
+    done
+
+    local dir
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/idem-rabbitmq-cluster-$base.XXXXXX")
+    chmod 711 "$dir"   # so a non-root test process could still exec nodeN/*
+    IDEM__RMQC_DIR=$dir
+    IDEM__RMQC_NODES=("${nodes[@]}")
+    for i in 0 1 2; do
+        if ! idem__rmq_prepare_node "$dir/node$((i + 1))" "${nodes[i]}" "$((base + i))" "$((base + i + 20000))"; then
+            idem_stop_rabbitmq_cluster
+            return 1
+        fi
+    done
+
+    idem__log "starting a 3-node RabbitMQ cluster (${nodes[*]}) in $dir"
+    local started=$SECONDS
+    # The three boot at once: until they are joined they are independent nodes, and booting in
+    # parallel is what makes the cluster affordable on 2 cores (most of a boot is waiting).
+    local pids=() failed=""
+    for i in 1 2 3; do
+        IDEM_RABBITMQ_START_TIMEOUT=${IDEM_RABBITMQ_START_TIMEOUT:-120} "$dir/node$i/start" &
+        pids+=($!)
+    done
+    for i in 0 1 2; do
+        wait "${pids[i]}" || failed+=" ${nodes[i]}"
+    done
+    if [[ -n "$failed" ]]; then
+        idem__die "RabbitMQ cluster: node(s)$failed failed to boot (see above)"
+        idem_stop_rabbitmq_cluster
+        return 1
+    fi
+
+    # One at a time: two joins racing for node1's schema is asking for trouble.
+    local n
+    for i in 2 3; do
+        n="$dir/node$i"
+        idem__log "joining ${nodes[i - 1]} to ${nodes[0]}"
+        if ! { "$n/rabbitmqctl" stop_app && "$n/rabbitmqctl" join_cluster "${nodes[0]}" &&
+                "$n/rabbitmqctl" start_app; } >"$n/log/join.out" 2>&1; then
+            idem__die "RabbitMQ cluster: ${nodes[i - 1]} failed to join ${nodes[0]}"
+            idem__tail_logs "$n/log/join.out" "$n/log/rabbit.log" "$dir/node1/log/rabbit.log"
+            idem_stop_rabbitmq_cluster
+            return 1
+        fi
+    done
+
+    # Every node must see all three running.
+    local status running missing=""
+    for i in 1 2 3; do
+        status=$("$dir/node$i/rabbitmqctl" cluster_status --formatter json 2>&1) || true
+        # {"running_nodes":["idem-c5690@localhost",...],...} — no jq on minimal machines
+        running=$(sed -n 's/.*"running_nodes":\[\([^]]*\)\].*/\1/p' <<<"$status")
+        for node in "${nodes[@]}"; do
+            [[ "$running" == *"\"$node\""* ]] || missing+=" $node (seen from ${nodes[i - 1]})"
+        done
+        if [[ -n "$missing" ]]; then
+            idem__die "RabbitMQ cluster: not all nodes are running members:$missing
+cluster_status of ${nodes[i - 1]}: $status"
+            idem__tail_logs "$dir"/node{1,2,3}/log/rabbit.log
+            idem_stop_rabbitmq_cluster
+            return 1
+        fi
+    done
+    idem__log "RabbitMQ cluster is up after $((SECONDS - started))s: ${nodes[*]}"
+
+    export IDEM_CLUSTER_DIR="$dir"
+    export IDEM_CLUSTER_NODES="${nodes[*]}"
+    local joined
+    printf -v joined '%s,' "${urls[@]}"
+    printf -v "$urls_var" '%s' "${joined%,}"
+    export "${urls_var?}"
+}
+
+# Stop the cluster started by idem_start_rabbitmq_cluster (no-op if none), whatever state tests
+# left its nodes in: the three at once, each `rabbitmqctl stop` (15 s at most), then SIGKILL.
+idem_stop_rabbitmq_cluster() {
+    [[ -n "$IDEM__RMQC_DIR" ]] || return 0
+    local dir=$IDEM__RMQC_DIR i pids=()
+    for i in 1 2 3; do
+        [[ -d "$dir/node$i" ]] || continue
+        idem__rmq_stop_node "$dir/node$i" "${IDEM__RMQC_NODES[i - 1]:-node$i}" 15 &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || true; done
+    if [[ -d "$dir" && "$dir" == */idem-rabbitmq-cluster-* ]]; then
+        rm -rf "$dir"
+    fi
+    IDEM__RMQC_DIR="" IDEM__RMQC_NODES=()
+    unset IDEM_CLUSTER_DIR IDEM_CLUSTER_NODES
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
 //! At-least-once by construction: a relay that dies after the confirm and before the mark
 //! publishes the row again on its next run, with the same message id, and the consumer's ledger
 //! deduplicates it. Under normal operation nothing is published twice: on PostgreSQL a batch is
-//! taken with `FOR UPDATE SKIP LOCKED` and its locks are held until it is settled, so several
-//! relays can share one outbox; on SQLite one relay holds a lease (`idem_relay_lease`, renewed
-//! every round) and any other stands by until it lapses.
+//! taken with `FOR UPDATE SKIP LOCKED` and its locks are held until it is settled; one relay
+//! of an outbox holds the publish lease (a session advisory lock) and the others stand by, so
+//! a destination's rows reach the broker in order (`RelayBuilder::share_outbox` lets them all
+//! publish, each row once, order between them lost); on SQLite one relay holds a lease
+//! (`idem_relay_lease`, renewed every round) and any other stands by until it lapses.
 //!
 //! Before it publishes, on every connection, it declares the queues, exchanges and bindings it
 //! was given ([`RelayBuilder::declare_queue`], `declare_exchange`, `bind_queue`): a service's
@@ -29,6 +31,7 @@ mod round;
 
 use crate::error::Error;
 use crate::topology::{self, Destination};
+use idem_core::outbox::relay::PublishLease;
 use idem_core::{Backend, Backoff};
 use lapin::{Connection, ExchangeKind};
 use link::Link;
@@ -81,6 +84,7 @@ pub struct RelayBuilder<DB: Backend> {
     park_after: u32,
     confirm_timeout: Duration,
     destinations: Vec<Destination>,
+    share_outbox: bool,
 }
 
 impl<DB: Backend> RelayBuilder<DB> {
@@ -180,6 +184,25 @@ impl<DB: Backend> RelayBuilder<DB> {
         self
     }
 
+    /// PostgreSQL: lets every relay of this outbox publish at once (default `false`: one
+    /// publishes, the others stand by).
+    ///
+    /// By default the relays of one outbox hold a publish lease (a session advisory lock on a
+    /// connection of their own): one publishes, each other stands by and takes over within
+    /// half a second of the holder's session ending — a relay killed, stopped or cut off from
+    /// the database. That keeps every destination's rows in id order at the broker. Shared,
+    /// `FOR UPDATE SKIP LOCKED` still hands each row to one relay, but relay B can publish a
+    /// destination's later rows while relay A's earlier ones wait for their confirms: order
+    /// between them is lost. Share only an outbox whose consumers do not depend on order, and
+    /// only where one relay cannot keep up (measured here, two relays on one 2-core machine
+    /// published no more than one: the broker and the database are the limit).
+    ///
+    /// SQLite cannot share (no row locks): `build` refuses it there.
+    pub fn share_outbox(mut self, share: bool) -> Self {
+        self.share_outbox = share;
+        self
+    }
+
     /// Checks the settings.
     pub fn build(self) -> Result<Relay<DB>, Error> {
         if self.batch_size == 0 {
@@ -205,6 +228,13 @@ impl<DB: Backend> RelayBuilder<DB> {
         for destination in &self.destinations {
             destination.check().map_err(Error::Config)?;
         }
+        if self.share_outbox && !DB::OUTBOX_ROW_LOCKS {
+            return Err(Error::Config(format!(
+                "share_outbox(true) needs PostgreSQL: {} has no row locks for relays to share \
+                 an outbox with; drop the call (one relay publishes, the others stand by)",
+                DB::NAME
+            )));
+        }
         Ok(Relay {
             pool: self.pool,
             batch_size: self.batch_size,
@@ -216,6 +246,8 @@ impl<DB: Backend> RelayBuilder<DB> {
             counters: Counters::default(),
             holder: format!("{}-{}", std::process::id(), rand::random::<u64>()),
             standing_by: AtomicBool::new(false),
+            share_outbox: self.share_outbox,
+            publish_lease: std::sync::Mutex::new(None),
         })
     }
 }
@@ -223,8 +255,11 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// Publishes the outbox: due rows in id order, with publisher confirms, each marked published
 /// only after the broker confirmed it. At-least-once — a relay killed between the confirm and
 /// the mark publishes the row again, with the same message id, and the next consumer's ledger
-/// absorbs it. On PostgreSQL several relays share one outbox (`FOR UPDATE SKIP LOCKED`); on
-/// SQLite one relay holds a lease and the others stand by.
+/// absorbs it. Several relays on one outbox: one publishes and the others stand by, ready to
+/// take over (on PostgreSQL a session advisory lock, handed over within half a second of the
+/// holder's session ending; on SQLite a lease row that lapses after 10 s); on PostgreSQL
+/// [`RelayBuilder::share_outbox`] lets them all publish (`FOR UPDATE SKIP LOCKED`: each row
+/// once, a destination's order between relays lost).
 ///
 /// On PostgreSQL the rounds are pipelined: while one batch's confirms come in and its rows are
 /// marked (one statement for all the confirmed ones), the next batch is taken and published
@@ -251,7 +286,9 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// published and confirmed (at most `confirm_timeout`); with two batches in flight, two such
 /// transactions at once; the purge beside the rounds borrows one for a short batch now and
 /// then. Give a pool that a consumer shares with the relay its `concurrency` + 3 connections,
-/// or give the relay a pool of its own with 3. With a pool of 2 the rounds take turns (the
+/// or give the relay a pool of its own with 3. Unless the outbox is shared, the relay also
+/// opens one connection of its own with the pool's settings, outside the pool, for the
+/// publish lease (a session lock must not go back to a pool). With a pool of 2 the rounds take turns (the
 /// second take waits for a connection); with 1 the relay does not LISTEN and only polls. On
 /// SQLite it uses one connection at a time.
 #[derive(Debug)]
@@ -271,6 +308,22 @@ pub struct Relay<DB: Backend> {
     holder: String,
     /// Whether another relay holds the lease (logged on change).
     standing_by: AtomicBool,
+    /// [`RelayBuilder::share_outbox`].
+    share_outbox: bool,
+    /// PostgreSQL, unless shared: the publish lease's keeper, while `serve` runs.
+    publish_lease: std::sync::Mutex<Option<PublishLease>>,
+}
+
+/// Drops the publish lease in its slot when `serve` ends, however it ends.
+struct HandOver<'a>(&'a std::sync::Mutex<Option<PublishLease>>);
+
+impl Drop for HandOver<'_> {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
 }
 
 /// What the serve loop carries from one connection to the next.
@@ -293,6 +346,7 @@ impl<DB: Backend> Relay<DB> {
             park_after: 10,
             confirm_timeout: Duration::from_secs(10),
             destinations: Vec::new(),
+            share_outbox: false,
         }
     }
 
@@ -319,6 +373,12 @@ impl<DB: Backend> Relay<DB> {
         amqp_url: &str,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        if !self.share_outbox {
+            *self.publish_lease() = DB::outbox_publish_lease(&self.pool);
+        }
+        // Returned or dropped (a task aborted), `serve` hands the publish lease over: its
+        // session closes and a stand-by takes it.
+        let _hand_over = HandOver(&self.publish_lease);
         let serving = self.serve_until(amqp_url, shutdown);
         let keeper = self.keep_outbox();
         tokio::pin!(serving, keeper);
@@ -328,6 +388,13 @@ impl<DB: Backend> Relay<DB> {
             // The keeper never ends; if it did, the relay goes on alone.
             () = &mut keeper => serving.await,
         }
+    }
+
+    /// The publish lease's slot (a poisoned lock only means a panic elsewhere held it).
+    fn publish_lease(&self) -> std::sync::MutexGuard<'_, Option<PublishLease>> {
+        self.publish_lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// [`Relay::serve`] without the purge beside it.
@@ -433,6 +500,7 @@ impl<DB: Backend> Relay<DB> {
     /// A requested stop: hands the SQLite lease over, closes the channel and the connection.
     async fn stop(&self, link: Link) {
         self.release_lease().await;
+        self.publish_lease().take();
         link.close("relay stopped").await;
         tracing::info!(stats = ?self.stats(), "outbox relay stopped");
     }

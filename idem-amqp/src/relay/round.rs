@@ -18,7 +18,7 @@
 use super::batch::{self, Outcome, Sending};
 use super::link::{Link, Trouble};
 use super::Relay;
-use idem_core::outbox::relay::{OutboxBatch, Settled};
+use idem_core::outbox::relay::{OutboxBatch, PublishLease, Settled};
 use idem_core::Backend;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -71,6 +71,14 @@ enum Next<DB: Backend> {
     Flying(Flight<DB>, usize),
     /// A batch with a row that must go alone: published once the flight has landed.
     Alone(OutboxBatch<DB>, usize),
+}
+
+/// Whether this relay may take a batch now ([`Relay::lease`]).
+enum Turn {
+    /// Another relay holds the outbox's lease.
+    StandBy,
+    /// Take, and on PostgreSQL check in the take that this session still holds the lease.
+    Take { lease_session: Option<i32> },
 }
 
 /// How a flight landed.
@@ -165,12 +173,13 @@ impl<DB: Backend> Relay<DB> {
     /// Takes the next batch and, when it can go out whole beside a batch in flight (PostgreSQL,
     /// every exchange known, no big body), publishes it without waiting for the confirms.
     async fn take_and_send(&self, link: &Link) -> Result<Next<DB>, RoundError> {
-        if !self.lease().await? {
+        let Turn::Take { lease_session } = self.lease().await? else {
             return Ok(Next::Nothing);
-        }
-        let batch: OutboxBatch<DB> = DB::outbox_take(&self.pool, i64::from(self.batch_size))
-            .await
-            .map_err(RoundError::Database)?;
+        };
+        let batch: OutboxBatch<DB> =
+            DB::outbox_take(&self.pool, i64::from(self.batch_size), lease_session)
+                .await
+                .map_err(RoundError::Database)?;
         let taken = batch.rows.len();
         if taken == 0 {
             DB::outbox_settle(batch, &[])
@@ -267,21 +276,46 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    /// SQLite: one relay at a time; the others stand by until its lease lapses (a relay
-    /// killed mid-round is replaced within the lease time). Elsewhere always `true`.
-    async fn lease(&self) -> Result<bool, RoundError> {
-        let ttl = (self.poll_interval * 3).max(Duration::from_secs(10));
-        let leased = DB::outbox_lease(&self.pool, &self.holder, ttl)
-            .await
-            .map_err(RoundError::Database)?;
-        if self.standing_by.swap(!leased, Ordering::Relaxed) == leased {
+    /// Whether this relay publishes now. PostgreSQL: while its publish lease's session holds
+    /// the lock (no query: the keeper's last word, and the take checks the session again), or
+    /// always when the outbox is shared. SQLite: one relay at a time; the others stand by
+    /// until its lease lapses (a relay killed mid-round is replaced within the lease time).
+    async fn lease(&self) -> Result<Turn, RoundError> {
+        // Read before any await: the slot's guard is not held across one.
+        let publish_lease = self.publish_lease().as_ref().map(PublishLease::session);
+        let turn = if self.share_outbox {
+            Turn::Take {
+                lease_session: None,
+            }
+        } else if let Some(session) = publish_lease {
+            match session {
+                Some(session) => Turn::Take {
+                    lease_session: Some(session),
+                },
+                None => Turn::StandBy,
+            }
+        } else {
+            let ttl = (self.poll_interval * 3).max(Duration::from_secs(10));
+            let leased = DB::outbox_lease(&self.pool, &self.holder, ttl)
+                .await
+                .map_err(RoundError::Database)?;
             if leased {
+                Turn::Take {
+                    lease_session: None,
+                }
+            } else {
+                Turn::StandBy
+            }
+        };
+        let taking = matches!(turn, Turn::Take { .. });
+        if self.standing_by.swap(!taking, Ordering::Relaxed) == taking {
+            if taking {
                 tracing::info!("relay took over the outbox lease");
             } else {
-                tracing::warn!("another relay is publishing this SQLite outbox; standing by");
+                tracing::warn!("another relay is publishing this outbox; standing by to take over");
             }
         }
-        Ok(leased)
+        Ok(turn)
     }
 
     /// Hands the SQLite lease over at once rather than when it lapses (a no-op elsewhere, and

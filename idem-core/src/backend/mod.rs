@@ -11,7 +11,7 @@
 use crate::delivery::Metadata;
 use crate::error::Error;
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{OutboxBatch, Settled};
+use crate::outbox::relay::{OutboxBatch, PublishLease, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -96,6 +96,10 @@ mod store {
     /// adapter's relay reaches the outbox ones through the `Backend` bound).
     #[async_trait::async_trait]
     pub trait Store: sqlx::Database + Sized {
+        /// Whether an outbox take locks its rows until settled (PostgreSQL): then several
+        /// relays can share one outbox. Without (SQLite) one relay publishes at a time.
+        const OUTBOX_ROW_LOCKS: bool;
+
         /// Begins the transaction of one unit of work on a connection of `pool`, at `isolation`.
         async fn begin(pool: &Pool<Self>, isolation: Isolation) -> Result<Unit<Self>, sqlx::Error>;
 
@@ -223,11 +227,19 @@ mod store {
 
         /// Takes up to `limit` unpublished, unparked rows that are due, oldest first, leaving out
         /// every row that has an earlier row of the same destination (exchange and routing key)
-        /// backing off after a failed publish: per-destination order.
+        /// backing off after a failed publish: per-destination order. With `lease_session`
+        /// (PostgreSQL, [`PublishLease::session`]) nothing is taken unless that session still
+        /// holds the publish lease, checked in the same statement.
         async fn outbox_take(
             pool: &Pool<Self>,
             limit: i64,
+            lease_session: Option<i32>,
         ) -> Result<OutboxBatch<Self>, sqlx::Error>;
+
+        /// PostgreSQL: starts the task that holds, or keeps trying for, the right to publish
+        /// this outbox alone ([`PublishLease`]). `None` where the relay leases with
+        /// [`Store::outbox_lease`] (SQLite).
+        fn outbox_publish_lease(pool: &Pool<Self>) -> Option<PublishLease>;
 
         /// Marks what the broker confirmed as published, schedules failed rows for another try
         /// and parks those out of attempts.

@@ -9,7 +9,7 @@ use super::{Backend, BatchClaim, Claim, Store, TxState, Unit};
 use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{OutboxBatch, Settled};
+use crate::outbox::relay::{OutboxBatch, PublishLease, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -21,6 +21,10 @@ const CONSUMER_PURGE_LOCK: i32 = 493_140_225;
 
 /// The advisory lock of the outbox purge (one outbox per database), with 0 as the second key.
 const OUTBOX_PURGE_LOCK: i32 = 493_140_226;
+
+/// The advisory lock of the outbox's publish lease ([`PublishLease`]), with 0 as the second
+/// key; in `pg_locks` it shows as `classid` = this, `objid` = 0, `objsubid` = 2.
+const OUTBOX_PUBLISH_LOCK: i32 = 493_140_227;
 
 /// One batch of a consumer's purge (`delete`, binding the consumer, the age in milliseconds
 /// and the batch size) in one transaction, under a transaction-level advisory lock on the
@@ -109,6 +113,8 @@ impl Backend for sqlx::Postgres {
 
 #[async_trait::async_trait]
 impl Store for sqlx::Postgres {
+    const OUTBOX_ROW_LOCKS: bool = true;
+
     async fn begin(pool: &Pool<Self>, isolation: Isolation) -> Result<Unit<Self>, sqlx::Error> {
         // Open before BEGIN is sent: a task cancelled mid-BEGIN closes the connection.
         let mut unit = Unit {
@@ -409,9 +415,28 @@ impl Store for sqlx::Postgres {
     /// every failing row, or, written as a scalar subquery, estimates it high enough to JIT-compile
     /// the query on every round.) Rows held back are still walked past by the scan of
     /// `idem_outbox_due`. A row locked by another relay is skipped, not waited for: across relays
-    /// order is not kept.
-    async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
+    /// sharing the outbox order is not kept; with the publish lease only one relay takes.
+    ///
+    /// `lease_session`: the take finds nothing unless that backend still holds the publish
+    /// lease, looked up in `pg_locks` once per statement — a holder whose lease session was
+    /// lost (terminated, or the database restarted) stops taking at once, not when its keeper
+    /// next checks.
+    async fn outbox_take(
+        pool: &Pool<Self>,
+        limit: i64,
+        lease_session: Option<i32>,
+    ) -> Result<OutboxBatch<Self>, sqlx::Error> {
         let mut tx = pool.begin().await?;
+        let leased = if lease_session.is_some() {
+            format!(
+                "AND EXISTS (
+                 SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                 AND classid = {OUTBOX_PUBLISH_LOCK}::oid AND objid = 0 AND objsubid = 2
+                 AND pid = $2)"
+            )
+        } else {
+            String::new()
+        };
         // Only idem's own column list is written into the statement.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH held AS MATERIALIZED (
@@ -424,9 +449,11 @@ impl Store for sqlx::Postgres {
              AND NOT EXISTS (
                  SELECT 1 FROM held h
                  WHERE h.exchange = o.exchange AND h.routing_key = o.routing_key AND h.first < o.id)
+             {leased}
              ORDER BY id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
         )))
         .bind(limit)
+        .bind(lease_session.unwrap_or(0))
         .fetch_all(&mut *tx)
         .await?;
         let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
@@ -600,11 +627,90 @@ impl Store for sqlx::Postgres {
         Some(wakeups)
     }
 
+    /// A task keeps a connection of its own (not the pool's: a session lock must not go back
+    /// to the pool with it) and on it tries `pg_try_advisory_lock` every
+    /// [`PublishLease::CHECK_EVERY`] until it gets it, then checks the session as often. A
+    /// session lost or unanswered for 5 s is dropped (the lock goes with it once PostgreSQL
+    /// sees the connection closed) and a new one tries again.
+    fn outbox_publish_lease(pool: &Pool<Self>) -> Option<PublishLease> {
+        let (held, receiver) = tokio::sync::watch::channel(None);
+        let options = pool.connect_options();
+        tokio::spawn(async move {
+            let keep = async {
+                loop {
+                    let lost = hold_publish_lease(&options, &held).await;
+                    held.send_replace(None);
+                    tracing::debug!(error = %lost, "outbox publish lease session lost; reconnecting");
+                    tokio::time::sleep(PublishLease::CHECK_EVERY).await;
+                }
+            };
+            // The relay dropped its lease: the connection closes and the lock goes with it.
+            tokio::select! {
+                () = held.closed() => {}
+                () = keep => {}
+            }
+        });
+        Some(PublishLease { held: receiver })
+    }
+
     async fn outbox_lease(
         _pool: &Pool<Self>,
         _holder: &str,
         _ttl: Duration,
     ) -> Result<bool, sqlx::Error> {
         Ok(true)
+    }
+}
+
+/// One session of the publish lease: connects, then tries for the lock or checks the session
+/// every [`PublishLease::CHECK_EVERY`], with `Some(pid)` sent while the lock is held. Returns
+/// why the session ended.
+async fn hold_publish_lease(
+    options: &sqlx::postgres::PgConnectOptions,
+    held: &tokio::sync::watch::Sender<Option<i32>>,
+) -> String {
+    use sqlx::{ConnectOptions, Connection};
+    const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+    let session = async {
+        let mut conn = tokio::time::timeout(ANSWER_WITHIN, options.connect())
+            .await
+            .map_err(|_| "connecting took over 5 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let checked = if held.borrow().is_some() {
+                tokio::time::timeout(ANSWER_WITHIN, conn.ping())
+                    .await
+                    .map(|pinged| pinged.map(|()| true))
+            } else {
+                tokio::time::timeout(
+                    ANSWER_WITHIN,
+                    sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, 0)")
+                        .bind(OUTBOX_PUBLISH_LOCK)
+                        .fetch_one(&mut conn),
+                )
+                .await
+            };
+            match checked {
+                Err(_) => return Err("the session did not answer within 5 s".to_string()),
+                Ok(Err(error)) => return Err(error.to_string()),
+                Ok(Ok(true)) => {
+                    if held.borrow().is_none() {
+                        tracing::info!(session = pid, "relay holds the outbox publish lease");
+                        held.send_replace(Some(pid));
+                    }
+                }
+                Ok(Ok(false)) => {}
+            }
+            tokio::time::sleep(PublishLease::CHECK_EVERY).await;
+        }
+    };
+    let ended: Result<std::convert::Infallible, String> = session.await;
+    match ended {
+        Err(why) => why,
+        Ok(never) => match never {},
     }
 }

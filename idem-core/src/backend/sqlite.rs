@@ -9,7 +9,7 @@ use super::{Backend, BatchClaim, Claim, Store, TxState, Unit};
 use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{OutboxBatch, Settled};
+use crate::outbox::relay::{OutboxBatch, PublishLease, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -103,6 +103,8 @@ impl Backend for sqlx::Sqlite {
 
 #[async_trait::async_trait]
 impl Store for sqlx::Sqlite {
+    const OUTBOX_ROW_LOCKS: bool = false;
+
     async fn begin(pool: &Pool<Self>, isolation: Isolation) -> Result<Unit<Self>, sqlx::Error> {
         // SQLite is always SERIALIZABLE, which satisfies any level asked for.
         let _ = isolation;
@@ -361,7 +363,11 @@ impl Store for sqlx::Sqlite {
     /// waits while an earlier row of its destination backs off. SQLite runs the `NOT EXISTS` as
     /// one probe per candidate row into the partial index `idem_outbox_failing` of failing rows
     /// (`SEARCH e USING INDEX idem_outbox_failing (exchange=? AND routing_key=? AND id<?)`).
-    async fn outbox_take(pool: &Pool<Self>, limit: i64) -> Result<OutboxBatch<Self>, sqlx::Error> {
+    async fn outbox_take(
+        pool: &Pool<Self>,
+        limit: i64,
+        _lease_session: Option<i32>,
+    ) -> Result<OutboxBatch<Self>, sqlx::Error> {
         // Only idem's own column list is written into the statement.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {OUTBOX_COLUMNS} FROM idem_outbox o
@@ -495,6 +501,11 @@ impl Store for sqlx::Sqlite {
         .execute(pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The table lease of `outbox_lease` instead: SQLite has no sessions to hold a lock.
+    fn outbox_publish_lease(_pool: &Pool<Self>) -> Option<PublishLease> {
+        None
     }
 
     async fn outbox_wakeups(_pool: &Pool<Self>) -> Option<tokio::sync::mpsc::Receiver<()>> {

@@ -69,3 +69,27 @@ impl<DB: sqlx::Database> std::fmt::Debug for OutboxBatch<DB> {
             .finish_non_exhaustive()
     }
 }
+
+/// The right to publish an outbox alone, on PostgreSQL: a session-level advisory lock held on a
+/// database connection of its own by a task that keeps trying for it (a stand-by relay) or
+/// keeps checking it (the holder). Two relays publishing one outbox at once would each keep
+/// their own batches in order but not a destination's rows between them; with the lease one
+/// publishes and the others stand by. A relay killed, or whose session is lost, lets the lock
+/// go with its connection, and a stand-by takes over within [`PublishLease::CHECK_EVERY`].
+/// Dropping it ends the task and closes its connection (the lock goes with it).
+#[derive(Debug)]
+pub struct PublishLease {
+    pub(crate) held: tokio::sync::watch::Receiver<Option<i32>>,
+}
+
+impl PublishLease {
+    /// How often a stand-by tries for the lease and the holder checks its session.
+    pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// The backend process id of the session holding the lock while this relay holds the lease
+    /// (`None`: another relay does, or the session is being re-established). Pass it to the
+    /// take, which checks in the same statement that the session still holds the lock.
+    pub fn session(&self) -> Option<i32> {
+        *self.held.borrow()
+    }
+}
