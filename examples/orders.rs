@@ -24,14 +24,16 @@
 //! `IDEM_CONCURRENCY` (default 8, or the prefetch if smaller), `IDEM_METRICS_ADDR` (unset by
 //! default; for `consume` and `relay`, e.g. `127.0.0.1:9465` serves Prometheus metrics at
 //! `/metrics`, liveness at `/healthz` and readiness at `/readyz`; give each process its own
-//! address). The orders and the payments
+//! address), `IDEM_QUEUE_TYPE` (default `classic`; `quorum` on a cluster; `AMQP_URL` may list
+//! its nodes, comma-separated). The orders and the payments
 //! processes must share one database (the same `DATABASE_URL`), and the payments example's
 //! `IDEM_QUEUE` must be this `IDEM_PAYMENTS_QUEUE`. Every process declares the queues it
 //! consumes or publishes to: a consumer its own, a relay the ones its messages go to
 //! (`RelayBuilder::declare_queue`). Every long-running command stops on one SIGTERM / SIGINT
-//! (`Shutdown::on_signals`), the demo's relay and both consumers together. Relays: on PostgreSQL run as many as you like (the payments process
-//! runs one); on SQLite one relay publishes at a time (it holds a lease, a second one stands
-//! by), so with `orders relay` on SQLite run payments with `IDEM_RELAY=off`.
+//! (`Shutdown::on_signals`), the demo's relay and both consumers together. Relays: run as many as you like (the payments process runs
+//! one): one publishes at a time and the others stand by (a lease); on SQLite the lease of a
+//! relay that died lapses only after 10 s, so with `orders relay` on SQLite run payments with
+//! `IDEM_RELAY=off`.
 //!
 //! Over 400 lines on purpose: the whole service (commands, handlers for both backends, relay, demo)
 //! is one example a user reads top to bottom.
@@ -92,6 +94,14 @@ struct Cli {
         default_value = "payments"
     )]
     payments_queue: String,
+    /// The type of the queues (`classic` or `quorum`), as the payments process declares them.
+    #[arg(
+        long,
+        global = true,
+        env = "IDEM_QUEUE_TYPE",
+        default_value = "classic"
+    )]
+    queue_type: idem::amqp::QueueType,
     /// Unacknowledged deliveries the broker may push ahead, per consumer.
     #[arg(long, global = true, env = "IDEM_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: u16,
@@ -404,6 +414,7 @@ fn orders_consumer<DB: Backend, M: Handler<DB, Message = PaymentCaptured>>(
 ) -> Result<Consumer<DB, M>, AnyError> {
     Ok(Consumer::builder(pool.clone(), mark_paid)
         .queue(&cli.orders_queue)
+        .queue_type(cli.queue_type)
         .prefetch(cli.prefetch)
         .concurrency(concurrency as usize)
         .build()?)
@@ -420,6 +431,7 @@ where
     Ok(
         Consumer::builder(pool.clone(), Capture::new(&cli.orders_queue))
             .queue(&cli.payments_queue)
+            .queue_type(cli.queue_type)
             .prefetch(cli.prefetch)
             .concurrency(concurrency as usize)
             .build()?,
@@ -438,6 +450,7 @@ fn relay<DB: Backend>(
         .poll_interval(poll_interval.unwrap_or_else(relay_poll_interval::<DB>))
         .declare_queue(&cli.payments_queue)
         .declare_queue(&cli.orders_queue)
+        .queue_type(cli.queue_type)
         .build()?)
 }
 

@@ -21,7 +21,9 @@
 //! (unset or 0/1: one transaction per message; n: group commit of up to n messages),
 //! `IDEM_GROUP_WAIT_MS` (default 5: how long a group may wait to fill) and `IDEM_BATCH_HANDLER`
 //! (default `off`; `on`: the handler takes each group's payments in one call, a batch handler;
-//! needs `IDEM_GROUP_COMMIT`).
+//! needs `IDEM_GROUP_COMMIT`), `IDEM_QUEUE_TYPE` (default `classic`; `quorum` on a RabbitMQ
+//! cluster: the queues, dead letters and delay queues replicated). `AMQP_URL` may list the
+//! nodes of a cluster, comma-separated: the first that answers is used, the others on loss.
 //!
 //! Over 400 lines on purpose: the contract the tests drive (configuration, consumer, relay, demo)
 //! stays one example a user reads top to bottom.
@@ -83,6 +85,10 @@ struct Config {
     /// group commit.
     #[arg(long, env = "IDEM_BATCH_HANDLER", default_value = "off", value_parser = BoolishValueParser::new(), hide_possible_values = true, action = clap::ArgAction::Set)]
     batch_handler: bool,
+    /// The type of the queues (`classic` or `quorum`), this process's and the orders queue it
+    /// declares for the relay.
+    #[arg(long, env = "IDEM_QUEUE_TYPE", default_value = "classic")]
+    queue_type: idem::amqp::QueueType,
     /// The queue `payment.captured` goes to, for payments that name an order.
     #[arg(long, env = "IDEM_ORDERS_QUEUE", default_value = "orders")]
     orders_queue: String,
@@ -181,6 +187,7 @@ async fn serve<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
     DB::create_tables(&pool).await?;
     let mut builder = Consumer::builder(pool.clone(), handler)
         .queue(&config.queue)
+        .queue_type(config.queue_type)
         .prefetch(config.prefetch)
         .concurrency(concurrency as usize);
     if config.group_commit > 1 {
@@ -222,6 +229,7 @@ async fn serve<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
             // service writes into the same database, to this consumer's queue.
             .declare_queue(&config.orders_queue)
             .declare_queue(&config.queue)
+            .queue_type(config.queue_type)
             .build()?,
     );
     // On its own task: the relay's publishing loop stays off the consumer's path. A relay that

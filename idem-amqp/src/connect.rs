@@ -12,22 +12,59 @@ use std::time::Duration;
 const RECONNECT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(250), Duration::from_secs(30)).with_jitter(0.5);
 
-/// Connects to RabbitMQ at `url` (`amqp://user:password@host:port/vhost`).
+/// Connects to RabbitMQ at `url` (`amqp://user:password@host:port/vhost`), or at the first
+/// that answers of several URLs separated by commas (the nodes of a cluster, tried in the order
+/// given). The consumer and the relay reconnect through it too: a node lost is replaced by the
+/// next one that answers.
 ///
 /// A URL that does not parse and a broker that cannot be reached both fail here, at start, with a
 /// message that names the URL (password removed) and what to check.
 pub async fn connect(url: &str) -> Result<Connection, Error> {
-    let uri: lapin::uri::AMQPUri = url.parse().map_err(|reason: String| Error::InvalidUrl {
-        url: redact_url(url),
-        reason,
-    })?;
-    let properties = ConnectionProperties::default().with_connection_name("idem".into());
-    Connection::connect_uri(uri, properties)
-        .await
-        .map_err(|source| Error::Connect {
+    let nodes = nodes(url)?;
+    let several = nodes.len() > 1;
+    let mut last = None;
+    for (text, uri) in nodes {
+        let properties = ConnectionProperties::default().with_connection_name("idem".into());
+        match Connection::connect_uri(uri, properties).await {
+            Ok(connection) => {
+                if several {
+                    tracing::info!(node = %redact_url(text), "connected to the broker");
+                }
+                return Ok(connection);
+            }
+            Err(source) => {
+                if several {
+                    tracing::debug!(node = %redact_url(text), error = %source, "broker node did not answer; trying the next");
+                }
+                last = Some(source);
+            }
+        }
+    }
+    match last {
+        Some(source) => Err(Error::Connect {
             url: redact_url(url),
             source,
+        }),
+        None => Err(Error::InvalidUrl {
+            url: redact_url(url),
+            reason: "no URL given".into(),
+        }),
+    }
+}
+
+/// The URLs in `url` (comma-separated), each parsed: every one must, or none is tried.
+fn nodes(url: &str) -> Result<Vec<(&str, lapin::uri::AMQPUri)>, Error> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|text| !text.is_empty())
+        .map(|text| {
+            let uri = text.parse().map_err(|reason: String| Error::InvalidUrl {
+                url: redact_url(text),
+                reason,
+            })?;
+            Ok((text, uri))
         })
+        .collect()
 }
 
 /// Waits with jittered backoff ([`RECONNECT_BACKOFF`]) until the broker at `url` answers
@@ -91,6 +128,20 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::RECONNECT_BACKOFF;
     use std::time::Duration;
+
+    #[test]
+    fn several_urls_are_the_nodes_of_a_cluster_and_a_bad_one_is_named_without_its_password() {
+        let nodes = super::nodes(" amqp://a:pw@n1:5672/%2f ,amqp://a:pw@n2:5673/%2f,").unwrap();
+        let hosts: Vec<_> = nodes
+            .iter()
+            .map(|(_, uri)| uri.authority.host.clone())
+            .collect();
+        assert_eq!(hosts, ["n1", "n2"]);
+        let error = super::nodes("amqp://a:pw@n1/%2f,amqp://a:secret@n2:port/%2f")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("n2") && !error.contains("secret"), "{error}");
+    }
 
     #[test]
     fn reconnects_back_off_from_a_quarter_second_to_thirty_halved_at_most() {

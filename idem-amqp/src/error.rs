@@ -15,7 +15,7 @@ pub enum Error {
     Core(#[from] idem_core::Error),
 
     /// The AMQP URL does not parse.
-    #[error("invalid AMQP URL {url:?}: {reason}. Expected amqp://user:password@host:port/vhost (vhost `/` is written %2f)")]
+    #[error("invalid AMQP URL {url:?}: {reason}. Expected amqp://user:password@host:port/vhost (vhost `/` is written %2f), or several such URLs separated by commas (the nodes of a cluster)")]
     InvalidUrl {
         /// The URL, password removed.
         url: String,
@@ -24,7 +24,7 @@ pub enum Error {
     },
 
     /// The broker could not be reached or refused the login.
-    #[error("cannot connect to RabbitMQ at {url}: {source}. Check the URL, that the broker is running and reachable from here, and the credentials")]
+    #[error("cannot connect to RabbitMQ at {url}: {source}. Check the URL, that the broker is running and reachable from here, and the credentials (with several URLs: none answered; this is the last one's error)")]
     Connect {
         /// The URL, password removed.
         url: String,
@@ -101,7 +101,7 @@ pub enum Error {
 
     /// The relay could not declare a destination it was given
     /// ([`crate::RelayBuilder::declare_queue`], `declare_exchange`, `bind_queue`).
-    #[error("the outbox relay cannot declare {destination}: {source}. A queue or exchange that already exists with other arguments or of another type is refused (PRECONDITION_FAILED): declare it here as its owner does (idem declares a durable queue without arguments, as an idem consumer does), or leave it to its owner and drop this declaration; a binding needs its queue and exchange to exist (declare them too)")]
+    #[error("the outbox relay cannot declare {destination}: {source}. A queue or exchange that already exists with other arguments or of another type is refused (PRECONDITION_FAILED): declare it here as its owner does (idem declares a durable queue of RelayBuilder::queue_type — classic without arguments by default, or x-queue-type=quorum — as an idem consumer with the same queue_type does), or leave it to its owner and drop this declaration; a binding needs its queue and exchange to exist (declare them too)")]
     Declare {
         /// What was declared: `queue "x"`, `exchange "y" (topic)`, or a binding.
         destination: String,

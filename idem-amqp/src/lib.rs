@@ -55,5 +55,5 @@ pub use relay::{Relay, RelayBuilder, RelayStats};
 pub use shutdown::Shutdown;
 pub use topology::{
     check_consumer_queues, consumer_queues, dead_letter_queue, declare_consumer_queues,
-    retry_queue, QueueSpec, QueueState,
+    retry_queue, QueueSpec, QueueState, QueueType,
 };

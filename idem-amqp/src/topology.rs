@@ -34,23 +34,107 @@ pub fn retry_queue(queue: &str, delay: Duration) -> String {
     format!("{queue}.retry.{label}")
 }
 
+/// The type of the queues idem declares for a consumer — its queue, its dead-letter queue and
+/// its delay queues — and of the queues an outbox relay declares
+/// ([`crate::RelayBuilder::queue_type`]). Every declaration of one queue must agree on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum QueueType {
+    /// RabbitMQ's classic queue (the default): one node holds it; lost with that node's disk.
+    /// Its dead-lettering — how a delay queue returns a retry to the queue — is at-most-once:
+    /// a message expiring out of a delay queue while the queue it goes to is unavailable is
+    /// dropped.
+    #[default]
+    Classic,
+    /// A quorum queue: replicated over the cluster's nodes (Raft), a publisher confirm means a
+    /// majority has it, and it survives a minority of nodes dying. idem declares the delay
+    /// queues with `x-dead-letter-strategy: at-least-once` (and `x-overflow: reject-publish`,
+    /// which that strategy requires): a retry stays in its delay queue until the queue it goes
+    /// back to has confirmed it. And the broker counts deliveries (`x-delivery-count`), which
+    /// the crash-loop guard reads instead of writing a count of its own.
+    Quorum,
+}
+
+impl QueueType {
+    /// `classic` or `quorum`, as `x-queue-type` and `IDEM_QUEUE_TYPE` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+
+    /// The declare arguments every queue of this type carries: none for classic (as every
+    /// earlier idem declared them, so existing queues still match).
+    fn arguments(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self == Self::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "classic" => Ok(Self::Classic),
+            "quorum" => Ok(Self::Quorum),
+            _ => Err(format!(
+                "unknown queue type {text:?}: write `classic` (one node, the default) or `quorum` (replicated over a cluster)"
+            )),
+        }
+    }
+}
+
 /// Every queue a consumer of `queue` uses, with its declare arguments: the queue, its
 /// dead-letter queue, and one delay queue per retry delay.
-pub(crate) fn queues(queue: &str, retry: &RetryPolicy) -> Vec<(String, FieldTable)> {
+pub(crate) fn queues(
+    queue: &str,
+    retry: &RetryPolicy,
+    queue_type: QueueType,
+) -> Vec<(String, FieldTable)> {
     let mut queues = vec![
-        (queue.to_owned(), FieldTable::default()),
-        (dead_letter_queue(queue), FieldTable::default()),
+        (queue.to_owned(), queue_type.arguments()),
+        (dead_letter_queue(queue), queue_type.arguments()),
     ];
     for tier in retry.tiers() {
-        queues.push((retry_queue(queue, tier), delay_arguments(queue, tier)));
+        queues.push((
+            retry_queue(queue, tier),
+            delay_arguments(queue, tier, queue_type),
+        ));
     }
     queues
 }
 
 /// A delay queue's arguments: messages expire after `tier` (or their own, shorter expiration)
-/// and are dead-lettered through the default exchange back to `queue`.
-fn delay_arguments(queue: &str, tier: Duration) -> FieldTable {
-    let mut arguments = FieldTable::default();
+/// and are dead-lettered through the default exchange back to `queue` — on quorum queues
+/// at-least-once.
+fn delay_arguments(queue: &str, tier: Duration, queue_type: QueueType) -> FieldTable {
+    let mut arguments = queue_type.arguments();
+    if queue_type == QueueType::Quorum {
+        // Without at-least-once, dead-lettering is fire-and-forget even on a quorum queue;
+        // RabbitMQ accepts that strategy only with reject-publish overflow.
+        arguments.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
     let ttl = u32::try_from(tier.as_millis()).unwrap_or(u32::MAX);
     arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(ttl));
     arguments.insert(
@@ -95,11 +179,11 @@ pub enum QueueState {
     Differs(String),
 }
 
-/// Every queue a consumer of `queue` with the retry policy `retry` declares: the queue, its
-/// dead-letter queue and one delay queue per retry delay.
-pub fn consumer_queues(queue: &str, retry: &RetryPolicy) -> Vec<QueueSpec> {
+/// Every queue a consumer of `queue` with the retry policy `retry` declares, of `queue_type`:
+/// the queue, its dead-letter queue and one delay queue per retry delay.
+pub fn consumer_queues(queue: &str, retry: &RetryPolicy, queue_type: QueueType) -> Vec<QueueSpec> {
     let mut tiers = retry.tiers().into_iter();
-    queues(queue, retry)
+    queues(queue, retry, queue_type)
         .into_iter()
         .enumerate()
         .map(|(i, (name, arguments))| {
@@ -127,9 +211,10 @@ pub async fn check_consumer_queues(
     connection: &Connection,
     queue: &str,
     retry: &RetryPolicy,
+    queue_type: QueueType,
 ) -> Result<Vec<(QueueSpec, QueueState)>, Error> {
     let mut checked = Vec::new();
-    for spec in consumer_queues(queue, retry) {
+    for spec in consumer_queues(queue, retry, queue_type) {
         // The broker closes the channel over a refused declare: one channel per question.
         let open = || async {
             connection
@@ -197,12 +282,13 @@ pub async fn declare_consumer_queues(
     connection: &Connection,
     queue: &str,
     retry: &RetryPolicy,
+    queue_type: QueueType,
 ) -> Result<(), Error> {
     let channel = connection
         .create_channel()
         .await
         .map_err(Error::broker("open a channel to declare the topology"))?;
-    declare(&channel, queue, retry).await?;
+    declare(&channel, queue, retry, queue_type).await?;
     if channel.status().connected() {
         let _ = channel.close(200, "declared".into()).await;
     }
@@ -229,8 +315,9 @@ pub(crate) async fn declare(
     channel: &Channel,
     queue: &str,
     retry: &RetryPolicy,
+    queue_type: QueueType,
 ) -> Result<(), Error> {
-    for (name, arguments) in queues(queue, retry) {
+    for (name, arguments) in queues(queue, retry, queue_type) {
         channel
             .queue_declare(
                 name.as_str().into(),
@@ -253,9 +340,9 @@ pub(crate) async fn declare(
 pub(crate) enum Destination {
     /// A durable exchange of this kind.
     Exchange { name: String, kind: ExchangeKind },
-    /// A durable queue without arguments: as an idem consumer declares its queue, so the two
+    /// A durable queue of this type: as an idem consumer declares its queue, so the two
     /// declarations agree.
-    Queue(String),
+    Queue(String, QueueType),
     /// `queue` bound to `exchange` with `routing_key`.
     Binding {
         queue: String,
@@ -277,7 +364,7 @@ impl std::fmt::Display for Destination {
                 };
                 write!(f, "exchange {name:?} ({kind}, durable)")
             }
-            Self::Queue(name) => write!(f, "queue {name:?} (durable)"),
+            Self::Queue(name, queue_type) => write!(f, "queue {name:?} (durable, {queue_type})"),
             Self::Binding {
                 queue,
                 exchange,
@@ -294,7 +381,7 @@ impl Destination {
     /// What RabbitMQ would refuse, said at build time: `Err` names the fix.
     pub(crate) fn check(&self) -> Result<(), String> {
         match self {
-            Self::Queue(name) => queue_name(name),
+            Self::Queue(name, _) => queue_name(name),
             Self::Exchange { name, .. } => {
                 if name.is_empty() {
                     return Err(
@@ -348,11 +435,11 @@ impl Destination {
                     )
                     .await
             }
-            Self::Queue(name) => channel
+            Self::Queue(name, queue_type) => channel
                 .queue_declare(
                     name.as_str().into(),
                     QueueDeclareOptions::durable(),
-                    FieldTable::default(),
+                    queue_type.arguments(),
                 )
                 .await
                 .map(drop),
@@ -424,7 +511,7 @@ pub(crate) async fn declare_destinations(
     // Exchanges and queues before the bindings that need them.
     let rank = |destination: &&Destination| match destination {
         Destination::Exchange { .. } => 0,
-        Destination::Queue(_) => 1,
+        Destination::Queue(..) => 1,
         Destination::Binding { .. } => 2,
     };
     let mut ordered: Vec<&Destination> = destinations.iter().collect();
@@ -446,13 +533,14 @@ pub(crate) async fn declare_destinations(
 
 #[cfg(test)]
 mod tests {
-    use super::Destination;
+    use super::{Destination, QueueType};
+    use lapin::types::AMQPValue;
     use lapin::ExchangeKind;
     use std::time::Duration;
 
     #[test]
     fn destinations_rabbitmq_would_refuse_are_refused_with_the_fix() {
-        let queue = |name: &str| Destination::Queue(name.into()).check();
+        let queue = |name: &str| Destination::Queue(name.into(), QueueType::Classic).check();
         assert_eq!(queue("inventory.reserved"), Ok(()));
         assert!(queue("").unwrap_err().contains("name the queue"));
         assert!(queue("amq.x").unwrap_err().contains("reserves"));
@@ -494,9 +582,51 @@ mod tests {
             "exchange \"inventory\" (topic, durable)"
         );
         assert_eq!(
-            Destination::Queue("q".into()).to_string(),
-            "queue \"q\" (durable)"
+            Destination::Queue("q".into(), QueueType::Quorum).to_string(),
+            "queue \"q\" (durable, quorum)"
         );
+    }
+
+    #[test]
+    fn quorum_queues_return_retries_at_least_once_and_classic_ones_are_declared_as_before() {
+        let retry =
+            idem_core::RetryPolicy::exponential(Duration::from_secs(1), Duration::from_secs(4));
+        let text = |table: &lapin::types::FieldTable, key: &str| match table.inner().get(key) {
+            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+            _ => None,
+        };
+        for (name, arguments) in super::queues("payments", &retry, QueueType::Quorum) {
+            assert_eq!(
+                text(&arguments, "x-queue-type").as_deref(),
+                Some("quorum"),
+                "{name}"
+            );
+            if name.contains(".retry.") {
+                assert_eq!(
+                    text(&arguments, "x-dead-letter-strategy").as_deref(),
+                    Some("at-least-once")
+                );
+                assert_eq!(
+                    text(&arguments, "x-overflow").as_deref(),
+                    Some("reject-publish")
+                );
+                assert_eq!(
+                    text(&arguments, "x-dead-letter-routing-key").as_deref(),
+                    Some("payments")
+                );
+            }
+        }
+        let classic = super::queues("payments", &retry, QueueType::Classic);
+        assert!(classic[0].1.inner().is_empty() && classic[1].1.inner().is_empty());
+        assert!(classic[2..]
+            .iter()
+            .all(|(_, a)| !a.inner().contains_key("x-queue-type")
+                && !a.inner().contains_key("x-overflow")));
+        assert_eq!("Quorum".parse::<QueueType>(), Ok(QueueType::Quorum));
+        assert!("mirrored"
+            .parse::<QueueType>()
+            .unwrap_err()
+            .contains("`classic`"));
     }
 
     #[test]

@@ -133,7 +133,13 @@ async fn broker(
 ) {
     for queue in &global.queues {
         let name = format!("topology {queue}");
-        match crate::topology::check(connection, std::slice::from_ref(queue), policy).await {
+        let checked = crate::topology::check(
+            connection,
+            std::slice::from_ref(queue),
+            policy,
+            global.queue_type,
+        );
+        match checked.await {
             Ok(rows) => {
                 let wrong: Vec<String> = rows
                     .iter()

@@ -72,6 +72,15 @@ struct Global {
         global = true
     )]
     queues: Vec<String>,
+    /// The type the consumers declare their queues as (`ConsumerBuilder::queue_type`):
+    /// `classic` or `quorum`.
+    #[arg(
+        long,
+        env = "IDEM_QUEUE_TYPE",
+        default_value = "classic",
+        global = true
+    )]
+    queue_type: idem::amqp::QueueType,
     /// JSON on standard output instead of tables (one document per command).
     #[arg(long, global = true)]
     json: bool,

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::lapin::Connection;
-use idem::amqp::{QueueSpec, QueueState};
+use idem::amqp::{QueueSpec, QueueState, QueueType};
 use idem::RetryPolicy;
 use serde::Serialize;
 use std::time::Duration;
@@ -84,10 +84,11 @@ pub(crate) async fn check(
     connection: &Connection,
     queues: &[String],
     retry: &RetryPolicy,
+    queue_type: QueueType,
 ) -> anyhow::Result<Vec<Checked>> {
     let mut rows = Vec::new();
     for queue in queues {
-        let found = idem::amqp::check_consumer_queues(connection, queue, retry)
+        let found = idem::amqp::check_consumer_queues(connection, queue, retry, queue_type)
             .await
             .with_context(|| format!("cannot check the queues of {queue:?}"))?;
         rows.extend(found.into_iter().map(|(spec, state)| checked(spec, state)));
@@ -137,7 +138,13 @@ pub(crate) async fn run(global: &Global, command: Command) -> anyhow::Result<Ver
     let connection = connect(&global.amqp_url).await?;
     let verdict = match command {
         Command::Check(retry) => {
-            let rows = check(&connection, &global.queues, &retry.policy()?).await?;
+            let rows = check(
+                &connection,
+                &global.queues,
+                &retry.policy()?,
+                global.queue_type,
+            )
+            .await?;
             let verdict = if rows.iter().all(|row| row.state == "ok") {
                 Verdict::Fine
             } else {
@@ -158,10 +165,10 @@ pub(crate) async fn run(global: &Global, command: Command) -> anyhow::Result<Ver
         Command::Declare(retry) => {
             let policy = retry.policy()?;
             for queue in &global.queues {
-                idem::amqp::declare_consumer_queues(&connection, queue, &policy)
+                idem::amqp::declare_consumer_queues(&connection, queue, &policy, global.queue_type)
                     .await
                     .with_context(|| format!("cannot declare the queues of {queue:?}"))?;
-                let declared = idem::amqp::consumer_queues(queue, &policy);
+                let declared = idem::amqp::consumer_queues(queue, &policy, global.queue_type);
                 if !global.json {
                     for spec in &declared {
                         println!("declared {} ({})", spec.name, spec.role);

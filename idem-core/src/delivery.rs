@@ -26,6 +26,11 @@ pub struct Metadata {
     pub first_failure: Option<u64>,
     /// Application headers whose values are text or numbers, rendered as text.
     pub headers: BTreeMap<String, String>,
+    /// The broker's count of earlier deliveries of this message, where the broker keeps one
+    /// that can be trusted: a quorum queue's `x-delivery-count` on a redelivery. The
+    /// crash-loop guard then takes it instead of writing a count of its own. `None` on a first
+    /// delivery and on classic queues (there the header is the producer's to set).
+    pub delivery_count: Option<u32>,
 }
 
 /// The delivery handed to the unit of work: raw body plus metadata.

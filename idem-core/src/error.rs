@@ -60,8 +60,17 @@ impl Error {
     }
 }
 
-/// `url` with its password replaced by `***`, for error messages and logs.
+/// `url` with its password replaced by `***`, for error messages and logs; every URL of a
+/// comma-separated list (the nodes of a RabbitMQ cluster).
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_one).collect::<Vec<_>>().join(",");
+    }
+    redact_one(url)
+}
+
+/// [`redact_url`] of one URL.
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -78,6 +87,18 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redacts_every_password_of_a_list() {
+        assert_eq!(
+            super::redact_url("amqp://g:one@h1/%2f, amqp://g:two@h2/%2f"),
+            "amqp://g:***@h1/%2f, amqp://g:***@h2/%2f"
+        );
+        assert_eq!(
+            super::redact_url("postgres://u:pw@h1:5432,h2:5432/db"),
+            "postgres://u:***@h1:5432,h2:5432/db"
+        );
+    }
+
     #[test]
     fn redacts_passwords_only() {
         assert_eq!(

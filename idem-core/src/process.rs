@@ -68,8 +68,9 @@ pub async fn process<DB: Backend, H: Handler<DB>>(
         tracing::Span::current().record("key", key.as_str());
     }
     let consumer = handler.consumer();
-    // A redelivered message carries a crash-loop count until a terminal outcome clears it.
-    let counted = delivery.metadata.redelivered;
+    // A redelivered message carries a crash-loop count until a terminal outcome clears it
+    // (unless the broker keeps the count: a quorum queue).
+    let counted = delivery.metadata.redelivered && delivery.metadata.delivery_count.is_none();
     let outcome = match crash_loop_check(pool, consumer, &key, &fingerprint, delivery, policy).await
     {
         Err(outcome) => outcome,
@@ -226,7 +227,12 @@ async fn crash_loop_check<DB: Backend>(
     if !delivery.metadata.redelivered || delivery.tries_in_place > 0 {
         return Ok(());
     }
-    let count = match DB::count_redelivery(pool, consumer, key.as_str()).await {
+    let counted = match delivery.metadata.delivery_count {
+        // A quorum queue counted it: no write of idem's own.
+        Some(count) => Ok(count),
+        None => DB::count_redelivery(pool, consumer, key.as_str()).await,
+    };
+    let count = match counted {
         Ok(count) if count > policy.crash_loop_limit => count,
         Ok(_) => return Ok(()),
         Err(error) => {
@@ -258,7 +264,9 @@ async fn crash_loop_check<DB: Backend>(
             })
         }
     };
-    forget_redeliveries(pool, consumer, key).await;
+    if delivery.metadata.delivery_count.is_none() {
+        forget_redeliveries(pool, consumer, key).await;
+    }
     Err(outcome)
 }
 

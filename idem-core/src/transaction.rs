@@ -46,7 +46,7 @@ pub(crate) async fn run_transaction<DB: Backend, H: Handler<DB>>(
 ) -> Result<Ended, Contended<H::Message>> {
     let consumer = handler.consumer();
     // A redelivered message carries a crash-loop count (process.rs) until a terminal outcome.
-    let crash_counted = delivery.metadata.redelivered;
+    let crash_counted = delivery.metadata.redelivered && delivery.metadata.delivery_count.is_none();
     let mut transaction = match DB::begin(pool, isolation).await {
         Ok(transaction) => transaction,
         Err(error) => {

@@ -20,12 +20,16 @@
 #   idem_start_rabbitmq PORT [URL_VAR]     exports IDEM_RABBITMQ_NODE, IDEM_RABBITMQCTL, URL_VAR
 #                                          (URL_VAR defaults to IDEM_TEST_AMQP_URL)
 #   idem_rabbitmqctl ARGS...               rabbitmqctl -n "$IDEM_RABBITMQ_NODE" ARGS..., done right
+#   idem_start_rabbitmq_cluster BASE_PORT [URLS_VAR]
+#                                          3 clustered nodes on BASE_PORT..BASE_PORT+2; exports
+#                                          IDEM_CLUSTER_DIR, IDEM_CLUSTER_NODES, URLS_VAR (default
+#                                          IDEM_TEST_CLUSTER_AMQP_URLS)
 #   idem_start_postgres PORT [URL_VAR]     exports IDEM_PGCTL, URL_VAR (URL_VAR defaults to
 #                                          IDEM_TEST_DATABASE_URL)
 #   idem_stop_servers                      stops whatever this shell started; idempotent
 #   idem_stop_servers_on_exit              trap idem_stop_servers on EXIT (and INT/TERM/HUP)
 #
-# One RabbitMQ node and one PostgreSQL server per sourcing shell.
+# One RabbitMQ node, one RabbitMQ cluster and one PostgreSQL server per sourcing shell.
 
 # Guard against being sourced twice (the state variables below would be reset).
 if [[ -n "${IDEM__SERVERS_SH_LOADED:-}" ]]; then
@@ -48,11 +52,12 @@ IDEM__RMQ_HOME=/var/lib/rabbitmq
 IDEM__ERL_LOOPBACK_DIST='-kernel inet_dist_use_interface {127,0,0,1}'
 
 # State of what *this shell* started. Only these are ever stopped.
-IDEM__RMQ_DIR=""        # temp dir (mnesia, logs, config)
+# A node's PIDs are in files in its dir (launcher.pid, rabbitmq.pid), not here: tests restart
+# nodes through the dir's executables, and a stop must find the node as they left it.
+IDEM__RMQ_DIR=""        # temp dir (mnesia, logs, config, executables)
 IDEM__RMQ_NODE=""       # Erlang node name
-IDEM__RMQ_LAUNCHER=""   # PID of the background launcher (setsid → runuser → rabbitmq-server sh)
-IDEM__RMQ_PIDFILE=""    # written by the node: PID of beam.smp
-IDEM__RMQ_BEAM_PID=""
+IDEM__RMQC_DIR=""       # the cluster's temp dir: node1/ node2/ node3/, each laid out like IDEM__RMQ_DIR
+IDEM__RMQC_NODES=()     # the cluster's node names, in that order
 IDEM__PG_DIR=""         # temp dir (data/, socket, logs)
 IDEM__PG_BIN=""
 IDEM__PG_PID=""         # postmaster PID
@@ -120,7 +125,9 @@ idem__pids_of_user() {
 idem__children() {
     local want=$1 f line ppid
     for f in /proc/[0-9]*/stat; do
-        { line=$(<"$f"); } 2>/dev/null || continue   # the process may have gone meanwhile
+        # The process may have gone meanwhile. (`read`, not `$(<"$f")`: under `set -e` a failing
+        # $(<file) ends bash 5.2 itself, even in a `|| continue`.)
+        { read -r line <"$f"; } 2>/dev/null || continue
         # "pid (comm) state ppid …" — comm may contain spaces and parentheses
         read -r _ ppid _ <<<"${line##*) }"
         if [[ "$ppid" == "$want" ]]; then f=${f#/proc/}; echo "${f%/stat}"; fi
@@ -136,6 +143,58 @@ idem__descendants() {
         idem__descendants "$child"
     done
     return 0
+}
+
+# True if PID is a live process. A zombie counts as dead (kill -0 would say alive): it has exited
+# and only waits for its parent to reap it.
+idem__alive() {
+    local stat
+    [[ "$1" =~ ^[0-9]+$ ]] || return 1
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1   # not $(<…): see idem__children
+    stat=${stat##*) }
+    [[ "${stat%% *}" != Z ]]
+}
+
+# idem__pid_from_file FILE NAME... — the PID in FILE if that process is alive and its name is one
+# of NAMEs; else nothing. (Pid files outlive killed processes, and PIDs get reused.)
+idem__pid_from_file() {
+    local file=$1 pid comm name
+    shift
+    pid=$(cat "$file" 2>/dev/null) || return 0
+    idem__alive "$pid" || return 0
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 0
+    for name in "$@"; do
+        if [[ "$comm" == "$name" ]]; then echo "$pid"; return 0; fi
+    done
+    return 0
+}
+
+# The beam.smp of the node in DIR (it writes rabbitmq.pid as it boots), if running.
+idem__rmq_beam_pid() { idem__pid_from_file "$1/rabbitmq.pid" beam.smp; }
+
+# The process DIR/start launched (runuser, or, as the rabbitmq user, the rabbitmq-server sh; for
+# an instant setsid or env), if it still runs.
+idem__rmq_launcher_pid() {
+    idem__pid_from_file "$1/launcher.pid" runuser rabbitmq-server setsid env
+}
+
+# idem__rmq_wait_gone PID PORT SECONDS — wait until PID is gone and nothing listens on PORT.
+idem__rmq_wait_gone() {
+    local pid=$1 port=$2 deadline=$((SECONDS + $3))
+    while idem__alive "$pid" || idem__port_in_use "$port"; do
+        (( SECONDS < deadline )) || return 1
+        sleep 0.1
+    done
+}
+
+# A node with NODE's name still registered in epmd (a leftover from a killed run) would make ours
+# fail with a confusing "node name already in use".
+idem__require_free_node_name() {
+    local node=$1 knob=$2
+    if command -v epmd >/dev/null 2>&1 && epmd -names 2>/dev/null | grep -q "^name ${node%@*} at port"; then
+        idem__die "an Erlang node named $node is already running (leftover from an earlier run?); stop it, or use another $knob"
+        return 1
+    fi
 }
 
 idem__pg_bin_dir() {
@@ -299,10 +358,10 @@ EOF
         "$dir" "$node" "$port" "$dist_port" "$IDEM__RMQ_BIN" "$IDEM__RMQ_HOME" "$IDEM__ERL_LOOPBACK_DIST" \
         "$(declare -f idem__log idem__alive idem__pid_from_file idem__rmq_beam_pid \
             idem__rmq_launcher_pid idem__port_in_use idem__rmq_wait_gone idem__tail_logs)"
-    # shellcheck disable=SC2059  # $head is the format, on purpose
     local head='#!/bin/bash\n# %s the idem test RabbitMQ node %s (written by scripts/lib/servers.sh)\n%s\n'
 
-    # shellcheck disable=SC2016  # the bodies are scripts of their own, expanded when they run
+    # The bodies are scripts of their own, expanded when they run (SC2016); $head is a format.
+    # shellcheck disable=SC2016,SC2059
     {
         printf "$head" 'Boot (again)' "$node" "$vars"
         cat <<'EOF'
@@ -383,6 +442,7 @@ idem__log "RabbitMQ node $node is up after $((SECONDS - started))s (beam pid $(i
 EOF
     } >"$dir/start"
 
+    # shellcheck disable=SC2016,SC2059
     {
         printf "$head" 'Stop (gracefully)' "$node" "$vars"
         cat <<'EOF'
@@ -407,6 +467,7 @@ idem__log "RabbitMQ node $node is down"
 EOF
     } >"$dir/stop"
 
+    # shellcheck disable=SC2016,SC2059
     {
         printf "$head" 'SIGKILL' "$node" "$vars"
         cat <<'EOF'
@@ -542,7 +603,8 @@ idem_stop_rabbitmq() {
 idem_start_rabbitmq_cluster() {
     local base=${1:?usage: idem_start_rabbitmq_cluster BASE_PORT [URLS_VAR]}
     local urls_var=${2:-IDEM_TEST_CLUSTER_AMQP_URLS}
-    local knob=${IDEM__PORT_KNOB_CLUSTER:-"another BASE_PORT for idem_start_rabbitmq_cluster"}
+    # (a caller with a port variable of its own names it here, as scripts/demo does for the node)
+    local knob=${IDEM__PORT_KNOB_CLUSTER:-"the BASE_PORT of idem_start_rabbitmq_cluster"}
     [[ "$base" =~ ^[0-9]+$ ]] || { idem__die "idem_start_rabbitmq_cluster: bad port '$base'"; return 1; }
     [[ -z "$IDEM__RMQC_DIR" ]] || { idem__die "a RabbitMQ cluster ($IDEM__RMQC_DIR) is already running from this shell"; return 1; }
     [[ -x "$IDEM__RMQ_BIN/rabbitmq-server" ]] || { idem__die "RabbitMQ is not installed (run idem_install_packages rabbitmq)"; return 1; }
@@ -769,6 +831,7 @@ idem_stop_servers() {
     # Never let cleanup abort half-way (errexit) or change the caller's exit status.
     local rc=$?
     idem_stop_postgres || true
+    idem_stop_rabbitmq_cluster || true
     idem_stop_rabbitmq || true
     return $rc
 }

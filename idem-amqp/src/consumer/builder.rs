@@ -6,7 +6,7 @@ use super::{Consumer, Shared};
 use crate::error::Error;
 use crate::health::HealthState;
 use crate::telemetry::ConsumerMetrics;
-use crate::topology::{self, MAX_QUEUE_NAME};
+use crate::topology::{self, QueueType, MAX_QUEUE_NAME};
 use idem_core::{Backend, Backoff, Handler, Isolation, Policy, RetryPolicy};
 use sqlx::Pool;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ pub struct ConsumerBuilder<DB: Backend, H> {
     pool: Pool<DB>,
     handler: H,
     queue: Option<String>,
+    queue_type: QueueType,
     prefetch: u16,
     /// `None`: the default, 8, lowered to the prefetch when that is smaller.
     concurrency: Option<usize>,
@@ -48,6 +49,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             pool,
             handler,
             queue: None,
+            queue_type: QueueType::Classic,
             prefetch: 200,
             concurrency: None,
             policy: Policy::default(),
@@ -104,6 +106,17 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
     /// `<queue>.dlq`; both are declared durable on start.
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queue = Some(queue.into());
+        self
+    }
+
+    /// The type of the queue, its dead-letter queue and its delay queues (default
+    /// [`QueueType::Classic`]). [`QueueType::Quorum`] on a RabbitMQ cluster: replicated, a
+    /// retry returns from its delay queue at-least-once, and the crash-loop guard takes the
+    /// broker's delivery count. A queue that exists as another type (or with other arguments)
+    /// is refused at start with the broker's words naming the argument: a queue's type cannot
+    /// change in place (move its messages to a new queue, or delete it when empty).
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
         self
     }
 
@@ -234,6 +247,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
                 handler: self.handler,
                 lock_order: self.lock_order,
                 queue,
+                queue_type: self.queue_type,
                 policy: self.policy,
                 database_backoff: Backoff::new(self.database_backoff, MAX_DATABASE_WAIT),
                 counters,
@@ -260,7 +274,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerBuilder<DB, H> {
             )));
         }
         self.policy.validate()?;
-        let longest = topology::queues(queue, &self.policy.retry)
+        let longest = topology::queues(queue, &self.policy.retry, self.queue_type)
             .into_iter()
             .map(|(name, _)| name)
             .max_by_key(String::len)

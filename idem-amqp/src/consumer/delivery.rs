@@ -54,7 +54,7 @@ pub(super) async fn handle<DB: Backend, H: Handler<DB>>(
     (delivery, ticket): (AmqpDelivery, Ticket),
     exits: &Exits,
 ) {
-    let metadata = metadata_of(&delivery, &shared.queue);
+    let metadata = metadata_of(&delivery, &shared.queue, shared.queue_type);
     let span = delivery_span(shared.handler.consumer(), &metadata);
     let task = Task {
         shared,
@@ -113,7 +113,7 @@ pub(super) async fn handle_group<DB: Backend, H: Handler<DB>>(
         .partition(|(d, _)| !d.redelivered && unreadable_part(d).is_none());
     let metadata: Vec<Metadata> = grouped
         .iter()
-        .map(|(d, _)| metadata_of(d, &shared.queue))
+        .map(|(d, _)| metadata_of(d, &shared.queue, shared.queue_type))
         .collect();
     let units: Vec<Delivery<'_>> = grouped
         .iter()

@@ -39,6 +39,8 @@ struct Shared<DB: Backend, H> {
     /// (erased here so that the structs need no `Handler` bound).
     lock_order: Option<ErasedLockOrder>,
     queue: String,
+    /// The type of its queue, dead-letter queue and delay queues.
+    queue_type: crate::QueueType,
     policy: Policy,
     /// While the database is away: a delivery's waits between tries in place.
     database_backoff: Backoff,
@@ -177,7 +179,13 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             .create_channel()
             .await
             .map_err(Error::broker("open a channel"))?;
-        crate::topology::declare(&channel, &self.shared.queue, &self.shared.policy.retry).await?;
+        crate::topology::declare(
+            &channel,
+            &self.shared.queue,
+            &self.shared.policy.retry,
+            self.shared.queue_type,
+        )
+        .await?;
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
     }

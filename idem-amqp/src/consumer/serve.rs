@@ -143,7 +143,13 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             .create_channel()
             .await
             .map_err(Error::broker("open the consume channel"))?;
-        crate::topology::declare(&channel, queue, &self.shared.policy.retry).await?;
+        crate::topology::declare(
+            &channel,
+            queue,
+            &self.shared.policy.retry,
+            self.shared.queue_type,
+        )
+        .await?;
         let publisher = Publisher::open(connection).await?;
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())

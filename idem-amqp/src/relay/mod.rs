@@ -30,7 +30,7 @@ mod link;
 mod round;
 
 use crate::error::Error;
-use crate::topology::{self, Destination};
+use crate::topology::{self, Destination, QueueType};
 use idem_core::outbox::relay::PublishLease;
 use idem_core::{Backend, Backoff};
 use lapin::{Connection, ExchangeKind};
@@ -85,21 +85,31 @@ pub struct RelayBuilder<DB: Backend> {
     confirm_timeout: Duration,
     destinations: Vec<Destination>,
     share_outbox: bool,
+    queue_type: QueueType,
 }
 
 impl<DB: Backend> RelayBuilder<DB> {
-    /// Declares queue `queue` — durable, without arguments, as an idem consumer declares its
+    /// Declares queue `queue` — durable, of [`RelayBuilder::queue_type`], as an idem consumer declares its
     /// queue — on every connection, before the relay publishes: so that a first run, before the
     /// consumer ever started, delivers to it rather than having the broker return every message
     /// unroutable (`NO_ROUTE`) until the row is parked. For each queue the service publishes to
     /// by name (`Tx::publish` sends a message to the queue named after its kind;
     /// `Route::queue(name)`).
     ///
-    /// A queue that exists with other arguments (a quorum queue, a TTL…) is refused by the
+    /// A queue that exists with other arguments (another type, a TTL…) is refused by the
     /// broker: `serve` then fails at start with [`Error::Declare`]; leave such a queue to its
     /// owner and drop this call.
     pub fn declare_queue(mut self, queue: impl Into<String>) -> Self {
-        self.destinations.push(Destination::Queue(queue.into()));
+        self.destinations
+            .push(Destination::Queue(queue.into(), QueueType::Classic));
+        self
+    }
+
+    /// The type of the queues [`RelayBuilder::declare_queue`] declares (default
+    /// [`QueueType::Classic`]): the type their consumers declare them as
+    /// (`ConsumerBuilder::queue_type`), or the broker refuses one of the two declarations.
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
         self
     }
 
@@ -204,7 +214,7 @@ impl<DB: Backend> RelayBuilder<DB> {
     }
 
     /// Checks the settings.
-    pub fn build(self) -> Result<Relay<DB>, Error> {
+    pub fn build(mut self) -> Result<Relay<DB>, Error> {
         if self.batch_size == 0 {
             return Err(Error::Config(
                 "the relay's batch_size must be at least 1 (default 100)".into(),
@@ -225,8 +235,11 @@ impl<DB: Backend> RelayBuilder<DB> {
                 "the relay's confirm_timeout must be above zero (default 10 s)".into(),
             ));
         }
-        for destination in &self.destinations {
+        for destination in &mut self.destinations {
             destination.check().map_err(Error::Config)?;
+            if let Destination::Queue(_, queue_type) = destination {
+                *queue_type = self.queue_type;
+            }
         }
         if self.share_outbox && !DB::OUTBOX_ROW_LOCKS {
             return Err(Error::Config(format!(
@@ -347,6 +360,7 @@ impl<DB: Backend> Relay<DB> {
             confirm_timeout: Duration::from_secs(10),
             destinations: Vec::new(),
             share_outbox: false,
+            queue_type: QueueType::Classic,
         }
     }
 
