@@ -13,6 +13,13 @@
 //! call (a batch handler, `IDEM_BATCH_HANDLER`) beside the others' per-message handlers:
 //! SIGKILLs then land in the middle of groups and of batches, and the same checks hold.
 //!
+//! With `IDEM_FAULT_CLUSTER=1` (scripts/test's cluster pass) the same story runs on a 3-node
+//! RabbitMQ cluster with quorum queues (`IDEM_QUEUE_TYPE=quorum`): each consumer and producer
+//! prefers its own node and lists the others (`AMQP_URL`, comma-separated); instead of the
+//! broker faults, the node hosting the queue's leader is SIGKILLed under load (the pause until
+//! captures resume is measured), restarted later, and then every node is restarted in turn (a
+//! rolling restart). The consumers' SIGKILLs go on throughout, and the same checks hold.
+//!
 //! Every random choice comes from one seed, printed first: `IDEM_FAULT_SEED=<n>` replays the
 //! same workload and fault schedule (the interleaving with the processes differs, of course).
 //! It needs what `scripts/test` exports — IDEM_TEST_AMQP_URL, IDEM_TEST_DATABASE_URL,
@@ -28,7 +35,7 @@ mod common;
 mod fault;
 
 use common::fleet::{seed, Fleet, Process, Scratch};
-use fault::levers::{Levers, Probe};
+use fault::levers::{Cluster, Levers, Probe};
 use fault::publisher::{Publisher, PublisherStats};
 use fault::workload::{Bad, Msg, Sizes, Workload};
 use lapin::options::QueueDeleteOptions;
@@ -89,12 +96,23 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
             return;
         }
     };
+    let cluster = Cluster::from_env().map(Arc::new);
+    let levers = match &cluster {
+        Some(cluster) => levers.on(cluster),
+        None => levers,
+    };
     let seed = seed("IDEM_FAULT_SEED");
     println!("fault-injection seed: {seed} (replay with IDEM_FAULT_SEED={seed})");
+    if let Some(cluster) = &cluster {
+        println!(
+            "on a RabbitMQ cluster of {} nodes, quorum queues",
+            cluster.nodes.len()
+        );
+    }
     let t0 = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
     let workload = Arc::new(Workload::generate(&mut rng, SIZES));
-    let run = Run::create(seed).await;
+    let run = Run::create(seed, cluster).await;
     let mut fleet = Fleet::new(&run.scratch.dir, t0);
     let payments = common::example_binary("payments");
     for i in 0..CONSUMERS {
@@ -102,7 +120,7 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
     }
     let mut story = Story {
         fleet,
-        probe: Probe::new(&common::amqp_url()),
+        probe: Probe::new(&run.url(0)),
         problems: Vec::new(),
         run,
         levers,
@@ -138,6 +156,17 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
     }
 
     let duplicates = workload.back_to_back + workload.concurrent.len() + workload.late.len();
+    if let Some(cluster) = &story.run.cluster {
+        println!(
+            "cluster: leader node {} SIGKILLed, captures resumed {:.1} s later; restarted in \
+             {:.1} s; rolling restart of {} nodes in {:.1} s",
+            faults.leader_killed.as_deref().unwrap_or("(none)"),
+            faults.node_loss_pause.as_secs_f64(),
+            faults.node_restart.as_secs_f64(),
+            cluster.nodes.len(),
+            faults.rolling_restart.as_secs_f64(),
+        );
+    }
     println!(
         "fault-injection summary: seed {seed}; {} publishes ({} unique payments, \
          {duplicates} duplicates [{} back to back, {} concurrent, {} late], {} bad [{} key \
@@ -174,14 +203,31 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
 struct Run {
     scratch: Scratch,
     queue: String,
+    /// The cluster pass's cluster; `None`: the single test broker.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Run {
-    async fn create(seed: u64) -> Self {
-        let scratch = Scratch::create(&format!("fault_{seed}"), &format!("fault-{seed}")).await;
+    async fn create(seed: u64, cluster: Option<Arc<Cluster>>) -> Self {
+        let name = if cluster.is_some() {
+            "cluster"
+        } else {
+            "fault"
+        };
+        let scratch = Scratch::create(&format!("{name}_{seed}"), &format!("{name}-{seed}")).await;
         Self {
             queue: scratch.tag.clone(),
             scratch,
+            cluster,
+        }
+    }
+
+    /// The broker URL of the `i`th process of a role: on a cluster, every node's, starting
+    /// with one of its own.
+    fn url(&self, i: usize) -> String {
+        match &self.cluster {
+            Some(cluster) => cluster.urls_from(i),
+            None => common::amqp_url(),
         }
     }
 
@@ -196,13 +242,30 @@ impl Run {
         } else {
             "off"
         };
+        let url = self.url(consumer);
+        let queue_type = if self.cluster.is_some() {
+            "quorum"
+        } else {
+            "classic"
+        };
         self.scratch.env(&[
             ("IDEM_QUEUE", &self.queue),
             ("IDEM_PREFETCH", PREFETCH),
             ("IDEM_GROUP_COMMIT", &group),
             ("IDEM_BATCH_HANDLER", batch),
+            // After the scratch's own AMQP_URL: the later one counts.
+            ("AMQP_URL", &url),
+            ("IDEM_QUEUE_TYPE", queue_type),
         ])
     }
+}
+
+/// Captures so far (0 while the table or the database is away).
+async fn captures(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM captures")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
 }
 
 /// How many of `payment_ids` have a capture; `None` while the table or the database is away.
@@ -237,23 +300,22 @@ struct Sent {
 
 impl Publishers {
     fn start(run: &Run, workload: &Arc<Workload>) -> Self {
-        let url = common::amqp_url();
         let (progress, reached) = watch::channel(0);
         Self {
             progress: reached.clone(),
             main: tokio::spawn(publish_stream(
-                Publisher::new(&url, &run.queue, "fault-publisher-main"),
-                Probe::new(&url),
+                Publisher::new(&run.url(0), &run.queue, "fault-publisher-main"),
+                Probe::new(&run.url(0)),
                 Arc::clone(workload),
                 progress,
             )),
             concurrent: tokio::spawn(publish_concurrently(
-                Publisher::new(&url, &run.queue, "fault-publisher-second"),
+                Publisher::new(&run.url(1), &run.queue, "fault-publisher-second"),
                 Arc::clone(workload),
                 reached,
             )),
             late: tokio::spawn(publish_late(
-                Publisher::new(&url, &run.queue, "fault-publisher-late"),
+                Publisher::new(&run.url(2), &run.queue, "fault-publisher-late"),
                 Arc::clone(workload),
                 run.scratch.pool.clone(),
             )),
@@ -419,11 +481,26 @@ enum Fault {
     RestartBroker { down: Duration },
     /// `pg_ctl stop -m fast` (open transactions are cut), `down`, `pg_ctl start`.
     RestartPostgres { down: Duration },
+    /// Cluster: SIGKILL of the node hosting the queue's leader (a new leader is elected; the
+    /// processes connected to it fail over to the other nodes).
+    KillLeader,
+    /// Cluster: the killed node booted again; it rejoins and its replica catches up.
+    RestartKilled,
+    /// Cluster: every node stopped and started again, one at a time.
+    RollingRestart,
 }
 
 /// When each server fault happens — at a share of the main stream, so that it lands amid the
 /// traffic however fast this machine is — and how long each outage lasts, drawn from the seed.
-fn plan(rng: &mut StdRng) -> Vec<(f64, Fault)> {
+fn plan(rng: &mut StdRng, cluster: bool) -> Vec<(f64, Fault)> {
+    if cluster {
+        let mut share = |range: std::ops::Range<f64>| rng.random_range(range);
+        return vec![
+            (share(0.20..0.30), Fault::KillLeader),
+            (share(0.45..0.55), Fault::RestartKilled),
+            (share(0.65..0.75), Fault::RollingRestart),
+        ];
+    }
     let mut secs = |range: std::ops::Range<f64>| Duration::from_secs_f64(rng.random_range(range));
     let down = [secs(1.0..3.0), secs(1.0..3.0)];
     let mut share = |range: std::ops::Range<f64>| rng.random_range(range);
@@ -440,6 +517,13 @@ struct FaultsDone {
     connection_closes: usize,
     broker_down: Duration,
     postgres_down: Duration,
+    /// Cluster: the node SIGKILLed (its index and name).
+    killed: Option<usize>,
+    leader_killed: Option<String>,
+    /// From the SIGKILL until 50 more payments were captured.
+    node_loss_pause: Duration,
+    node_restart: Duration,
+    rolling_restart: Duration,
 }
 
 struct Story {
@@ -492,7 +576,7 @@ impl Story {
         stream_len: usize,
     ) -> FaultsDone {
         let start = Instant::now();
-        let mut planned = plan(rng).into_iter().peekable();
+        let mut planned = plan(rng, self.run.cluster.is_some()).into_iter().peekable();
         let mut next_kill = Duration::from_secs_f64(rng.random_range(KILL_INTERVAL_SECS));
         let mut done = FaultsDone::default();
         loop {
@@ -556,9 +640,62 @@ impl Story {
                 done.postgres_down = stopped.elapsed();
                 result.and(started)
             }
+            Fault::KillLeader | Fault::RestartKilled | Fault::RollingRestart => {
+                self.inject_on_cluster(fault, done).await
+            }
         };
         if let Err(e) = result {
             self.fail(&format!("injecting {fault:?} failed: {e}"));
+        }
+    }
+
+    /// The cluster's faults; see [`Fault`].
+    async fn inject_on_cluster(
+        &mut self,
+        fault: Fault,
+        done: &mut FaultsDone,
+    ) -> Result<String, String> {
+        let cluster = Arc::clone(self.run.cluster.as_ref().ok_or("not on a cluster")?);
+        match fault {
+            Fault::KillLeader => {
+                let leader = cluster.leader(&self.levers, &self.run.queue).await?;
+                let before = captures(&self.run.scratch.pool).await;
+                let killed_at = Instant::now();
+                let out = cluster.kill(leader).await?;
+                println!(
+                    "  killed {} (the leader of {})",
+                    cluster.nodes[leader], self.run.queue
+                );
+                done.killed = Some(leader);
+                done.leader_killed = Some(cluster.nodes[leader].clone());
+                // The cost of a node loss: until captures flow again (50 more than at the kill).
+                while killed_at.elapsed() < Duration::from_secs(60) {
+                    self.fleet.reap();
+                    if captures(&self.run.scratch.pool).await >= before + 50 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await; // poll
+                }
+                done.node_loss_pause = killed_at.elapsed();
+                Ok(out)
+            }
+            Fault::RestartKilled => {
+                let node = done.killed.ok_or("no node was killed")?;
+                let started = Instant::now();
+                let out = cluster.start(node).await;
+                done.node_restart = started.elapsed();
+                out
+            }
+            _ => {
+                let started = Instant::now();
+                for node in 0..cluster.nodes.len() {
+                    println!("  restarting {}", cluster.nodes[node]);
+                    cluster.stop(node).await?;
+                    cluster.start(node).await?;
+                }
+                done.rolling_restart = started.elapsed();
+                Ok(String::new())
+            }
         }
     }
 

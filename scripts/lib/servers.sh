@@ -178,10 +178,12 @@ idem__rmq_launcher_pid() {
     idem__pid_from_file "$1/launcher.pid" runuser rabbitmq-server setsid env
 }
 
-# idem__rmq_wait_gone PID PORT SECONDS — wait until PID is gone and nothing listens on PORT.
+# idem__rmq_wait_gone PID PORT NODE SECONDS — wait until PID is gone, nothing listens on PORT and
+# epmd has forgotten NODE (a start before that fails with "node name already in use").
 idem__rmq_wait_gone() {
-    local pid=$1 port=$2 deadline=$((SECONDS + $3))
-    while idem__alive "$pid" || idem__port_in_use "$port"; do
+    local pid=$1 port=$2 name=${3%@*} deadline=$((SECONDS + $4))
+    while idem__alive "$pid" || idem__port_in_use "$port" ||
+        epmd -names 2>/dev/null | grep -q "^name $name at port"; do
         (( SECONDS < deadline )) || return 1
         sleep 0.1
     done
@@ -458,7 +460,7 @@ if ! timeout 60 "$dir/rabbitmqctl" stop >"$dir/log/stop.out" 2>&1; then
     idem__tail_logs "$dir/log/stop.out" "$dir/log/rabbit.log"
     exit 1
 fi
-if ! idem__rmq_wait_gone "$beam" "$port" 60; then
+if ! idem__rmq_wait_gone "$beam" "$port" "$node" 60; then
     idem__log "RabbitMQ node $node still runs (or 127.0.0.1:$port is still open) 60s after rabbitmqctl stop"
     idem__tail_logs "$dir/log/rabbit.log"
     exit 1
@@ -478,7 +480,7 @@ if [[ -z "$beam" ]]; then
 fi
 kill -KILL "$beam"
 # The rabbitmq-server sh and runuser above it exit by themselves once beam.smp is gone.
-if ! idem__rmq_wait_gone "$beam" "$port" 30; then
+if ! idem__rmq_wait_gone "$beam" "$port" "$node" 30; then
     idem__log "RabbitMQ node $node (beam pid $beam) still there 30s after SIGKILL"
     exit 1
 fi
@@ -604,7 +606,7 @@ idem_start_rabbitmq_cluster() {
     local base=${1:?usage: idem_start_rabbitmq_cluster BASE_PORT [URLS_VAR]}
     local urls_var=${2:-IDEM_TEST_CLUSTER_AMQP_URLS}
     # (a caller with a port variable of its own names it here, as scripts/demo does for the node)
-    local knob=${IDEM__PORT_KNOB_CLUSTER:-"the BASE_PORT of idem_start_rabbitmq_cluster"}
+    local knob=${IDEM__PORT_KNOB_CLUSTER:-"idem_start_rabbitmq_cluster's BASE_PORT"}
     [[ "$base" =~ ^[0-9]+$ ]] || { idem__die "idem_start_rabbitmq_cluster: bad port '$base'"; return 1; }
     [[ -z "$IDEM__RMQC_DIR" ]] || { idem__die "a RabbitMQ cluster ($IDEM__RMQC_DIR) is already running from this shell"; return 1; }
     [[ -x "$IDEM__RMQ_BIN/rabbitmq-server" ]] || { idem__die "RabbitMQ is not installed (run idem_install_packages rabbitmq)"; return 1; }
@@ -644,9 +646,11 @@ idem_start_rabbitmq_cluster() {
     for i in 0 1 2; do
         wait "${pids[i]}" || failed+=" ${nodes[i]}"
     done
+    # On failure: logs, then cleanup, then the error (idem__die last: under `set -e` it ends the
+    # caller, whose EXIT trap would clean up too).
     if [[ -n "$failed" ]]; then
-        idem__die "RabbitMQ cluster: node(s)$failed failed to boot (see above)"
         idem_stop_rabbitmq_cluster
+        idem__die "RabbitMQ cluster: node(s)$failed failed to boot (log tails above)"
         return 1
     fi
 
@@ -657,9 +661,9 @@ idem_start_rabbitmq_cluster() {
         idem__log "joining ${nodes[i - 1]} to ${nodes[0]}"
         if ! { "$n/rabbitmqctl" stop_app && "$n/rabbitmqctl" join_cluster "${nodes[0]}" &&
                 "$n/rabbitmqctl" start_app; } >"$n/log/join.out" 2>&1; then
-            idem__die "RabbitMQ cluster: ${nodes[i - 1]} failed to join ${nodes[0]}"
             idem__tail_logs "$n/log/join.out" "$n/log/rabbit.log" "$dir/node1/log/rabbit.log"
             idem_stop_rabbitmq_cluster
+            idem__die "RabbitMQ cluster: ${nodes[i - 1]} failed to join ${nodes[0]} (log tails above)"
             return 1
         fi
     done
@@ -674,10 +678,10 @@ idem_start_rabbitmq_cluster() {
             [[ "$running" == *"\"$node\""* ]] || missing+=" $node (seen from ${nodes[i - 1]})"
         done
         if [[ -n "$missing" ]]; then
-            idem__die "RabbitMQ cluster: not all nodes are running members:$missing
-cluster_status of ${nodes[i - 1]}: $status"
             idem__tail_logs "$dir"/node{1,2,3}/log/rabbit.log
             idem_stop_rabbitmq_cluster
+            idem__die "RabbitMQ cluster: not all nodes are running members:$missing
+cluster_status of ${nodes[i - 1]}: $status"
             return 1
         fi
     done

@@ -3,7 +3,7 @@
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::process::Command;
@@ -11,7 +11,8 @@ use tokio::time::timeout;
 
 /// The executables that operate the test servers.
 pub struct Levers {
-    rabbitmqctl: PathBuf,
+    /// rabbitmqctl of each node, tried in turn (on a cluster some node may be down).
+    rabbitmqctl: Vec<PathBuf>,
     pgctl: PathBuf,
 }
 
@@ -32,13 +33,29 @@ impl Levers {
         }
         let var = |name| PathBuf::from(std::env::var_os(name).unwrap_or_default());
         Ok(Self {
-            rabbitmqctl: var("IDEM_RABBITMQCTL"),
+            rabbitmqctl: vec![var("IDEM_RABBITMQCTL")],
             pgctl: var("IDEM_PGCTL"),
         })
     }
 
+    /// The levers of a run against `cluster`: its nodes' rabbitmqctl, the same PostgreSQL.
+    pub fn on(mut self, cluster: &Cluster) -> Self {
+        self.rabbitmqctl = (0..cluster.nodes.len())
+            .map(|n| cluster.script(n, "rabbitmqctl"))
+            .collect();
+        self
+    }
+
+    /// rabbitmqctl on the first node that answers.
     pub async fn rabbitmqctl(&self, args: &[&str]) -> Result<String, String> {
-        run(&self.rabbitmqctl, args).await
+        let mut last = Err("no RabbitMQ node to ask".to_owned());
+        for ctl in &self.rabbitmqctl {
+            last = run(ctl, args).await;
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
     }
 
     pub async fn pgctl(&self, args: &[&str]) -> Result<String, String> {
@@ -68,6 +85,93 @@ impl Levers {
                     .then(|| (name.to_owned(), ready, unacked))
             })
             .collect())
+    }
+}
+
+/// The 3-node RabbitMQ cluster `scripts/test` starts for the cluster pass
+/// (`idem_start_rabbitmq_cluster`): its nodes' URLs and the executables that kill, stop and
+/// start each node.
+pub struct Cluster {
+    urls: Vec<String>,
+    dir: PathBuf,
+    /// Node names (`idem-c5680@localhost`), in URL order.
+    pub nodes: Vec<String>,
+}
+
+impl Cluster {
+    /// The cluster when the run asks for one (`IDEM_FAULT_CLUSTER=1`); panics, naming what is
+    /// missing, when it asks and the cluster's variables are not set.
+    pub fn from_env() -> Option<Self> {
+        std::env::var("IDEM_FAULT_CLUSTER")
+            .ok()
+            .filter(|v| v == "1")?;
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("IDEM_FAULT_CLUSTER=1 needs {name} (scripts/test starts the cluster and sets it)")
+            })
+        };
+        let urls: Vec<String> = var("IDEM_TEST_CLUSTER_AMQP_URLS")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let nodes: Vec<String> = var("IDEM_CLUSTER_NODES")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(urls.len(), nodes.len(), "one URL per cluster node");
+        Some(Self {
+            urls,
+            dir: PathBuf::from(var("IDEM_CLUSTER_DIR")),
+            nodes,
+        })
+    }
+
+    /// Every node's URL, comma-separated, starting with node `first`: each process prefers
+    /// its own node and fails over to the others.
+    pub fn urls_from(&self, first: usize) -> String {
+        let n = self.urls.len();
+        (0..n)
+            .map(|i| self.urls[(first + i) % n].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn script(&self, node: usize, name: &str) -> PathBuf {
+        self.dir.join(format!("node{}", node + 1)).join(name)
+    }
+
+    /// The node (index) hosting the leader of quorum queue `queue`.
+    pub async fn leader(&self, levers: &Levers, queue: &str) -> Result<usize, String> {
+        let out = levers
+            .rabbitmqctl(&["list_queues", "--silent", "name", "leader"])
+            .await?;
+        let leader = out
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next()? == queue).then(|| fields.next().map(str::to_owned))?
+            })
+            .next()
+            .ok_or_else(|| format!("no leader listed for {queue}: {out}"))?;
+        self.nodes
+            .iter()
+            .position(|node| *node == leader)
+            .ok_or_else(|| format!("the leader {leader} is not a node of the cluster"))
+    }
+
+    /// SIGKILLs node `node` (returns once it is gone).
+    pub async fn kill(&self, node: usize) -> Result<String, String> {
+        run(&self.script(node, "kill"), &[]).await
+    }
+
+    /// `rabbitmqctl stop` on node `node` (returns once it is down).
+    pub async fn stop(&self, node: usize) -> Result<String, String> {
+        run(&self.script(node, "stop"), &[]).await
+    }
+
+    /// Boots node `node` again (returns once it runs in the cluster).
+    pub async fn start(&self, node: usize) -> Result<String, String> {
+        run(&self.script(node, "start"), &[]).await
     }
 }
 
@@ -126,15 +230,11 @@ impl Probe {
         let connection = match self.connection.take() {
             Some(connection) if connection.status().connected() => connection,
             _ => {
-                let properties =
-                    ConnectionProperties::default().with_connection_name("fault-probe".into());
-                timeout(
-                    Duration::from_secs(10),
-                    Connection::connect(&self.url, properties),
-                )
-                .await
-                .map_err(|_| "connect timed out".to_owned())?
-                .map_err(|e| format!("connect: {e}"))?
+                // idem's connect: the first node of a cluster's URL list that answers.
+                timeout(Duration::from_secs(10), idem::amqp::connect(&self.url))
+                    .await
+                    .map_err(|_| "connect timed out".to_owned())?
+                    .map_err(|e| format!("connect: {e}"))?
             }
         };
         let connection = self.connection.insert(connection);

@@ -107,15 +107,23 @@ impl Publisher {
             }
         }
         self.disconnect().await;
-        let properties =
-            ConnectionProperties::default().with_connection_name(self.name.as_str().into());
-        let connection = timeout(
-            Duration::from_secs(10),
-            Connection::connect(&self.url, properties),
-        )
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| format!("connect: {e}"))?;
+        // A cluster's nodes, comma-separated: the first that answers.
+        let mut connected = Err("no URL".to_owned());
+        for url in self.url.split(',') {
+            let properties =
+                ConnectionProperties::default().with_connection_name(self.name.as_str().into());
+            connected = timeout(
+                Duration::from_secs(10),
+                Connection::connect(url, properties),
+            )
+            .await
+            .map_err(|_| format!("connect to {url} timed out"))
+            .and_then(|c| c.map_err(|e| format!("connect to {url}: {e}")));
+            if connected.is_ok() {
+                break;
+            }
+        }
+        let connection = connected?;
         let channel = connection
             .create_channel()
             .await
