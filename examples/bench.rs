@@ -44,6 +44,12 @@
 //! cargo run --release --example bench -- --sqlite --messages 5000   # SQLite, a file in a temporary directory
 //! ```
 //!
+//! With `--cluster-urls` (a RabbitMQ cluster's nodes, comma-separated) every round also runs
+//! idem and idem group there on **quorum queues** (`QueueType::Quorum`, declared with
+//! `x-queue-type: quorum`; publishing confirmed by a majority), beside the same contestants on
+//! the classic queue of the node at `AMQP_URL`, same database: the cost of replication.
+//! `scripts/bench --cluster` starts a 3-node cluster for it.
+//!
 //! Logging defaults to `warn` (idem logs one INFO line per delivery); `RUST_LOG` overrides it,
 //! and logs go to stderr so the figures on stdout stay readable.
 //!
@@ -58,9 +64,9 @@ use idem::amqp::lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use idem::amqp::lapin::types::FieldTable;
+use idem::amqp::lapin::types::{AMQPValue, FieldTable};
 use idem::amqp::lapin::{BasicProperties, Confirmation, Connection};
-use idem::amqp::Consumer;
+use idem::amqp::{Consumer, QueueType};
 use idem::{Backend, BatchTx, Handler, Postgres, Sqlite, Tx};
 use serde::Deserialize;
 use sqlx::Pool;
@@ -72,7 +78,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(about = "idem vs a hand-written lapin + sqlx loop: same workload, interleaved rounds")]
 struct Config {
     /// Messages per contestant per round.
@@ -127,6 +133,10 @@ struct Config {
     /// How long each latency run publishes; 0 leaves the latency runs out.
     #[arg(long, default_value_t = 5)]
     latency_seconds: u64,
+    /// A RabbitMQ cluster's AMQP URLs (its nodes, comma-separated): idem and idem group run
+    /// there too, every round, on quorum queues.
+    #[arg(long, env = "IDEM_BENCH_CLUSTER_URLS")]
+    cluster_urls: Option<String>,
 }
 
 impl Config {
@@ -645,6 +655,10 @@ struct Bench<DB: BenchDb> {
     run_id: String,
     /// Every queue this run declared, deleted at the end whatever happens.
     queues: Mutex<Vec<String>>,
+    /// The type of the queues this bench declares and its idem consumers declare.
+    queue_type: QueueType,
+    /// `--cluster-urls`: the same bench on the cluster's connections, with quorum queues.
+    cluster: Option<Box<Bench<DB>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -728,6 +742,26 @@ async fn bench_on<DB: BenchDb>(config: Config, url: &str, run_id: String) -> any
     DB::migrate(&pool).await.context("creating idem's ledger")?;
     DB::prepare_tables(&pool).await?;
     warm_pool(&pool, config.concurrency).await?;
+    let cluster = match config.cluster_urls.clone() {
+        Some(urls) => {
+            let connect = || async {
+                idem::amqp::connect(&urls)
+                    .await
+                    .context("connecting to the RabbitMQ cluster (--cluster-urls)")
+            };
+            Some(Box::new(Bench {
+                run_id: format!("{run_id}-quorum"),
+                config: config.clone(),
+                admin: connect().await?,
+                consume: connect().await?,
+                pool: pool.clone(),
+                queues: Mutex::new(Vec::new()),
+                queue_type: QueueType::Quorum,
+                cluster: None,
+            }))
+        }
+        None => None,
+    };
     let bench = Bench {
         run_id,
         config,
@@ -735,6 +769,8 @@ async fn bench_on<DB: BenchDb>(config: Config, url: &str, run_id: String) -> any
         consume,
         pool,
         queues: Mutex::new(Vec::new()),
+        queue_type: QueueType::Classic,
+        cluster,
     };
     println!(
         "idem bench: {} messages per contestant per round, prefetch {} (idem batch {}), concurrency {} (= pool connections), {} rounds, {}",
@@ -746,7 +782,12 @@ async fn bench_on<DB: BenchDb>(config: Config, url: &str, run_id: String) -> any
         DB::NAME
     );
     let result = rounds(&bench).await;
-    let cleanup = bench.delete_queues().await;
+    let mut cleanup = bench.delete_queues().await;
+    if let Some(cluster) = &bench.cluster {
+        cleanup = cleanup.and(cluster.delete_queues().await);
+        let _ = cluster.admin.close(200, "bench done".into()).await;
+        let _ = cluster.consume.close(200, "bench done".into()).await;
+    }
     let cleared = DB::clear_bench_rows(&bench.pool).await;
     let _ = bench.admin.close(200, "bench done".into()).await;
     let _ = bench.consume.close(200, "bench done".into()).await;
@@ -766,6 +807,8 @@ async fn rounds<DB: BenchDb>(bench: &Bench<DB>) -> anyhow::Result<()> {
     let mut batch_rates = Vec::new();
     let mut batch_ratios = Vec::new();
     let mut ack_only_rates = Vec::new();
+    // (contestant, msgs/s on the cluster's quorum queue, that / the same on one classic queue)
+    let mut quorum_rates: Vec<(Contestant, f64, f64)> = Vec::new();
     for round in 1..=bench.config.rounds {
         let rate = bench
             .ack_only(round)
@@ -822,6 +865,27 @@ async fn rounds<DB: BenchDb>(bench: &Bench<DB>) -> anyhow::Result<()> {
             }
             line.push(timed.describe(contestant));
         }
+        let mut quorum = Vec::new();
+        if let Some(cluster) = &bench.cluster {
+            for contestant in [Contestant::Idem, Contestant::IdemGroup] {
+                if contestant == Contestant::IdemGroup && bench.config.group <= 1 {
+                    continue;
+                }
+                let timed = cluster.contest(contestant, round).await.with_context(|| {
+                    format!("round {round}, {} on the cluster", contestant.name())
+                })?;
+                let classic = match contestant {
+                    Contestant::Idem => idem_rate,
+                    _ => group_rate.unwrap_or(f64::NAN),
+                };
+                quorum_rates.push((contestant, timed.rate, timed.rate / classic));
+                quorum.push(format!(
+                    "{} (quorum/classic {:.2})",
+                    timed.describe(contestant),
+                    timed.rate / classic
+                ));
+            }
+        }
         let ratio = idem_rate / raw_rate;
         let purge_ratio = purging_rate.map(|rate| rate / idem_rate);
         let group_ratio = group_rate.map(|rate| rate / idem_rate);
@@ -841,6 +905,12 @@ async fn rounds<DB: BenchDb>(bench: &Bench<DB>) -> anyhow::Result<()> {
             order[0].name(),
             line.join(", ")
         );
+        if !quorum.is_empty() {
+            println!(
+                "round {round}: on quorum queues, 3-node cluster: {}",
+                quorum.join(", ")
+            );
+        }
         purge_ratios.extend(purge_ratio);
         group_rates.extend(group_rate);
         group_ratios.extend(group_ratio);
@@ -878,6 +948,21 @@ async fn rounds<DB: BenchDb>(bench: &Bench<DB>) -> anyhow::Result<()> {
             median(&mut batch_ratios),
             of_ack_only(rate)
         );
+    }
+    for contestant in [Contestant::Idem, Contestant::IdemGroup] {
+        let (mut rates, mut ratios): (Vec<f64>, Vec<f64>) = quorum_rates
+            .iter()
+            .filter(|(c, ..)| *c == contestant)
+            .map(|&(_, rate, ratio)| (rate, ratio))
+            .unzip();
+        if !rates.is_empty() {
+            println!(
+                "{} on a quorum queue (3-node cluster): {:.0} msgs/s, {:.2}× the same on a classic queue (one node)",
+                contestant.name(),
+                median(&mut rates),
+                median(&mut ratios)
+            );
+        }
     }
     if bench.config.latency_seconds > 0 {
         latency_report(bench).await?;
@@ -1006,6 +1091,7 @@ impl<DB: BenchDb> Bench<DB> {
         };
         let mut builder = Consumer::builder(self.pool.clone(), DB::capture())
             .queue(queue)
+            .queue_type(self.queue_type)
             .prefetch(self.config.prefetch)
             .concurrency(self.config.concurrency as usize)
             .shutdown_deadline(Duration::from_secs(5))
@@ -1030,6 +1116,7 @@ impl<DB: BenchDb> Bench<DB> {
     fn batch_consumer(&self, queue: &str) -> anyhow::Result<Consumer<DB, DB::CaptureBatch>> {
         Consumer::builder(self.pool.clone(), DB::capture_batch())
             .queue(queue)
+            .queue_type(self.queue_type)
             .prefetch(self.config.batch_prefetch())
             .concurrency(self.config.concurrency as usize)
             .shutdown_deadline(Duration::from_secs(5))
@@ -1152,12 +1239,16 @@ impl<DB: BenchDb> Bench<DB> {
             .map_err(|_| anyhow::anyhow!("the queue list lock is poisoned"))?
             .push(queue.to_owned());
         let channel = self.admin.create_channel().await?;
+        // As idem declares it: a quorum queue carries its type, a classic one no arguments.
+        let mut arguments = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
         channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
+            .queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments)
             .await
             .with_context(|| format!("declaring {queue:?}"))?;
         channel

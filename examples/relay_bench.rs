@@ -51,6 +51,10 @@ struct Config {
     /// once, a destination's order between relays not kept); one relay is the default setup.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     relays: u32,
+    /// Run the relays sharing the outbox, without the publish lease (always so with
+    /// `--relays` above 1): one relay this way against the default measures the lease's cost.
+    #[arg(long)]
+    share_outbox: bool,
     /// Messages per latency run.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
     latency_messages: u64,
@@ -153,9 +157,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let run = &Uuid::new_v4().simple().to_string()[..8];
     println!(
-        "idem relay bench: PostgreSQL, batch {} rows, {} relay(s), {} rounds of {} rows for throughput, {} orders for latency at {:?}/s",
+        "idem relay bench: PostgreSQL, batch {} rows, {} relay(s){}, {} rounds of {} rows for throughput, {} orders for latency at {:?}/s",
         config.batch_size,
         config.relays,
+        if config.share_outbox || config.relays > 1 {
+            " sharing the outbox"
+        } else {
+            " (publish lease)"
+        },
         config.rounds,
         config.messages,
         config.latency_messages,
@@ -308,7 +317,7 @@ async fn relay_backlog(config: &Config, pool: &sqlx::PgPool, sink: &str) -> anyh
                 .batch_size(config.batch_size)
                 // Several relays measured together publish at once (each row still once;
                 // a destination's order between them is not kept). One relay: the default.
-                .share_outbox(config.relays > 1)
+                .share_outbox(config.share_outbox || config.relays > 1)
                 .build()
                 .map(Arc::new)
         })
@@ -379,6 +388,7 @@ async fn latency(
     let relay = Arc::new(
         Relay::builder(pool.clone())
             .batch_size(config.batch_size)
+            .share_outbox(config.share_outbox)
             .build()?,
     );
     let (stop_relay, relay_task) = spawn_relay(&relay, &config.amqp_url);

@@ -13,7 +13,8 @@ use common::*;
 use futures_util::StreamExt;
 use idem::amqp::lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use idem::amqp::lapin::types::{AMQPValue, FieldTable};
-use idem::amqp::{check_consumer_queues, Consumer, QueueState, QueueType};
+use idem::amqp::{check_consumer_queues, Consumer, QueueState, QueueType, Relay};
+use idem::outbox::{self, Outgoing, Route};
 use idem::Postgres;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -223,5 +224,115 @@ async fn on_a_quorum_queue_the_crash_loop_guard_takes_the_brokers_count_and_writ
 
     // Every redelivery was counted by the broker: idem wrote no count of its own.
     assert_eq!(counts_written(&story).await, 0);
+    story.end().await;
+}
+
+/// The relay on quorum queues: it declares the queue quorum (as the consumer does: the two
+/// declarations agree), publishes with confirms, and the quorum consumer applies each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_publishes_to_a_quorum_queue_that_it_declares_as_its_consumer_does() {
+    let mut story = Story::<Postgres>::begin("quorum-relay").await;
+    // An outbox of its own: this relay must not publish another test's rows.
+    let url = fresh_pg_database(&format!("quorum_{}", Uuid::new_v4().simple())).await;
+    story.pool = <Postgres as idem::Backend>::connect(&url, 8).await.unwrap();
+    <Postgres as idem::Backend>::migrate(&story.pool)
+        .await
+        .unwrap();
+    <Postgres as TestDb>::create_effects(&story.pool).await;
+
+    let relay = std::sync::Arc::new(
+        Relay::builder(story.pool.clone())
+            .declare_queue(&story.queue)
+            .queue_type(QueueType::Quorum)
+            .poll_interval(Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relaying = tokio::spawn({
+        let relay = std::sync::Arc::clone(&relay);
+        async move {
+            relay
+                .serve(&amqp_url(), async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let transfer = Transfer {
+            id: *id,
+            account: "acct-q3".into(),
+            amount: i as i64,
+            fail: false,
+        };
+        let outgoing = Outgoing::json(&transfer, Uuid::new_v4())
+            .unwrap()
+            .route(Route::queue(&story.queue));
+        let mut tx = story.pool.begin().await.unwrap();
+        assert!(outbox::enqueue::<Postgres>(&mut *tx, &outgoing)
+            .await
+            .unwrap());
+        tx.commit().await.unwrap();
+    }
+    let running = story
+        .run_with(story.recorder(), |b| b.queue_type(QueueType::Quorum))
+        .await;
+    running
+        .wait_until("every relayed transfer is applied", |s| s.applied == 20)
+        .await;
+    running.stop().await;
+    stop.send(()).unwrap();
+    relaying.await.unwrap().unwrap();
+    assert_eq!(relay.stats().published, 20);
+    for id in &ids {
+        assert_eq!(story.effects(id).await, 1);
+    }
+    story.end().await;
+}
+
+/// `AMQP_URL` listing several nodes: the first does not answer (nothing listens there), the
+/// consumer takes the next and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_several_nodes_a_consumer_connects_to_the_first_that_answers() {
+    let story = Story::<Postgres>::begin("failover").await;
+    let consumer = std::sync::Arc::new(
+        Consumer::builder(story.pool.clone(), story.recorder())
+            .queue(&story.queue)
+            .retry(story.retry)
+            .build()
+            .unwrap(),
+    );
+    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn({
+        let consumer = std::sync::Arc::clone(&consumer);
+        async move {
+            consumer
+                .serve(&nodes, async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    eventually("the consumer is subscribed", || {
+        let connection = &story.connection;
+        let queue = story.queue.clone();
+        async move { queue_depth(connection, &queue).await.is_some() }
+    })
+    .await;
+    let id = Uuid::new_v4();
+    story
+        .publish(&transfer_body(id, "acct-q4", 5), Some(&id.to_string()))
+        .await;
+    eventually("the transfer is applied", || {
+        let applied = consumer.stats().applied;
+        async move { applied == 1 }
+    })
+    .await;
+    stop.send(()).unwrap();
+    serving.await.unwrap().unwrap();
+    assert_eq!(story.effects(&id).await, 1);
     story.end().await;
 }

@@ -705,6 +705,59 @@ async fn topology_check_names_the_argument_that_differs() {
     let again = idem(&url, &["topology", "check", "--queue", &queue, "--json"]).await;
     assert_eq!(again.code, 1);
     delete_queues(&connection, &queue, &idem::RetryPolicy::default()).await;
+
+    // Quorum: declared with --queue-type quorum, checked the same way it matches, and checked
+    // as classic (the default) the type is what differs.
+    let quorum = fresh_queue("cli-quorum");
+    idem(
+        &url,
+        &[
+            "topology",
+            "declare",
+            "--queue",
+            &quorum,
+            "--queue-type",
+            "quorum",
+        ],
+    )
+    .await
+    .succeeded();
+    idem(
+        &url,
+        &[
+            "topology",
+            "check",
+            "--queue",
+            &quorum,
+            "--queue-type",
+            "quorum",
+        ],
+    )
+    .await
+    .succeeded();
+    let as_classic = idem(&url, &["topology", "check", "--queue", &quorum, "--json"]).await;
+    assert_eq!(as_classic.code, 1);
+    let row = as_classic.json()[0].clone();
+    assert_eq!(row["state"], "differs");
+    assert!(
+        row["detail"].as_str().unwrap().contains("x-queue-type"),
+        "{row}"
+    );
+    let bad = idem(
+        &url,
+        &[
+            "topology",
+            "check",
+            "--queue",
+            &quorum,
+            "--queue-type",
+            "mirrored",
+        ],
+    )
+    .await;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("`quorum`"), "{}", bad.stderr);
+    delete_queues(&connection, &quorum, &idem::RetryPolicy::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

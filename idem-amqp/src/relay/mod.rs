@@ -476,6 +476,8 @@ impl<DB: Backend> Relay<DB> {
             listening = wakeups.is_some(),
             "outbox relay publishing"
         );
+        let lease_changes = self.publish_lease().as_ref().map(PublishLease::changes);
+        let mut lease_changes = lease_changes.map(Box::pin);
         loop {
             match self.drain(link).await {
                 Ok(()) => pace.database_failures = 0,
@@ -492,10 +494,19 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
             self.sample_if_due(&mut pace.last_sample).await;
+            let lease_changed = async {
+                match lease_changes.as_mut() {
+                    Some(changes) => changes.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.as_mut() => return None,
                 () = round::wakeup(wakeups) => {}
                 () = tokio::time::sleep(self.poll_interval) => {}
+                () = lease_changed => {
+                    lease_changes = self.publish_lease().as_ref().map(|l| Box::pin(l.changes()));
+                }
             }
         }
     }

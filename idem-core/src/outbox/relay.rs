@@ -92,4 +92,15 @@ impl PublishLease {
     pub fn session(&self) -> Option<i32> {
         *self.held.borrow()
     }
+
+    /// Resolves when the lease is taken or lost (never, once its keeper is gone): a stand-by
+    /// relay publishes as soon as it holds the lease, not on its next poll.
+    pub fn changes(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut held = self.held.clone();
+        async move {
+            if held.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
