@@ -83,6 +83,9 @@ const STARTUP_GRACE: Duration = Duration::from_secs(2);
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(90);
 const SETTLE_DEADLINE: Duration = Duration::from_secs(120);
 const SIGTERM_DEADLINE: Duration = Duration::from_secs(30);
+/// Cluster: after the leader's node is SIGKILLed, no consumer is for this long, so that the
+/// redeliveries logged meanwhile are the node loss's.
+const NODE_LOSS_QUIET: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_server_restarts() {
@@ -158,10 +161,12 @@ async fn every_payment_is_applied_exactly_once_through_kills_disconnects_and_ser
     let duplicates = workload.back_to_back + workload.concurrent.len() + workload.late.len();
     if let Some(cluster) = &story.run.cluster {
         println!(
-            "cluster: leader node {} SIGKILLed, captures resumed {:.1} s later; restarted in \
-             {:.1} s; rolling restart of {} nodes in {:.1} s",
+            "cluster: leader node {} SIGKILLed, 50 more captures {:.1} s later, {} deliveries \
+             logged redelivered in the {NODE_LOSS_QUIET:?} after it; restarted in {:.1} s; \
+             rolling restart of {} nodes in {:.1} s",
             faults.leader_killed.as_deref().unwrap_or("(none)"),
             faults.node_loss_pause.as_secs_f64(),
+            faults.node_loss_redeliveries,
             faults.node_restart.as_secs_f64(),
             cluster.nodes.len(),
             faults.rolling_restart.as_secs_f64(),
@@ -522,6 +527,9 @@ struct FaultsDone {
     leader_killed: Option<String>,
     /// From the SIGKILL until 50 more payments were captured.
     node_loss_pause: Duration,
+    /// Deliveries the consumers logged as redelivered in the 10 s after the SIGKILL, when no
+    /// consumer is SIGKILLed: what the node loss handed out again.
+    node_loss_redeliveries: usize,
     node_restart: Duration,
     rolling_restart: Duration,
 }
@@ -660,6 +668,7 @@ impl Story {
             Fault::KillLeader => {
                 let leader = cluster.leader(&self.levers, &self.run.queue).await?;
                 let before = captures(&self.run.scratch.pool).await;
+                let redelivered_before = self.fleet.count_in_logs("redelivered=true");
                 let killed_at = Instant::now();
                 let out = cluster.kill(leader).await?;
                 println!(
@@ -677,6 +686,12 @@ impl Story {
                     tokio::time::sleep(Duration::from_millis(50)).await; // poll
                 }
                 done.node_loss_pause = killed_at.elapsed();
+                let quiet = NODE_LOSS_QUIET.saturating_sub(killed_at.elapsed());
+                tokio::time::sleep(quiet).await; // the consumers' SIGKILLs wait meanwhile
+                done.node_loss_redeliveries = self
+                    .fleet
+                    .count_in_logs("redelivered=true")
+                    .saturating_sub(redelivered_before);
                 Ok(out)
             }
             Fault::RestartKilled => {
