@@ -476,6 +476,16 @@ impl<DB: Backend> Relay<DB> {
             listening = wakeups.is_some(),
             "outbox relay publishing"
         );
+        // A lease not yet answered for (its keeper just connected): a moment for it, so that a
+        // relay alone does not start by announcing that it stands by.
+        let unanswered = self
+            .publish_lease()
+            .as_ref()
+            .filter(|lease| lease.session().is_none())
+            .map(PublishLease::changes);
+        if let Some(answered) = unanswered {
+            let _ = tokio::time::timeout(Duration::from_secs(1), answered).await;
+        }
         let lease_changes = self.publish_lease().as_ref().map(PublishLease::changes);
         let mut lease_changes = lease_changes.map(Box::pin);
         loop {
