@@ -439,6 +439,12 @@ async fn the_relay_metrics_agree_with_the_outbox<DB: OutboxTruth>() {
         value(&metrics, "idem_relay_confirm_seconds_count", &[]) > 0.0,
         "{metrics}"
     );
+    // The only relay of its outbox holds the publish lease.
+    assert_eq!(
+        value(&metrics, "idem_relay_publishing", &[]),
+        1.0,
+        "{metrics}"
+    );
     assert_eq!(
         value(&metrics, "idem_outbox_pending", &[]),
         waiting as f64,

@@ -61,6 +61,9 @@ pub(crate) const RELAY_PUBLISHED: &str = "idem_relay_published_total";
 pub(crate) const OUTBOX_PURGED: &str = "idem_outbox_purged_total";
 /// `idem_relay_confirm_seconds`: publishing one batch until the broker confirmed all of it.
 pub(crate) const RELAY_CONFIRM_SECONDS: &str = "idem_relay_confirm_seconds";
+/// `idem_relay_publishing`: 1 while this relay publishes its outbox, 0 while it stands by
+/// (another relay holds the outbox's lease).
+pub(crate) const RELAY_PUBLISHING: &str = "idem_relay_publishing";
 
 /// How a delivery was settled, as the `outcome` label says it.
 #[derive(Debug, Clone, Copy)]
@@ -189,6 +192,10 @@ pub(crate) fn outbox_purged(rows: u64) {
 
 pub(crate) fn relay_confirm_time(took: Duration) {
     histogram!(RELAY_CONFIRM_SECONDS).record(took.as_secs_f64());
+}
+
+pub(crate) fn relay_publishing(publishing: bool) {
+    gauge!(RELAY_PUBLISHING).set(if publishing { 1.0 } else { 0.0 });
 }
 
 /// The outbox as the relay last sampled it.

@@ -308,6 +308,7 @@ impl<DB: Backend> Relay<DB> {
             }
         };
         let taking = matches!(turn, Turn::Take { .. });
+        crate::telemetry::relay_publishing(taking);
         if self.standing_by.swap(!taking, Ordering::Relaxed) == taking {
             if taking {
                 tracing::info!("relay took over the outbox lease");
