@@ -12,10 +12,15 @@ use std::time::Duration;
 const RECONNECT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(250), Duration::from_secs(30)).with_jitter(0.5);
 
+/// How long one node may take to accept a connection and finish the AMQP handshake. A node
+/// whose host is gone does not refuse a connection, it never answers: without a bound the
+/// kernel's own connect timeout (about two minutes) would pass before the next node is tried.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects to RabbitMQ at `url` (`amqp://user:password@host:port/vhost`), or at the first
 /// that answers of several URLs separated by commas (the nodes of a cluster, tried in the order
-/// given). The consumer and the relay reconnect through it too: a node lost is replaced by the
-/// next one that answers.
+/// given, each for at most 10 s). The consumer and the relay reconnect through it too: a node
+/// lost is replaced by the next one that answers.
 ///
 /// A URL that does not parse and a broker that cannot be reached both fail here, at start, with a
 /// message that names the URL (password removed) and what to check.
@@ -25,7 +30,19 @@ pub async fn connect(url: &str) -> Result<Connection, Error> {
     let mut last = None;
     for (text, uri) in nodes {
         let properties = ConnectionProperties::default().with_connection_name("idem".into());
-        match Connection::connect_uri(uri, properties).await {
+        let connected = tokio::time::timeout(
+            NODE_CONNECT_TIMEOUT,
+            Connection::connect_uri(uri, properties),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {NODE_CONNECT_TIMEOUT:?}"),
+            )
+            .into())
+        });
+        match connected {
             Ok(connection) => {
                 if several {
                     tracing::info!(node = %redact_url(text), "connected to the broker");
