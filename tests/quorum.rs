@@ -336,3 +336,62 @@ async fn given_several_nodes_a_consumer_connects_to_the_first_that_answers() {
     assert_eq!(story.effects(&id).await, 1);
     story.end().await;
 }
+
+/// A node that accepts the TCP connection and then says nothing (a hung broker, a load balancer
+/// in front of a dead one): the consumer gives it 10 s, then takes the next node in the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_accepts_and_never_answers_is_given_up_for_the_next() {
+    let story = Story::<Postgres>::begin("silent-node").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    // Accepts every connection and holds it open without a byte of AMQP.
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let consumer = std::sync::Arc::new(
+        Consumer::builder(story.pool.clone(), story.recorder())
+            .queue(&story.queue)
+            .retry(story.retry)
+            .build()
+            .unwrap(),
+    );
+    let nodes = format!(
+        "amqp://guest:guest@127.0.0.1:{silent_port}/%2f,{}",
+        amqp_url()
+    );
+    let started = std::time::Instant::now();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn({
+        let consumer = std::sync::Arc::clone(&consumer);
+        async move {
+            consumer
+                .serve(&nodes, async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    let id = Uuid::new_v4();
+    story.declare().await;
+    story
+        .publish(&transfer_body(id, "acct-q5", 5), Some(&id.to_string()))
+        .await;
+    eventually("the transfer is applied through the second node", || {
+        let applied = consumer.stats().applied;
+        async move { applied == 1 }
+    })
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9),
+        "the silent node was not tried first ({waited:?})"
+    );
+    stop.send(()).unwrap();
+    serving.await.unwrap().unwrap();
+    holding.abort();
+    assert_eq!(story.effects(&id).await, 1);
+    story.end().await;
+}
