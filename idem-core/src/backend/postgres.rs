@@ -421,8 +421,12 @@ impl Store for sqlx::Postgres {
     /// lease, is still alive — a holder whose lease session was lost (terminated, or the
     /// database restarted) stops taking at once, not when its keeper next checks. Alive is
     /// enough: a session lock lives as long as its session, and the keeper never unlocks.
-    /// (`pg_stat_get_activity(pid)` reads one backend's status; `pg_locks` was measured at a
-    /// quarter of a millisecond per take, every backend's locks copied.)
+    /// (`pg_stat_get_activity(pid)` reads the backends' status; `pg_locks` was measured at a
+    /// quarter of a millisecond per take, every backend's locks copied. The price: a backend
+    /// that exits releases its locks a moment before its status goes, so for microseconds a
+    /// stand-by could hold the lease while this check still passes — one take's worth of a
+    /// destination's order at risk, once per terminated session; never a row twice, which the
+    /// row locks rule out.)
     async fn outbox_take(
         pool: &Pool<Self>,
         limit: i64,
