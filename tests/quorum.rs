@@ -297,25 +297,13 @@ async fn a_relay_publishes_to_a_quorum_queue_that_it_declares_as_its_consumer_do
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_several_nodes_a_consumer_connects_to_the_first_that_answers() {
     let story = Story::<Postgres>::begin("failover").await;
-    let consumer = std::sync::Arc::new(
-        Consumer::builder(story.pool.clone(), story.recorder())
-            .queue(&story.queue)
-            .retry(story.retry)
-            .build()
-            .unwrap(),
-    );
+    let consumer = Consumer::builder(story.pool.clone(), story.recorder())
+        .queue(&story.queue)
+        .retry(story.retry)
+        .build()
+        .unwrap();
     let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn({
-        let consumer = std::sync::Arc::clone(&consumer);
-        async move {
-            consumer
-                .serve(&nodes, async {
-                    let _ = stopped.await;
-                })
-                .await
-        }
-    });
+    let running = serve_on(consumer, &nodes);
     eventually("the consumer is subscribed", || {
         let connection = &story.connection;
         let queue = story.queue.clone();
@@ -326,13 +314,10 @@ async fn given_several_nodes_a_consumer_connects_to_the_first_that_answers() {
     story
         .publish(&transfer_body(id, "acct-q4", 5), Some(&id.to_string()))
         .await;
-    eventually("the transfer is applied", || {
-        let applied = consumer.stats().applied;
-        async move { applied == 1 }
-    })
-    .await;
-    stop.send(()).unwrap();
-    serving.await.unwrap().unwrap();
+    running
+        .wait_until("the transfer is applied", |s| s.applied == 1)
+        .await;
+    running.stop().await;
     assert_eq!(story.effects(&id).await, 1);
     story.end().await;
 }
@@ -351,46 +336,33 @@ async fn a_node_that_accepts_and_never_answers_is_given_up_for_the_next() {
             held.push(socket);
         }
     });
-    let consumer = std::sync::Arc::new(
-        Consumer::builder(story.pool.clone(), story.recorder())
-            .queue(&story.queue)
-            .retry(story.retry)
-            .build()
-            .unwrap(),
-    );
+    let consumer = Consumer::builder(story.pool.clone(), story.recorder())
+        .queue(&story.queue)
+        .retry(story.retry)
+        .build()
+        .unwrap();
     let nodes = format!(
         "amqp://guest:guest@127.0.0.1:{silent_port}/%2f,{}",
         amqp_url()
     );
     let started = std::time::Instant::now();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn({
-        let consumer = std::sync::Arc::clone(&consumer);
-        async move {
-            consumer
-                .serve(&nodes, async {
-                    let _ = stopped.await;
-                })
-                .await
-        }
-    });
+    let running = serve_on(consumer, &nodes);
     let id = Uuid::new_v4();
     story.declare().await;
     story
         .publish(&transfer_body(id, "acct-q5", 5), Some(&id.to_string()))
         .await;
-    eventually("the transfer is applied through the second node", || {
-        let applied = consumer.stats().applied;
-        async move { applied == 1 }
-    })
-    .await;
+    running
+        .wait_until("the transfer is applied through the second node", |s| {
+            s.applied == 1
+        })
+        .await;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_secs(9),
         "the silent node was not tried first ({waited:?})"
     );
-    stop.send(()).unwrap();
-    serving.await.unwrap().unwrap();
+    running.stop().await;
     holding.abort();
     assert_eq!(story.effects(&id).await, 1);
     story.end().await;

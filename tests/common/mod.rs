@@ -523,6 +523,25 @@ pub async fn start<DB: Backend, H: Handler<DB>>(consumer: Consumer<DB, H>) -> Ru
     }
 }
 
+/// Runs `consumer` in the background the way a service does, `serve(url, …)` — its own
+/// connection to `url` (which may list several nodes), reconnecting by itself — until
+/// [`Running::stop`].
+pub fn serve_on<DB: Backend, H: Handler<DB>>(
+    consumer: Consumer<DB, H>,
+    url: &str,
+) -> Running<DB, H> {
+    let consumer = Arc::new(consumer);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = Arc::clone(&consumer);
+    let url = url.to_owned();
+    let task = tokio::spawn(async move { running.serve(&url, stopped.map(|_| ())).await });
+    Running {
+        consumer,
+        stop: Some(stop),
+        task,
+    }
+}
+
 impl<DB: Backend, H: Handler<DB>> Running<DB, H> {
     /// Waits (30 s at most) until the consumer's counters satisfy `condition`.
     pub async fn wait_until(&self, what: &str, condition: impl Fn(ConsumerStats) -> bool) {

@@ -476,18 +476,14 @@ impl<DB: Backend> Relay<DB> {
             listening = wakeups.is_some(),
             "outbox relay publishing"
         );
-        // A lease not yet answered for (its keeper just connected): a moment for it, so that a
-        // relay alone does not start by announcing that it stands by.
-        let unanswered = self
-            .publish_lease()
-            .as_ref()
-            .filter(|lease| lease.session().is_none())
-            .map(PublishLease::changes);
-        if let Some(answered) = unanswered {
-            let _ = tokio::time::timeout(Duration::from_secs(1), answered).await;
+        let mut lease = self.publish_lease().as_ref().map(PublishLease::watch);
+        if let Some(lease) = lease.as_mut() {
+            // Not yet answered for (its keeper just connected): a moment for it, so that a
+            // relay alone does not start by announcing that it stands by.
+            if lease.borrow_and_update().is_none() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), lease.changed()).await;
+            }
         }
-        let lease_changes = self.publish_lease().as_ref().map(PublishLease::changes);
-        let mut lease_changes = lease_changes.map(Box::pin);
         loop {
             match self.drain(link).await {
                 Ok(()) => pace.database_failures = 0,
@@ -505,18 +501,20 @@ impl<DB: Backend> Relay<DB> {
             }
             self.sample_if_due(&mut pace.last_sample).await;
             let lease_changed = async {
-                match lease_changes.as_mut() {
-                    Some(changes) => changes.as_mut().await,
-                    None => std::future::pending().await,
+                let changed = match lease.as_mut() {
+                    Some(lease) => lease.changed().await.is_ok(),
+                    None => false,
+                };
+                // No lease (shared outbox, SQLite), or its keeper is gone: never.
+                if !changed {
+                    std::future::pending::<()>().await;
                 }
             };
             tokio::select! {
                 () = shutdown.as_mut() => return None,
                 () = round::wakeup(wakeups) => {}
                 () = tokio::time::sleep(self.poll_interval) => {}
-                () = lease_changed => {
-                    lease_changes = self.publish_lease().as_ref().map(|l| Box::pin(l.changes()));
-                }
+                () = lease_changed => {}
             }
         }
     }

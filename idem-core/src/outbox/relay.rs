@@ -93,14 +93,10 @@ impl PublishLease {
         *self.held.borrow()
     }
 
-    /// Resolves when the lease is taken or lost (never, once its keeper is gone): a stand-by
-    /// relay publishes as soon as it holds the lease, not on its next poll.
-    pub fn changes(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut held = self.held.clone();
-        async move {
-            if held.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+    /// The lease's state as it changes (`changed()` resolves when it is taken or lost; an
+    /// error once its keeper is gone): a stand-by relay publishes as soon as it holds the
+    /// lease, not on its next poll.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Option<i32>> {
+        self.held.clone()
     }
 }
