@@ -47,14 +47,19 @@ struct Config {
     /// Throughput rounds; the last line is the median of their relay/publish ratios.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
-    /// Relays draining the backlog side by side, sharing the outbox (`share_outbox`: each row
-    /// once, a destination's order between relays not kept); one relay is the default setup.
+    /// Relays draining the backlog side by side, as a service's instances run them: each
+    /// publishes its share of the outbox's partitions (a destination's order kept), or with
+    /// `--share-outbox` every relay takes any row (order between relays lost).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     relays: u32,
-    /// Run the relays sharing the outbox, without the publish lease (always so with
-    /// `--relays` above 1): one relay this way against the default measures the lease's cost.
+    /// Run the relays sharing the outbox, without the publish lease: one relay this way against
+    /// the default measures the lease's cost.
     #[arg(long)]
     share_outbox: bool,
+    /// Queues the backlog (and the plain publisher) spread over, round robin: a destination is
+    /// published by one relay at a time, so several relays need several destinations.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    destinations: u32,
     /// Messages per latency run.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
     latency_messages: u64,
@@ -157,14 +162,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let run = &Uuid::new_v4().simple().to_string()[..8];
     println!(
-        "idem relay bench: PostgreSQL, batch {} rows, {} relay(s){}, {} rounds of {} rows for throughput, {} orders for latency at {:?}/s",
+        "idem relay bench: PostgreSQL, batch {} rows, {} relay(s){}, {} destination(s), {} rounds of {} rows for throughput, {} orders for latency at {:?}/s",
         config.batch_size,
         config.relays,
-        if config.share_outbox || config.relays > 1 {
+        if config.share_outbox {
             " sharing the outbox"
         } else {
-            " (publish lease)"
+            " (publish lease: partitions)"
         },
+        config.destinations,
         config.rounds,
         config.messages,
         config.latency_messages,
@@ -172,32 +178,38 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     // 1. Throughput: the broker's pace with a plain publisher, then a backlog and the relays.
-    let sink = format!("bench-relay-sink-{run}");
-    channel
-        .queue_declare(
-            sink.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await?;
+    let sinks: Vec<String> = (0..config.destinations)
+        .map(|d| format!("bench-relay-sink-{run}-{d}"))
+        .collect();
+    for sink in &sinks {
+        channel
+            .queue_declare(
+                sink.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let purge = || async {
+        for sink in &sinks {
+            channel
+                .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
+                .await?;
+        }
+        anyhow::Ok(())
+    };
     let mut publish_rates = Vec::new();
     let mut relay_rates = Vec::new();
     let mut ratios = Vec::new();
     for round in 1..=config.rounds {
-        let publish_rate = plain_publish(&connection, &sink, config.messages).await?;
-        channel
-            .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
-            .await?;
-        let relay_rate = relay_backlog(&config, &pool, &sink).await?;
-        channel
-            .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
-            .await?;
+        let publish_rate = plain_publish(&connection, &sinks, config.messages).await?;
+        purge().await?;
+        let (relay_rate, shares) = relay_backlog(&config, &pool, &sinks).await?;
+        purge().await?;
         let purging = if config.aged_rows > 0 {
             age_published_rows(&pool, config.aged_rows).await?;
-            let rate = relay_backlog(&config, &pool, &sink).await?;
-            channel
-                .queue_purge(sink.as_str().into(), QueuePurgeOptions::default())
-                .await?;
+            let (rate, _) = relay_backlog(&config, &pool, &sinks).await?;
+            purge().await?;
             let left: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM idem_outbox WHERE published_at < now() - interval '7 days'",
             )
@@ -213,7 +225,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         };
         let ratio = relay_rate / publish_rate;
         println!(
-            "round {round}/{}: publish {publish_rate:.0} msgs/s, relay {relay_rate:.0} msgs/s ({} relay{}), relay/publish {ratio:.2}{purging}",
+            "round {round}/{}: publish {publish_rate:.0} msgs/s, relay {relay_rate:.0} msgs/s ({} relay{}{shares}), relay/publish {ratio:.2}{purging}",
             config.rounds,
             config.relays,
             if config.relays == 1 { "" } else { "s" }
@@ -222,9 +234,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         relay_rates.push(relay_rate);
         ratios.push(ratio);
     }
-    channel
-        .queue_delete(sink.as_str().into(), QueueDeleteOptions::default())
-        .await?;
+    for sink in &sinks {
+        channel
+            .queue_delete(sink.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
     println!("publish: {:.0} msgs/s", median(&mut publish_rates));
     println!("relay: {:.0} msgs/s", median(&mut relay_rates));
 
@@ -241,15 +255,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// The broker's pace: `n` persistent messages of the relay's size and properties, published with
-/// confirms, at most 1,000 unconfirmed; msgs/s.
-async fn plain_publish(connection: &Connection, queue: &str, n: u64) -> anyhow::Result<f64> {
+/// confirms to `queues` in turn, at most 1,000 unconfirmed; msgs/s.
+async fn plain_publish(connection: &Connection, queues: &[String], n: u64) -> anyhow::Result<f64> {
     let channel: Channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let started = Instant::now();
     let mut window = VecDeque::with_capacity(1000);
-    for _ in 0..n {
+    for (queue, _) in queues.iter().cycle().zip(0..n) {
         let order = OrderPlaced {
             order_id: Uuid::new_v4(),
         };
@@ -264,7 +278,7 @@ async fn plain_publish(connection: &Connection, queue: &str, n: u64) -> anyhow::
         let confirm = channel
             .basic_publish(
                 "".into(),
-                queue.into(),
+                queue.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -295,44 +309,67 @@ fn confirmed(confirmation: Confirmation) -> anyhow::Result<()> {
     }
 }
 
-/// `--messages` rows committed to the outbox, then `--relays` relays drain them; msgs/s from
-/// their start until every row is marked published.
-async fn relay_backlog(config: &Config, pool: &sqlx::PgPool, sink: &str) -> anyhow::Result<f64> {
-    let mut placed = 0u64;
-    while placed < config.messages {
-        let mut tx = pool.begin().await?;
-        for _ in 0..1000.min(config.messages - placed) {
-            let order = OrderPlaced {
-                order_id: Uuid::new_v4(),
-            };
-            let message = Outgoing::json(&order, Uuid::new_v4())?.route(Route::queue(sink));
-            outbox::enqueue::<Postgres>(&mut tx, &message).await?;
-            placed += 1;
-        }
-        tx.commit().await?;
-    }
+/// `--relays` relays started on an empty outbox (each holding its share of the partitions, when
+/// they hold a lease), then `--messages` rows committed to it in one transaction, spread over
+/// the `sinks`; msgs/s from the commit until every row is marked published, and what each
+/// relay published.
+async fn relay_backlog(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    sinks: &[String],
+) -> anyhow::Result<(f64, String)> {
     let relays: Vec<Arc<Relay<Postgres>>> = (0..config.relays)
         .map(|_| {
             Relay::builder(pool.clone())
                 .batch_size(config.batch_size)
-                // Several relays measured together publish at once (each row still once;
-                // a destination's order between them is not kept). One relay: the default.
-                .share_outbox(config.share_outbox || config.relays > 1)
+                .share_outbox(config.share_outbox)
                 .build()
                 .map(Arc::new)
         })
         .collect::<Result<_, _>>()?;
-    let started = Instant::now();
     let running: Vec<_> = relays
         .iter()
         .map(|relay| spawn_relay(relay, &config.amqp_url))
         .collect();
+    if !config.share_outbox {
+        // Measured once every relay publishes its share, not while they divide the outbox.
+        let share = outbox::PARTITIONS.div_ceil(config.relays);
+        wait_until(
+            "the relays share the outbox",
+            Duration::from_secs(30),
+            || {
+                let held: Vec<u32> = relays.iter().filter_map(|r| r.partitions()).collect();
+                held.iter().sum::<u32>() == outbox::PARTITIONS
+                    && held.iter().all(|&n| n + 1 >= share && n <= share)
+            },
+        )
+        .await?;
+    }
+    let mut tx = pool.begin().await?;
+    for (sink, _) in sinks.iter().cycle().zip(0..config.messages) {
+        let order = OrderPlaced {
+            order_id: Uuid::new_v4(),
+        };
+        let message = Outgoing::json(&order, Uuid::new_v4())?.route(Route::queue(sink));
+        outbox::enqueue::<Postgres>(&mut tx, &message).await?;
+    }
+    tx.commit().await?;
+    let started = Instant::now();
     let published = || relays.iter().map(|r| r.stats().published).sum::<u64>();
     wait_until("the backlog is published", Duration::from_secs(600), || {
         published() >= config.messages
     })
     .await?;
     let took = started.elapsed();
+    let shares = if config.relays > 1 {
+        let each: Vec<String> = relays
+            .iter()
+            .map(|r| r.stats().published.to_string())
+            .collect();
+        format!(": {} rows each", each.join("/"))
+    } else {
+        String::new()
+    };
     for (stop, task) in running {
         let _ = stop.send(());
         task.await??;
@@ -345,7 +382,7 @@ async fn relay_backlog(config: &Config, pool: &sqlx::PgPool, sink: &str) -> anyh
             config.messages
         );
     }
-    Ok(config.messages as f64 / took.as_secs_f64())
+    Ok((config.messages as f64 / took.as_secs_f64(), shares))
 }
 
 /// Writes `rows` outbox rows published 8 days ago: past the default retention, so the relays'

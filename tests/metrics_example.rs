@@ -439,10 +439,15 @@ async fn the_relay_metrics_agree_with_the_outbox<DB: OutboxTruth>() {
         value(&metrics, "idem_relay_confirm_seconds_count", &[]) > 0.0,
         "{metrics}"
     );
-    // The only relay of its outbox holds the publish lease.
+    // The only relay of its outbox publishes it, every partition of it.
     assert_eq!(
         value(&metrics, "idem_relay_publishing", &[]),
         1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(&metrics, "idem_relay_partitions", &[]),
+        f64::from(idem::outbox::PARTITIONS),
         "{metrics}"
     );
     assert_eq!(

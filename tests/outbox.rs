@@ -6,7 +6,8 @@
 //! will not take a row (refused, unroutable, silent) are in `outbox/refusals.rs`; a new
 //! service's first run (a type it only publishes, destinations the relay declares, the log
 //! line of an unroutable message) in `outbox/first_run.rs`; the purge of published rows past
-//! the retention in `outbox/retention.rs`.
+//! the retention in `outbox/retention.rs`; several relays dividing a PostgreSQL outbox's
+//! partitions, each destination in order, in `outbox/partitions.rs`.
 //!
 //! Over 400 lines on purpose: every outbox story, each on both ledgers, in one file.
 
@@ -35,6 +36,9 @@ mod first_run;
 
 #[path = "outbox/retention.rs"]
 mod retention;
+
+#[path = "outbox/partitions.rs"]
+mod partitions;
 
 on_both_backends!(
     what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_rollback,
@@ -498,121 +502,6 @@ async fn two_relays_sharing_a_postgresql_outbox_publish_each_row_once() {
     assert!(
         copies.values().all(|&n| n == 1),
         "a row was published twice"
-    );
-    delete_queue(&connection, &downstream).await;
-}
-
-/// The process id of the session holding the outbox's publish lease, if any.
-async fn lease_session(pool: &sqlx::PgPool) -> Option<i32> {
-    sqlx::query_scalar(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
-         AND classid = 493140227::oid AND objid = 0 AND objsubid = 2",
-    )
-    .fetch_optional(pool)
-    .await
-    .unwrap()
-}
-
-/// The amounts of the `Forwarded` messages received, in arrival order.
-fn amounts(received: &[Received]) -> Vec<i64> {
-    received
-        .iter()
-        .map(|r| {
-            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            body["amount"].as_i64().unwrap()
-        })
-        .collect()
-}
-
-/// Two relays on one PostgreSQL outbox, not shared (the default): one holds the publish lease
-/// and publishes, the other stands by, so a destination's rows reach the broker in the order
-/// they were written. When the holder's lease session is terminated (an operator's
-/// `pg_terminate_backend`, a lost connection) it stops taking at once and whichever relay gets
-/// the lease next publishes; when the holder dies (its task gone), the stand-by takes over.
-/// Nothing is published twice, nothing out of order, at any step.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_relays_on_postgresql_keep_order_and_the_stand_by_takes_over() {
-    let pool = own_outbox::<Postgres>().await;
-    <Postgres as TestDb>::create_effects(&pool).await;
-    let connection = connection().await;
-    let downstream = fresh_queue("lease");
-    declare_queue(&connection, &downstream).await;
-    let relay = || {
-        Relay::builder(pool.clone())
-            .batch_size(20)
-            .poll_interval(Duration::from_millis(50))
-            .build()
-            .unwrap()
-    };
-    let first = start_relay(relay());
-    let held = pool.clone();
-    eventually("the first relay holds the publish lease", || {
-        let held = held.clone();
-        async move { lease_session(&held).await.is_some() }
-    })
-    .await;
-    let second = start_relay(relay());
-    let published = |a: &RunningRelay<Postgres>, b: &RunningRelay<Postgres>| {
-        a.relay.stats().published + b.relay.stats().published
-    };
-
-    // A burst: two relays ready, one publishes.
-    for amount in 0..300 {
-        place(&pool, &downstream, Uuid::new_v4(), amount).await;
-    }
-    first
-        .until("the holder publishes the burst", |s| s.published == 300)
-        .await;
-    assert_eq!(second.relay.stats().published, 0, "the stand-by published");
-
-    // The holder's lease session is terminated: someone holds the lease again, and the rows go.
-    let terminated = lease_session(&pool).await.unwrap();
-    let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(terminated)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    for amount in 300..400 {
-        place(&pool, &downstream, Uuid::new_v4(), amount).await;
-    }
-    eventually("the rows after the lost session are published", || {
-        let n = published(&first, &second);
-        async move { n == 400 }
-    })
-    .await;
-    assert_ne!(lease_session(&pool).await, Some(terminated));
-
-    // The holder now dies (its task aborted, as in a crash): the other takes over.
-    let (holder, stand_by) = if second.relay.stats().published > 0 {
-        (second, first)
-    } else {
-        (first, second)
-    };
-    let before = stand_by.relay.stats().published;
-    holder.task.abort();
-    let _ = holder.task.await;
-    for amount in 400..500 {
-        place(&pool, &downstream, Uuid::new_v4(), amount).await;
-    }
-    stand_by
-        .until("the stand-by takes over from the dead holder", |s| {
-            s.published == before + 100
-        })
-        .await;
-    stand_by.stop().await;
-
-    let received = drain(&connection, &downstream).await;
-    let ids: std::collections::BTreeSet<String> =
-        received.iter().map(Received::message_id).collect();
-    assert_eq!(
-        (received.len(), ids.len()),
-        (500, 500),
-        "a row went twice or not at all"
-    );
-    assert_eq!(
-        amounts(&received),
-        (0..500).collect::<Vec<_>>(),
-        "out of order"
     );
     delete_queue(&connection, &downstream).await;
 }

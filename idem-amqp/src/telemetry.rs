@@ -61,9 +61,12 @@ pub(crate) const RELAY_PUBLISHED: &str = "idem_relay_published_total";
 pub(crate) const OUTBOX_PURGED: &str = "idem_outbox_purged_total";
 /// `idem_relay_confirm_seconds`: publishing one batch until the broker confirmed all of it.
 pub(crate) const RELAY_CONFIRM_SECONDS: &str = "idem_relay_confirm_seconds";
-/// `idem_relay_publishing`: 1 while this relay publishes its outbox, 0 while it stands by
-/// (another relay holds the outbox's lease).
+/// `idem_relay_publishing`: 1 while this relay publishes (some of) its outbox, 0 while it
+/// stands by (other relays hold every partition, or on SQLite the lease).
 pub(crate) const RELAY_PUBLISHING: &str = "idem_relay_publishing";
+
+/// `idem_relay_partitions`: how many of the outbox's partitions this relay holds (PostgreSQL).
+pub(crate) const RELAY_PARTITIONS: &str = "idem_relay_partitions";
 
 /// How a delivery was settled, as the `outcome` label says it.
 #[derive(Debug, Clone, Copy)]
@@ -196,6 +199,11 @@ pub(crate) fn relay_confirm_time(took: Duration) {
 
 pub(crate) fn relay_publishing(publishing: bool) {
     gauge!(RELAY_PUBLISHING).set(if publishing { 1.0 } else { 0.0 });
+}
+
+/// The partitions this relay's publish lease holds.
+pub(crate) fn relay_partitions(partitions: u32) {
+    gauge!(RELAY_PARTITIONS).set(f64::from(partitions));
 }
 
 /// The outbox as the relay last sampled it.

@@ -404,6 +404,14 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
+    /// PostgreSQL, unless the outbox is shared: how many of the outbox's
+    /// [`PARTITIONS`](idem_core::outbox::PARTITIONS) this relay publishes now (0: it
+    /// stands by). `None` on SQLite, with [`RelayBuilder::share_outbox`], or while it does not
+    /// serve.
+    pub fn partitions(&self) -> Option<u32> {
+        self.publish_lease().as_ref().map(PublishLease::partitions)
+    }
+
     /// The publish lease's slot (a poisoned lock only means a panic elsewhere held it).
     fn publish_lease(&self) -> std::sync::MutexGuard<'_, Option<PublishLease>> {
         self.publish_lease
@@ -480,7 +488,8 @@ impl<DB: Backend> Relay<DB> {
         if let Some(lease) = lease.as_mut() {
             // Not yet answered for (its keeper just connected): a moment for it, so that a
             // relay alone does not start by announcing that it stands by.
-            if lease.borrow_and_update().is_none() {
+            lease.borrow_and_update();
+            if self.partitions() == Some(0) {
                 let _ = tokio::time::timeout(Duration::from_secs(1), lease.changed()).await;
             }
         }

@@ -18,7 +18,7 @@
 use super::batch::{self, Outcome, Sending};
 use super::link::{Link, Trouble};
 use super::Relay;
-use idem_core::outbox::relay::{OutboxBatch, PublishLease, Settled};
+use idem_core::outbox::relay::{LeasedPartitions, OutboxBatch, Settled};
 use idem_core::Backend;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -73,12 +73,23 @@ enum Next<DB: Backend> {
     Alone(OutboxBatch<DB>, usize),
 }
 
+/// Gives a batch's rows back unsettled (they stay due): its transaction ends now, its row locks
+/// with it; a database that is gone has ended it already.
+async fn abandon<DB: Backend>(batch: OutboxBatch<DB>) {
+    if let Err(error) = DB::outbox_settle(batch, &[]).await {
+        tracing::debug!(%error, "relay could not end an abandoned batch's transaction");
+    }
+}
+
 /// Whether this relay may take a batch now ([`Relay::lease`]).
 enum Turn {
-    /// Another relay holds the outbox's lease.
+    /// Other relays hold the outbox (PostgreSQL: every partition; SQLite: the lease).
     StandBy,
-    /// Take, and on PostgreSQL check in the take that this session still holds the lease.
-    Take { lease_session: Option<i32> },
+    /// Take; on PostgreSQL with the publish lease, only rows of these partitions, held by the
+    /// batch until it is settled.
+    Take {
+        partitions: Option<LeasedPartitions>,
+    },
 }
 
 /// How a flight landed.
@@ -94,6 +105,26 @@ impl<DB: Backend> Relay<DB> {
     /// (see the module docs). Every wait on the broker is bounded by the link's timeout.
     pub(super) async fn drain(&self, link: &mut Link) -> Result<(), RoundError> {
         let mut flights: VecDeque<Flight<DB>> = VecDeque::new();
+        let drained = self.rounds(link, &mut flights).await;
+        if drained.is_err() {
+            // Batches still in flight when the broker or the database was lost: their rows stay
+            // due. Their locks are given back here, before the batches let go of their
+            // partitions — not later, when the pool gets round to rolling back — so that a
+            // relay taking over one of those partitions does not skip past them.
+            while let Some(flight) = flights.pop_front() {
+                abandon(flight.batch).await;
+            }
+        }
+        drained
+    }
+
+    /// [`Relay::drain`]'s rounds; batches taken and not settled are left in `flights` when it
+    /// fails.
+    async fn rounds(
+        &self,
+        link: &mut Link,
+        flights: &mut VecDeque<Flight<DB>>,
+    ) -> Result<(), RoundError> {
         let mut more = true;
         while more || !flights.is_empty() {
             let shared: &Link = link;
@@ -118,12 +149,21 @@ impl<DB: Backend> Relay<DB> {
                 }
                 None => (None, take_next.await),
             };
-            // Batches in flight when the broker was lost are dropped unsettled: their locks
-            // go, their rows stay due.
-            let refused = matches!(landed.transpose()?, Some(Landing::Refused));
             let next = next?;
+            let landed = match landed.transpose() {
+                Ok(landed) => landed,
+                Err(error) => {
+                    match next {
+                        Next::Nothing => {}
+                        Next::Flying(flight, _) => flights.push_back(flight),
+                        Next::Alone(batch, _) => abandon(batch).await,
+                    }
+                    return Err(error);
+                }
+            };
+            let refused = matches!(landed, Some(Landing::Refused));
             if refused {
-                self.after_refusal(link, &mut flights).await?;
+                self.after_refusal(link, flights).await?;
             }
             more = false;
             match next {
@@ -132,7 +172,7 @@ impl<DB: Backend> Relay<DB> {
                     more = taken == usize::from(self.batch_size);
                     flights.push_back(next);
                     if refused {
-                        self.after_refusal(link, &mut flights).await?;
+                        self.after_refusal(link, flights).await?;
                     }
                 }
                 Next::Alone(batch, taken) => {
@@ -140,8 +180,13 @@ impl<DB: Backend> Relay<DB> {
                     // What is in flight lands first: a refusal among this batch's publishes
                     // closes the channel under any publish still waiting for its confirm.
                     while let Some(flight) = flights.pop_front() {
-                        if let Landing::Refused = self.land(link, flight).await? {
-                            self.after_refusal(link, &mut flights).await?;
+                        match self.land(link, flight).await {
+                            Ok(Landing::Done) => {}
+                            Ok(Landing::Refused) => self.after_refusal(link, flights).await?,
+                            Err(error) => {
+                                abandon(batch).await;
+                                return Err(error);
+                            }
                         }
                     }
                     self.publish_alone(link, batch).await?;
@@ -173,11 +218,11 @@ impl<DB: Backend> Relay<DB> {
     /// Takes the next batch and, when it can go out whole beside a batch in flight (PostgreSQL,
     /// every exchange known, no big body), publishes it without waiting for the confirms.
     async fn take_and_send(&self, link: &Link) -> Result<Next<DB>, RoundError> {
-        let Turn::Take { lease_session } = self.lease().await? else {
+        let Turn::Take { partitions } = self.lease().await? else {
             return Ok(Next::Nothing);
         };
         let batch: OutboxBatch<DB> =
-            DB::outbox_take(&self.pool, i64::from(self.batch_size), lease_session)
+            DB::outbox_take(&self.pool, i64::from(self.batch_size), partitions)
                 .await
                 .map_err(RoundError::Database)?;
         let taken = batch.rows.len();
@@ -276,21 +321,23 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    /// Whether this relay publishes now. PostgreSQL: while its publish lease's session holds
-    /// the lock (no query: the keeper's last word, and the take checks the session again), or
-    /// always when the outbox is shared. SQLite: one relay at a time; the others stand by
-    /// until its lease lapses (a relay killed mid-round is replaced within the lease time).
+    /// Whether this relay publishes now, and what. PostgreSQL: the partitions its publish
+    /// lease holds and does not give back (no query: the keeper's last word; the take checks
+    /// the session again), or everything when the outbox is shared. SQLite: one relay at a
+    /// time; the others stand by until its lease lapses (a relay killed mid-round is replaced
+    /// within the lease time).
     async fn lease(&self) -> Result<Turn, RoundError> {
         // Read before any await: the slot's guard is not held across one.
-        let publish_lease = self.publish_lease().as_ref().map(PublishLease::session);
+        let claimed = self.publish_lease().as_ref().map(|lease| {
+            crate::telemetry::relay_partitions(lease.partitions());
+            lease.claim()
+        });
         let turn = if self.share_outbox {
-            Turn::Take {
-                lease_session: None,
-            }
-        } else if let Some(session) = publish_lease {
-            match session {
-                Some(session) => Turn::Take {
-                    lease_session: Some(session),
+            Turn::Take { partitions: None }
+        } else if let Some(claimed) = claimed {
+            match claimed {
+                Some(partitions) => Turn::Take {
+                    partitions: Some(partitions),
                 },
                 None => Turn::StandBy,
             }
@@ -300,9 +347,7 @@ impl<DB: Backend> Relay<DB> {
                 .await
                 .map_err(RoundError::Database)?;
             if leased {
-                Turn::Take {
-                    lease_session: None,
-                }
+                Turn::Take { partitions: None }
             } else {
                 Turn::StandBy
             }
@@ -311,9 +356,9 @@ impl<DB: Backend> Relay<DB> {
         crate::telemetry::relay_publishing(taking);
         if self.standing_by.swap(!taking, Ordering::Relaxed) == taking {
             if taking {
-                tracing::info!("relay took over the outbox lease");
+                tracing::info!("relay publishing its share of the outbox");
             } else {
-                tracing::warn!("another relay is publishing this outbox; standing by to take over");
+                tracing::warn!("other relays are publishing this outbox; standing by to take over");
             }
         }
         Ok(turn)

@@ -11,7 +11,7 @@
 use crate::delivery::Metadata;
 use crate::error::Error;
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{OutboxBatch, PublishLease, Settled};
+use crate::outbox::relay::{LeasedPartitions, OutboxBatch, PublishLease, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -227,17 +227,18 @@ mod store {
 
         /// Takes up to `limit` unpublished, unparked rows that are due, oldest first, leaving out
         /// every row that has an earlier row of the same destination (exchange and routing key)
-        /// backing off after a failed publish: per-destination order. With `lease_session`
-        /// (PostgreSQL, [`PublishLease::session`]) nothing is taken unless that session still
-        /// holds the publish lease, checked in the same statement.
+        /// backing off after a failed publish: per-destination order. With `partitions`
+        /// (PostgreSQL, [`PublishLease::claim`]) only rows of those partitions, and nothing
+        /// unless the lease's session is alive, checked in the same statement; the batch holds
+        /// them until it is settled.
         async fn outbox_take(
             pool: &Pool<Self>,
             limit: i64,
-            lease_session: Option<i32>,
+            partitions: Option<LeasedPartitions>,
         ) -> Result<OutboxBatch<Self>, sqlx::Error>;
 
-        /// PostgreSQL: starts the task that holds, or keeps trying for, the right to publish
-        /// this outbox alone ([`PublishLease`]). `None` where the relay leases with
+        /// PostgreSQL: starts the task that holds, or keeps trying for, this relay's share of
+        /// the outbox's partitions ([`PublishLease`]). `None` where the relay leases with
         /// [`Store::outbox_lease`] (SQLite).
         fn outbox_publish_lease(pool: &Pool<Self>) -> Option<PublishLease>;
 

@@ -9,7 +9,10 @@ use super::{Backend, BatchClaim, Claim, Store, TxState, Unit};
 use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{OutboxBatch, PublishLease, Settled};
+use crate::outbox::relay::{
+    partitions_of, rebalance, LeaseState, LeasedPartitions, OutboxBatch, PublishLease, Settled,
+    PARTITIONS, PARTITION_OF_ROW,
+};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -22,8 +25,11 @@ const CONSUMER_PURGE_LOCK: i32 = 493_140_225;
 /// The advisory lock of the outbox purge (one outbox per database), with 0 as the second key.
 const OUTBOX_PURGE_LOCK: i32 = 493_140_226;
 
-/// The advisory lock of the outbox's publish lease ([`PublishLease`]), with 0 as the second
-/// key; in `pg_locks` it shows as `classid` = this, `objid` = 0, `objsubid` = 2.
+/// The advisory locks of the outbox's publish lease ([`PublishLease`]): with 0 as the second
+/// key, shared, every relay's membership; with `1 + p`, exclusive, partition `p`. In
+/// `pg_locks` they show as `classid` = this, `objid` = the second key, `objsubid` = 2. (A relay
+/// of an earlier version took (this, 0) exclusively to publish the whole outbox alone: the two
+/// never publish at once, whichever came first publishes.)
 const OUTBOX_PUBLISH_LOCK: i32 = 493_140_227;
 
 /// One batch of a consumer's purge (`delete`, binding the consumer, the age in milliseconds
@@ -415,30 +421,42 @@ impl Store for sqlx::Postgres {
     /// every failing row, or, written as a scalar subquery, estimates it high enough to JIT-compile
     /// the query on every round.) Rows held back are still walked past by the scan of
     /// `idem_outbox_due`. A row locked by another relay is skipped, not waited for: across relays
-    /// sharing the outbox order is not kept; with the publish lease only one relay takes.
+    /// sharing the outbox order is not kept; with the publish lease one relay takes each partition.
     ///
-    /// `lease_session`: the take finds nothing unless that backend, which holds the publish
-    /// lease, is still alive — a holder whose lease session was lost (terminated, or the
-    /// database restarted) stops taking at once, not when its keeper next checks. Alive is
-    /// enough: a session lock lives as long as its session, and the keeper never unlocks.
+    /// `partitions` ([`PublishLease::claim`]): only rows of those partitions, and nothing
+    /// unless the backend holding the lease's locks is still alive — a relay whose lease
+    /// session was lost (terminated, or the database restarted) stops taking at once, not when
+    /// its keeper next checks. Alive is enough: a session lock lives as long as its session,
+    /// and the keeper unlocks a partition only once no batch holds it.
     /// (`pg_stat_get_activity(pid)` reads the backends' status; `pg_locks` was measured at a
     /// quarter of a millisecond per take, every backend's locks copied. The price: a backend
-    /// that exits releases its locks a moment before its status goes, so for microseconds a
-    /// stand-by could hold the lease while this check still passes — one take's worth of a
-    /// destination's order at risk, once per terminated session; never a row twice, which the
+    /// that exits releases its locks a moment before its status goes, so for microseconds
+    /// another relay could hold a partition while this check still passes — one take's worth of
+    /// a destination's order at risk, once per terminated session; never a row twice, which the
     /// row locks rule out.)
     async fn outbox_take(
         pool: &Pool<Self>,
         limit: i64,
-        lease_session: Option<i32>,
+        partitions: Option<LeasedPartitions>,
     ) -> Result<OutboxBatch<Self>, sqlx::Error> {
         let mut tx = pool.begin().await?;
-        let leased = if lease_session.is_some() {
-            "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))"
-        } else {
-            ""
+        let leased = match &partitions {
+            None => String::new(),
+            Some(held) if held.all() => {
+                "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))".into()
+            }
+            Some(_) => format!(
+                "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))
+                 AND {PARTITION_OF_ROW} = ANY($3)"
+            ),
         };
-        // Only idem's own column list is written into the statement.
+        let (session, mask) = partitions
+            .as_ref()
+            .map_or((0, 0), |held| (held.session(), held.mask()));
+        let owned: Vec<i32> = partitions_of(mask)
+            .filter_map(|p| i32::try_from(p).ok())
+            .collect();
+        // Only idem's own column list and conditions are written into the statement.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH held AS MATERIALIZED (
                  SELECT exchange, routing_key, min(id) AS first FROM idem_outbox
@@ -454,7 +472,8 @@ impl Store for sqlx::Postgres {
              ORDER BY id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
         )))
         .bind(limit)
-        .bind(lease_session.unwrap_or(0))
+        .bind(session)
+        .bind(owned)
         .fetch_all(&mut *tx)
         .await?;
         let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
@@ -462,6 +481,7 @@ impl Store for sqlx::Postgres {
             rows,
             locks: Some(tx),
             pool: pool.clone(),
+            partitions,
         })
     }
 
@@ -469,9 +489,16 @@ impl Store for sqlx::Postgres {
         batch: OutboxBatch<Self>,
         settled: &[Settled],
     ) -> Result<(), sqlx::Error> {
-        let mut tx = match batch.locks {
+        // The partitions go once the transaction has ended, after the rows' locks.
+        let OutboxBatch {
+            locks,
+            pool,
+            partitions,
+            ..
+        } = batch;
+        let mut tx = match locks {
             Some(tx) => tx,
-            None => batch.pool.begin().await?,
+            None => pool.begin().await?,
         };
         let published: Vec<i64> = settled
             .iter()
@@ -509,7 +536,9 @@ impl Store for sqlx::Postgres {
             };
             failed.execute(&mut *tx).await?;
         }
-        tx.commit().await
+        let committed = tx.commit().await;
+        drop(partitions);
+        committed
     }
 
     /// One batch in one transaction under an advisory lock on the outbox: several relays may
@@ -629,29 +658,34 @@ impl Store for sqlx::Postgres {
     }
 
     /// A task keeps a connection of its own (not the pool's: a session lock must not go back
-    /// to the pool with it) and on it tries `pg_try_advisory_lock` every
-    /// [`PublishLease::CHECK_EVERY`] until it gets it, then checks the session as often. A
-    /// session lost or unanswered for 5 s is dropped (the lock goes with it once PostgreSQL
-    /// sees the connection closed) and a new one tries again.
+    /// to the pool with it) and on it keeps this relay's share of the outbox's partitions
+    /// ([`keep_partitions`]). A session lost or unanswered for 5 s is dropped (its locks go
+    /// with it once PostgreSQL sees the connection closed) and a new one starts over.
     fn outbox_publish_lease(pool: &Pool<Self>) -> Option<PublishLease> {
-        let (held, receiver) = tokio::sync::watch::channel(None);
+        let shared = std::sync::Arc::new(LeaseState::default());
+        let (changes, receiver) = tokio::sync::watch::channel(());
         let options = pool.connect_options();
+        let state = std::sync::Arc::clone(&shared);
         tokio::spawn(async move {
             let keep = async {
                 loop {
-                    let lost = hold_publish_lease(&options, &held).await;
-                    held.send_replace(None);
+                    let lost = keep_partitions(&options, &state, &changes).await;
+                    state.lost();
+                    changes.send_replace(());
                     tracing::debug!(error = %lost, "outbox publish lease session lost; reconnecting");
                     tokio::time::sleep(PublishLease::CHECK_EVERY).await;
                 }
             };
-            // The relay dropped its lease: the connection closes and the lock goes with it.
+            // The relay dropped its lease: the connection closes and the locks go with it.
             tokio::select! {
-                () = held.closed() => {}
+                () = changes.closed() => {}
                 () = keep => {}
             }
         });
-        Some(PublishLease { held: receiver })
+        Some(PublishLease {
+            shared,
+            changes: receiver,
+        })
     }
 
     async fn outbox_lease(
@@ -663,15 +697,20 @@ impl Store for sqlx::Postgres {
     }
 }
 
-/// One session of the publish lease: connects, then tries for the lock or checks the session
-/// every [`PublishLease::CHECK_EVERY`], with `Some(pid)` sent while the lock is held. Returns
-/// why the session ended.
-async fn hold_publish_lease(
+/// One session of the publish lease: connects, joins the outbox's members (a shared lock), then
+/// every [`PublishLease::CHECK_EVERY`] — every 50 ms while a partition it should hold is being
+/// given back by another member, at once when a batch of a partition it gives back settles —
+/// unlocks what it gives back and no batch holds, looks at which member holds what, and takes
+/// or gives back partitions towards its fair share ([`rebalance`]). Returns why the session
+/// ended.
+async fn keep_partitions(
     options: &sqlx::postgres::PgConnectOptions,
-    held: &tokio::sync::watch::Sender<Option<i32>>,
+    state: &LeaseState,
+    changes: &tokio::sync::watch::Sender<()>,
 ) -> String {
-    use sqlx::{ConnectOptions, Connection};
+    use sqlx::ConnectOptions;
     const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+    const SOON: Duration = Duration::from_millis(50);
     let session = async {
         let mut conn = tokio::time::timeout(ANSWER_WITHIN, options.connect())
             .await
@@ -681,32 +720,27 @@ async fn hold_publish_lease(
             .fetch_one(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
+        let mut member = false;
         loop {
-            let checked = if held.borrow().is_some() {
-                tokio::time::timeout(ANSWER_WITHIN, conn.ping())
-                    .await
-                    .map(|pinged| pinged.map(|()| true))
-            } else {
-                tokio::time::timeout(
-                    ANSWER_WITHIN,
-                    sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, 0)")
-                        .bind(OUTBOX_PUBLISH_LOCK)
-                        .fetch_one(&mut conn),
-                )
-                .await
-            };
-            match checked {
-                Err(_) => return Err("the session did not answer within 5 s".to_string()),
-                Ok(Err(error)) => return Err(error.to_string()),
-                Ok(Ok(true)) => {
-                    if held.borrow().is_none() {
-                        tracing::info!(session = pid, "relay holds the outbox publish lease");
-                        held.send_replace(Some(pid));
-                    }
-                }
-                Ok(Ok(false)) => {}
+            let looked = tokio::time::timeout(
+                ANSWER_WITHIN,
+                look_after(&mut conn, pid, &mut member, state),
+            )
+            .await
+            .map_err(|_| "the session did not answer within 5 s".to_string())?
+            .map_err(|e| e.to_string())?;
+            if looked.changed {
+                changes.send_replace(());
             }
-            tokio::time::sleep(PublishLease::CHECK_EVERY).await;
+            let next = if looked.soon {
+                SOON
+            } else {
+                PublishLease::CHECK_EVERY
+            };
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = state.settled.notified() => {}
+            }
         }
     };
     let ended: Result<std::convert::Infallible, String> = session.await;
@@ -714,4 +748,123 @@ async fn hold_publish_lease(
         Err(why) => why,
         Ok(never) => match never {},
     }
+}
+
+/// What one look of the keeper found.
+struct Looked {
+    /// The partitions held changed.
+    changed: bool,
+    /// A partition this relay should hold is being given back: look again soon.
+    soon: bool,
+}
+
+/// One look of the keeper ([`keep_partitions`]) on its session `pid`.
+async fn look_after(
+    conn: &mut sqlx::PgConnection,
+    pid: i32,
+    member: &mut bool,
+    state: &LeaseState,
+) -> Result<Looked, sqlx::Error> {
+    let mut changed = false;
+    if !*member {
+        *member = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1, 0)")
+            .bind(OUTBOX_PUBLISH_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !*member {
+            // An earlier relay version publishes the whole outbox alone: stand by.
+            return Ok(Looked {
+                changed,
+                soon: false,
+            });
+        }
+        state.joined(pid);
+        changed = true;
+    }
+    let releasable = state.releasable();
+    if releasable != 0 {
+        let keys: Vec<i32> = lock_keys(releasable);
+        sqlx::query("SELECT pg_advisory_unlock($1, p) FROM unnest($2::int4[]) AS p")
+            .bind(OUTBOX_PUBLISH_LOCK)
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await?;
+        state.released(releasable);
+        changed = true;
+    }
+    let held: Vec<(i32, i32)> = sqlx::query_as(
+        "SELECT objid::int4, pid FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND classid::int4 = $1 AND objsubid = 2
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(OUTBOX_PUBLISH_LOCK)
+    .fetch_all(&mut *conn)
+    .await?;
+    let members = held.iter().filter(|(key, _)| *key == 0).count();
+    let mut elsewhere = 0u32;
+    let mut per_member: std::collections::HashMap<i32, u32> = std::collections::HashMap::new();
+    for (key, holder) in &held {
+        let Some(p) = key.checked_sub(1).and_then(|p| u32::try_from(p).ok()) else {
+            continue;
+        };
+        if *holder != pid && p < PARTITIONS {
+            elsewhere |= 1 << p;
+            *per_member.entry(*holder).or_default() += 1;
+        }
+    }
+    let members = u32::try_from(members).unwrap_or(u32::MAX).max(1);
+    let now = state.snapshot();
+    let plan = rebalance(now.owned, now.releasing, elsewhere, members);
+    if plan.give_back != 0 || plan.keep != 0 {
+        state.rebalance(plan.give_back, plan.keep);
+        changed = true;
+    }
+    let mut acquired = 0u32;
+    if plan.want > 0 && plan.free != 0 {
+        // Starting at a place of its own, so that members joining together try different ones.
+        let start = pid.unsigned_abs() % PARTITIONS;
+        for p in (0..PARTITIONS).map(|i| (start + i) % PARTITIONS) {
+            if acquired.count_ones() == plan.want {
+                break;
+            }
+            if plan.free & (1 << p) == 0 {
+                continue;
+            }
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(OUTBOX_PUBLISH_LOCK)
+                .bind(lock_keys(1 << p)[0])
+                .fetch_one(&mut *conn)
+                .await?;
+            if got {
+                acquired |= 1 << p;
+            }
+        }
+        if acquired != 0 {
+            state.acquired(acquired);
+            changed = true;
+        }
+    }
+    if changed {
+        tracing::info!(
+            session = pid,
+            partitions = state.snapshot().owned.count_ones(),
+            of = PARTITIONS,
+            members,
+            "relay's share of the outbox partitions changed"
+        );
+    }
+    let share = PARTITIONS.div_ceil(members);
+    let short = plan.want > acquired.count_ones();
+    let someone_over = per_member.values().any(|&n| n > share);
+    Ok(Looked {
+        changed,
+        soon: short && someone_over,
+    })
+}
+
+/// The advisory lock keys of a mask of partitions: `1 + p` (0 is the membership).
+fn lock_keys(partitions: u32) -> Vec<i32> {
+    partitions_of(partitions)
+        .filter_map(|p| i32::try_from(p + 1).ok())
+        .collect()
 }

@@ -9,7 +9,7 @@ use super::{Backend, BatchClaim, Claim, Store, TxState, Unit};
 use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{OutboxBatch, PublishLease, Settled};
+use crate::outbox::relay::{LeasedPartitions, OutboxBatch, PublishLease, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -366,7 +366,7 @@ impl Store for sqlx::Sqlite {
     async fn outbox_take(
         pool: &Pool<Self>,
         limit: i64,
-        _lease_session: Option<i32>,
+        _partitions: Option<LeasedPartitions>,
     ) -> Result<OutboxBatch<Self>, sqlx::Error> {
         // Only idem's own column list is written into the statement.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -388,6 +388,7 @@ impl Store for sqlx::Sqlite {
             rows,
             locks: None,
             pool: pool.clone(),
+            partitions: None,
         })
     }
 

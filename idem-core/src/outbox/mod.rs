@@ -37,6 +37,8 @@ use uuid::Uuid;
 #[doc(hidden)]
 pub mod relay;
 
+pub use relay::PARTITIONS;
+
 /// The UUIDv5 namespace of idem's outbox message ids.
 pub const NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_2b55_9a0c_4e7e_8d3a_3c1b_71e0_5a42);
 
