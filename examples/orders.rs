@@ -31,7 +31,8 @@
 //! consumes or publishes to: a consumer its own, a relay the ones its messages go to
 //! (`RelayBuilder::declare_queue`). Every long-running command stops on one SIGTERM / SIGINT
 //! (`Shutdown::on_signals`), the demo's relay and both consumers together. Relays: run as many as you like (the payments process runs
-//! one): one publishes at a time and the others stand by (a lease); on SQLite the lease of a
+//! one): on PostgreSQL they divide the outbox's partitions, each destination published by one
+//! of them in order; on SQLite one publishes and the others stand by (a lease), and the lease of a
 //! relay that died lapses only after 10 s, so with `orders relay` on SQLite run payments with
 //! `IDEM_RELAY=off`.
 //!

@@ -4,6 +4,7 @@
 //! relays join, leave, die or lose their lease session, and while rows keep coming.
 
 use super::*;
+use common::proxy::{upstream_of, Proxy};
 use idem::outbox::PARTITIONS;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -264,6 +265,79 @@ async fn partitions_move_between_relays_under_load_without_reordering_or_repeati
         "a row was published twice"
     );
     assert_each_destination_in_order(&connection, &queues, rounds).await;
+}
+
+/// A relay that loses its broker gives its partitions back while it reconnects: the other relay
+/// publishes every destination meanwhile (what the first had taken and not yet published
+/// included), and the first gets its share back once the broker is reachable again. Every
+/// destination in order, each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cut_off_from_the_broker_gives_its_partitions_back_until_it_is_back() {
+    let pool = own_outbox::<Postgres>().await;
+    <Postgres as TestDb>::create_effects(&pool).await;
+    let connection = connection().await;
+    let queues = one_queue_per_partition(&pool, "cutoff").await;
+    for queue in &queues {
+        declare_queue(&connection, queue).await;
+    }
+    let proxy = Proxy::start(upstream_of(&amqp_url())).await;
+    let cut_off = {
+        let relay = Arc::new(relay(&pool));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (serving, url) = (Arc::clone(&relay), proxy.url(&amqp_url()));
+        let task = tokio::spawn(async move {
+            serving
+                .serve(&url, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        RunningRelay { relay, stop, task }
+    };
+    until_holding(&[&cut_off.relay], &[32]).await;
+    let other = start_relay(relay(&pool));
+    until_holding(&[&cut_off.relay, &other.relay], &[16, 16]).await;
+    let published = |a: &RunningRelay<Postgres>, b: &RunningRelay<Postgres>| {
+        a.relay.stats().published + b.relay.stats().published
+    };
+    for amount in 0..5 {
+        place_round(&pool, &queues, amount).await;
+    }
+    eventually("both halves are published", || {
+        let n = published(&cut_off, &other);
+        async move { n == 160 }
+    })
+    .await;
+
+    proxy.cut();
+    for amount in 5..10 {
+        place_round(&pool, &queues, amount).await;
+    }
+    eventually("the other relay publishes every destination", || {
+        let n = published(&cut_off, &other);
+        async move { n == 320 }
+    })
+    .await;
+    assert_eq!(other.relay.partitions(), Some(32));
+
+    proxy.restore();
+    until_holding(&[&cut_off.relay, &other.relay], &[16, 16]).await;
+    for amount in 10..15 {
+        place_round(&pool, &queues, amount).await;
+    }
+    eventually("both publish again", || {
+        let n = published(&cut_off, &other);
+        async move { n == 480 }
+    })
+    .await;
+    let (a, b) = (cut_off.stop().await, other.stop().await);
+    assert!(a.reconnects >= 1, "{a:?}");
+    assert!(
+        b.published > 240,
+        "the other relay did not take over: {b:?}"
+    );
+    assert_each_destination_in_order(&connection, &queues, 15).await;
 }
 
 /// A relay of an earlier idem version published an outbox alone by holding the lease's lock

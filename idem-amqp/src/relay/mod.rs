@@ -4,11 +4,12 @@
 //! At-least-once by construction: a relay that dies after the confirm and before the mark
 //! publishes the row again on its next run, with the same message id, and the consumer's ledger
 //! deduplicates it. Under normal operation nothing is published twice: on PostgreSQL a batch is
-//! taken with `FOR UPDATE SKIP LOCKED` and its locks are held until it is settled; one relay
-//! of an outbox holds the publish lease (a session advisory lock) and the others stand by, so
-//! a destination's rows reach the broker in order (`RelayBuilder::share_outbox` lets them all
-//! publish, each row once, order between them lost); on SQLite one relay holds a lease
-//! (`idem_relay_lease`, renewed every round) and any other stands by until it lapses.
+//! taken with `FOR UPDATE SKIP LOCKED` and its locks are held until it is settled; the relays of
+//! an outbox divide its partitions (the publish lease: session advisory locks) and each takes
+//! rows of its own partitions only, so a destination, which always falls in one partition,
+//! reaches the broker in order while they all publish (`RelayBuilder::share_outbox` lets any
+//! relay take any row, each row once, order between them lost); on SQLite one relay holds a
+//! lease (`idem_relay_lease`, renewed every round) and any other stands by until it lapses.
 //!
 //! Before it publishes, on every connection, it declares the queues, exchanges and bindings it
 //! was given ([`RelayBuilder::declare_queue`], `declare_exchange`, `bind_queue`): a service's
@@ -194,18 +195,21 @@ impl<DB: Backend> RelayBuilder<DB> {
         self
     }
 
-    /// PostgreSQL: lets every relay of this outbox publish at once (default `false`: one
-    /// publishes, the others stand by).
+    /// PostgreSQL: lets every relay of this outbox take any row (default `false`: each takes
+    /// rows of its share of the outbox's partitions only).
     ///
-    /// By default the relays of one outbox hold a publish lease (a session advisory lock on a
-    /// connection of their own): one publishes, each other stands by and takes over within
-    /// half a second of the holder's session ending — a relay killed, stopped or cut off from
-    /// the database. That keeps every destination's rows in id order at the broker. Shared,
-    /// `FOR UPDATE SKIP LOCKED` still hands each row to one relay, but relay B can publish a
-    /// destination's later rows while relay A's earlier ones wait for their confirms: order
-    /// between them is lost. Share only an outbox whose consumers do not depend on order, and
-    /// only where one relay cannot keep up (measured here, two relays on one 2-core machine
-    /// published no more than one: the broker and the database are the limit).
+    /// By default the relays of one outbox share a publish lease: the outbox has
+    /// [`PARTITIONS`](idem_core::outbox::PARTITIONS) partitions, a destination (exchange and
+    /// routing key) always falls in the same one, and each relay holds its fair share of them
+    /// (session advisory locks on a connection of its own). They all publish, each destination
+    /// by one relay at a time, so every destination's rows reach the broker in id order. A
+    /// relay joining gets its share as the others give partitions back — each once no batch of
+    /// it is unsettled —, and the partitions of a relay killed, stopped or cut off from the
+    /// database are taken by the others within half a second. Shared, `FOR UPDATE SKIP LOCKED`
+    /// still hands each row to one relay, but relay B can publish a destination's later rows
+    /// while relay A's earlier ones wait for their confirms: order between them is lost. Share
+    /// only an outbox whose consumers do not depend on order and whose rows go to a few
+    /// destinations (one destination is one relay's work by default).
     ///
     /// SQLite cannot share (no row locks): `build` refuses it there.
     pub fn share_outbox(mut self, share: bool) -> Self {
@@ -268,11 +272,11 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// Publishes the outbox: due rows in id order, with publisher confirms, each marked published
 /// only after the broker confirmed it. At-least-once — a relay killed between the confirm and
 /// the mark publishes the row again, with the same message id, and the next consumer's ledger
-/// absorbs it. Several relays on one outbox: one publishes and the others stand by, ready to
-/// take over (on PostgreSQL a session advisory lock, handed over within half a second of the
-/// holder's session ending; on SQLite a lease row that lapses after 10 s); on PostgreSQL
-/// [`RelayBuilder::share_outbox`] lets them all publish (`FOR UPDATE SKIP LOCKED`: each row
-/// once, a destination's order between relays lost).
+/// absorbs it. Several relays on one PostgreSQL outbox divide its partitions and publish at
+/// once, each destination by one relay at a time and in order, and take over the partitions of
+/// a relay whose session ends within half a second ([`RelayBuilder::share_outbox`] lets any
+/// relay take any row: each row once, a destination's order between relays lost); on SQLite
+/// one relay publishes and the others stand by (a lease row that lapses after 10 s).
 ///
 /// On PostgreSQL the rounds are pipelined: while one batch's confirms come in and its rows are
 /// marked (one statement for all the confirmed ones), the next batch is taken and published
@@ -387,11 +391,8 @@ impl<DB: Backend> Relay<DB> {
         amqp_url: &str,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        if !self.share_outbox {
-            *self.publish_lease() = DB::outbox_publish_lease(&self.pool);
-        }
         // Returned or dropped (a task aborted), `serve` hands the publish lease over: its
-        // session closes and a stand-by takes it.
+        // session closes and the other relays take its partitions.
         let _hand_over = HandOver(&self.publish_lease);
         let serving = self.serve_until(amqp_url, shutdown);
         let keeper = self.keep_outbox();
@@ -406,8 +407,8 @@ impl<DB: Backend> Relay<DB> {
 
     /// PostgreSQL, unless the outbox is shared: how many of the outbox's
     /// [`PARTITIONS`](idem_core::outbox::PARTITIONS) this relay publishes now (0: it
-    /// stands by). `None` on SQLite, with [`RelayBuilder::share_outbox`], or while it does not
-    /// serve.
+    /// stands by). `None` on SQLite, with [`RelayBuilder::share_outbox`], while it does not
+    /// serve, and while it reconnects to the broker (it gives its partitions back meanwhile).
     pub fn partitions(&self) -> Option<u32> {
         self.publish_lease().as_ref().map(PublishLease::partitions)
     }
@@ -447,6 +448,7 @@ impl<DB: Backend> Relay<DB> {
                 }
                 Ok(()) => match Link::open(connection, timeout).await {
                     Ok(mut link) => {
+                        self.join_outbox();
                         let lost = self
                             .relay_on(&mut link, &mut wakeups, &mut shutdown, &mut pace)
                             .await;
@@ -454,6 +456,7 @@ impl<DB: Backend> Relay<DB> {
                             self.stop(link).await;
                             return Ok(());
                         };
+                        self.leave_outbox().await;
                         link.close("relay reconnecting").await;
                         error
                     }
@@ -526,6 +529,31 @@ impl<DB: Backend> Relay<DB> {
                 () = lease_changed => {}
             }
         }
+    }
+
+    /// With a broker to publish to: holds a share of the outbox's partitions (PostgreSQL,
+    /// unless shared).
+    fn join_outbox(&self) {
+        if !self.share_outbox {
+            let mut lease = self.publish_lease();
+            if lease.is_none() {
+                *lease = DB::outbox_publish_lease(&self.pool);
+            }
+        }
+    }
+
+    /// The broker lost: gives the outbox back while reconnecting — the partitions (PostgreSQL)
+    /// or the lease (SQLite) — so that relays that can publish take them within half a second
+    /// rather than its destinations waiting for this one's broker. Joins again once connected.
+    async fn leave_outbox(&self) {
+        let held = self.publish_lease().take().map(|lease| lease.partitions());
+        if let Some(partitions) = held.filter(|&n| n > 0) {
+            tracing::info!(
+                partitions,
+                "relay gives its outbox partitions back while it reconnects"
+            );
+        }
+        self.release_lease().await;
     }
 
     /// [`crate::connect::reconnect`], counted.
