@@ -205,7 +205,15 @@ async fn store<DB: Backend>(report: &mut Report, pool: &Pool<DB>, options: &Opti
                 ),
                 None => String::new(),
             };
-            let detail = format!("{} pending{waited}, {parked} parked", status.pending);
+            let relays = match status.relays.len() {
+                0 => "no relay running".to_string(),
+                1 => "1 relay".to_string(),
+                n => format!("{n} relays"),
+            };
+            let detail = format!(
+                "{} pending{waited}, {parked} parked, {relays}",
+                status.pending
+            );
             if parked > 0 {
                 report.attention("outbox", format!("{detail}: `idem outbox status`"));
             } else if Duration::from_secs(oldest) > options.outbox_max_age {

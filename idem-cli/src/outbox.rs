@@ -30,6 +30,16 @@ pub(crate) struct Status {
     pub pending: u64,
     pub oldest_pending_seconds: Option<u64>,
     pub parked: Vec<Parked>,
+    pub relays: Vec<Relay>,
+    /// PostgreSQL: pending messages in partitions no relay holds.
+    pub unheld: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Relay {
+    pub relay: String,
+    /// PostgreSQL: partitions of the outbox it publishes (0: standing by).
+    pub partitions: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,7 +67,32 @@ pub(crate) async fn status<DB: Backend>(pool: &Pool<DB>) -> anyhow::Result<Statu
                 last_error: p.last_error,
             })
             .collect(),
+        relays: status
+            .relays
+            .into_iter()
+            .map(|r| Relay {
+                relay: r.relay,
+                partitions: r.partitions,
+            })
+            .collect(),
+        unheld: status.unheld,
     })
+}
+
+/// The relays in one line: how many, and who publishes how much.
+pub(crate) fn relays_line(status: &Status) -> String {
+    if status.relays.is_empty() {
+        return "relays: none running".into();
+    }
+    let each: Vec<String> = status
+        .relays
+        .iter()
+        .map(|r| match r.partitions {
+            Some(n) => format!("{} ({n}/{} partitions)", r.relay, idem::outbox::PARTITIONS),
+            None => format!("{} (holds the lease)", r.relay),
+        })
+        .collect();
+    format!("relays: {} — {}", status.relays.len(), each.join(", "))
 }
 
 pub(crate) async fn run(global: &Global, command: Command) -> anyhow::Result<Verdict> {
@@ -88,6 +123,14 @@ async fn run_on<DB: Backend>(
                 output::duration(std::time::Duration::from_secs(s))
             });
             println!("pending: {} (oldest waiting {oldest})", status.pending);
+            println!("{}", relays_line(&status));
+            if let Some(unheld) = status.unheld.filter(|&n| n > 0) {
+                println!(
+                    "{unheld} of them wait in partitions no relay holds: start a relay (every \
+                     instance of the service runs one), or see why the relays cannot reach the \
+                     broker (their logs)"
+                );
+            }
             let parked: u64 = status.parked.iter().map(|p| p.rows).sum();
             println!("parked: {parked}");
             if !status.parked.is_empty() {

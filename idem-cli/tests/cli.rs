@@ -9,7 +9,8 @@
 //! - The ledger: stats per consumer, a key's record (which message applied it), a purge that
 //!   is a dry run first, refuses a horizon under 8 days, then deletes in batches only what is
 //!   old.
-//! - The outbox: parked messages per destination with the broker's last error; retry.
+//! - The outbox: parked messages per destination with the broker's last error; retry; the relays
+//!   publishing it (PostgreSQL: partitions each) and what waits where no relay publishes.
 //! - Topology and doctor: a queue declared with other arguments is named with the argument;
 //!   doctor passes on a healthy service (exit 0) and fails the deploy (exit 1) on dead letters,
 //!   parked messages or a wrong database path.
@@ -646,6 +647,89 @@ async fn parked_outbox_messages_are_shown_by_destination_and_sent_again<DB: Oper
     assert!(retried["retried"].as_u64().unwrap() >= 3);
     assert_eq!(DB::parked_rows(&story.pool, &exchange).await, 0);
     story.end().await;
+}
+
+/// `idem outbox status` on PostgreSQL names the relays of the outbox and how many of its
+/// partitions each publishes, and counts the messages waiting where no relay publishes: none
+/// while a relay runs, the one written after it stopped once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_status_names_the_relays_and_what_no_relay_publishes() {
+    use idem::Backend;
+    let url = fresh_pg_database(&format!("cli_relays_{}", Uuid::new_v4().simple())).await;
+    let pool = Postgres::connect(&url, 4).await.unwrap();
+    Postgres::migrate(&pool).await.unwrap();
+    let relay = Arc::new(idem::amqp::Relay::builder(pool.clone()).build().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = {
+        let relay = Arc::clone(&relay);
+        tokio::spawn(async move {
+            relay
+                .serve(&amqp_url(), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        })
+    };
+    let running = Arc::clone(&relay);
+    eventually("the relay holds every partition", || {
+        let held = running.partitions();
+        async move { held == Some(idem::outbox::PARTITIONS) }
+    })
+    .await;
+    let status = idem(&url, &["outbox", "status", "--json"])
+        .await
+        .succeeded()
+        .json();
+    let relays = status["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 1, "{status}");
+    assert_eq!(relays[0]["partitions"], 32, "{status}");
+    assert!(
+        relays[0]["relay"].as_str().unwrap().contains("pid "),
+        "{status}"
+    );
+    assert_eq!(status["unheld"], 0, "{status}");
+    let table = idem(&url, &["outbox", "status"]).await.succeeded();
+    assert!(
+        table.stdout.contains("relays: 1") && table.stdout.contains("(32/32 partitions)"),
+        "{table:?}"
+    );
+
+    // The relay stops; a message is written after it: nothing publishes it, and it says so.
+    stop.send(()).unwrap();
+    serving.await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let transfer = Transfer {
+        id: Uuid::new_v4(),
+        account: "acct-cli".into(),
+        amount: 1,
+        fail: false,
+    };
+    let message = idem::outbox::Outgoing::json(&transfer, Uuid::new_v4())
+        .unwrap()
+        .route(idem::outbox::Route::queue(fresh_queue("cli-unheld")));
+    idem::outbox::enqueue::<Postgres>(&mut tx, &message)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let status = idem(&url, &["outbox", "status", "--json"])
+        .await
+        .succeeded()
+        .json();
+    assert_eq!(status["relays"].as_array().unwrap().len(), 0, "{status}");
+    assert_eq!(
+        (status["pending"].as_u64(), status["unheld"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let table = idem(&url, &["outbox", "status"]).await.succeeded();
+    assert!(
+        table.stdout.contains("relays: none running")
+            && table
+                .stdout
+                .contains("1 of them wait in partitions no relay holds"),
+        "{table:?}"
+    );
+    pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

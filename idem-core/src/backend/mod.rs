@@ -180,6 +180,12 @@ mod store {
             pool: &Pool<Self>,
         ) -> Result<Vec<crate::outbox::ParkedDestination>, sqlx::Error>;
 
+        /// The relays of the outbox now, and (PostgreSQL) the messages waiting in partitions none
+        /// of them holds.
+        async fn outbox_relays(
+            pool: &Pool<Self>,
+        ) -> Result<(Vec<crate::outbox::RelaySession>, Option<u64>), sqlx::Error>;
+
         /// Makes every parked row due again with its attempts reset; returns how many.
         async fn outbox_unpark_all(pool: &Pool<Self>) -> Result<u64, sqlx::Error>;
 

@@ -367,6 +367,47 @@ impl Store for sqlx::Postgres {
             .collect())
     }
 
+    /// From `pg_locks` (the publish lease's locks of this database) and `pg_stat_activity`
+    /// (where each session connects from).
+    async fn outbox_relays(
+        pool: &Pool<Self>,
+    ) -> Result<(Vec<crate::outbox::RelaySession>, Option<u64>), sqlx::Error> {
+        let sessions: Vec<(i32, Option<String>, i64, Vec<i32>)> = sqlx::query_as(
+            "SELECT l.pid, host(a.client_addr) || ':' || a.client_port,
+                    count(*) FILTER (WHERE l.objid::int8 > 0),
+                    coalesce(array_agg(l.objid::int4 - 1) FILTER (WHERE l.objid::int8 > 0), '{}')
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int4 = $1
+             AND l.objsubid = 2
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             GROUP BY l.pid, a.client_addr, a.client_port ORDER BY l.pid",
+        )
+        .bind(OUTBOX_PUBLISH_LOCK)
+        .fetch_all(pool)
+        .await?;
+        let held: Vec<i32> = sessions
+            .iter()
+            .flat_map(|(_, _, _, held)| held.iter().copied())
+            .collect();
+        // Only idem's own expression is written into the statement.
+        let unheld: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM idem_outbox o
+             WHERE published_at IS NULL AND parked_at IS NULL
+             AND NOT ({PARTITION_OF_ROW} = ANY($1))"
+        )))
+        .bind(&held)
+        .fetch_one(pool)
+        .await?;
+        let relays = sessions
+            .into_iter()
+            .map(|(pid, client, partitions, _)| crate::outbox::RelaySession {
+                relay: format!("{} pid {pid}", client.as_deref().unwrap_or("local")),
+                partitions: Some(u32::try_from(partitions).unwrap_or(0)),
+            })
+            .collect();
+        Ok((relays, Some(u64::try_from(unheld).unwrap_or(0))))
+    }
+
     async fn outbox_unpark_all(pool: &Pool<Self>) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(
             "UPDATE idem_outbox SET parked_at = NULL, attempts = 0, next_attempt_at = now()

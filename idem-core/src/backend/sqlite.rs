@@ -319,6 +319,26 @@ impl Store for sqlx::Sqlite {
             .collect())
     }
 
+    /// The holder of the relay lease, while it is current.
+    async fn outbox_relays(
+        pool: &Pool<Self>,
+    ) -> Result<(Vec<crate::outbox::RelaySession>, Option<u64>), sqlx::Error> {
+        let holders: Vec<String> = sqlx::query_scalar(
+            "SELECT holder FROM idem_relay_lease WHERE id = 1 AND expires_ms >= $1",
+        )
+        .bind(crate::backoff::unix_millis())
+        .fetch_all(pool)
+        .await?;
+        let relays = holders
+            .into_iter()
+            .map(|relay| crate::outbox::RelaySession {
+                relay,
+                partitions: None,
+            })
+            .collect();
+        Ok((relays, None))
+    }
+
     async fn outbox_unpark_all(pool: &Pool<Self>) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(
             "UPDATE idem_outbox SET parked_ms = NULL, attempts = 0, next_attempt_ms = $1

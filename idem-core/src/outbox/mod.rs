@@ -306,15 +306,36 @@ pub struct OutboxStatus {
     pub oldest_pending: Option<std::time::Duration>,
     /// Parked messages by destination ([`parked`]).
     pub parked: Vec<ParkedDestination>,
+    /// The relays of this outbox now: on PostgreSQL every relay's lease session (those standing
+    /// by included), on SQLite the holder of the relay lease while it is current.
+    pub relays: Vec<RelaySession>,
+    /// PostgreSQL: messages waiting in partitions no relay holds — nothing publishes them until
+    /// a relay runs, or gets its share. `None` on SQLite.
+    pub unheld: Option<u64>,
 }
 
-/// The backlog, its age, and the parked messages by destination with the broker's last word on
-/// each: what an operator reads when the relay falls behind.
+/// A relay of this outbox, as the database sees it: [`status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelaySession {
+    /// Which relay: on PostgreSQL where its lease session connects from and its backend pid
+    /// (`10.0.0.5:51234 pid 4242`), on SQLite the lease holder's name (`<process id>-<random>`).
+    pub relay: String,
+    /// PostgreSQL: how many of the outbox's [`PARTITIONS`] it publishes (0: it stands by).
+    /// `None` on SQLite, where one relay publishes the whole outbox.
+    pub partitions: Option<u32>,
+}
+
+/// The backlog, its age, the parked messages by destination with the broker's last word on
+/// each, and the relays publishing: what an operator reads when the relay falls behind.
 pub async fn status<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<OutboxStatus, sqlx::Error> {
+    let (relays, unheld) = DB::outbox_relays(pool).await?;
     Ok(OutboxStatus {
         pending: u64::try_from(pending(pool).await?).unwrap_or(0),
         oldest_pending: oldest_pending(pool).await?,
         parked: DB::outbox_parked_by_destination(pool).await?,
+        relays,
+        unheld,
     })
 }
 
