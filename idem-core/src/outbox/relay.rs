@@ -122,6 +122,7 @@ pub(crate) struct Ownership {
     in_flight: [u32; PARTITIONS as usize],
 }
 
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))] // the keeper is PostgreSQL's
 impl Ownership {
     /// Partitions with a batch taken and not yet settled.
     fn busy(&self) -> u32 {
@@ -133,6 +134,7 @@ impl Ownership {
     }
 }
 
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))] // the keeper is PostgreSQL's
 impl LeaseState {
     /// The ownership, whoever panicked while holding it (every change to it is one assignment).
     pub(crate) fn ownership(&self) -> std::sync::MutexGuard<'_, Ownership> {
@@ -188,6 +190,7 @@ impl LeaseState {
 
 /// What a keeper does after looking at which partitions every member holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))] // the keeper is PostgreSQL's
 pub(crate) struct Rebalance {
     /// Owned partitions to give back (above the fair share).
     pub(crate) give_back: u32,
@@ -202,6 +205,7 @@ pub(crate) struct Rebalance {
 /// The fair share of `members` relays: [`PARTITIONS`] divided among them, rounded up, so that
 /// every partition has a taker; what a relay holding `owned` (of which `releasing` are being
 /// given back) does when `elsewhere` are held by the other members.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))] // the keeper is PostgreSQL's
 pub(crate) fn rebalance(owned: u32, releasing: u32, elsewhere: u32, members: u32) -> Rebalance {
     let share = PARTITIONS.div_ceil(members.max(1));
     let kept = owned & !releasing;
