@@ -94,13 +94,18 @@ struct RunningRelay<DB: Backend> {
 }
 
 fn start_relay<DB: Backend>(relay: Relay<DB>) -> RunningRelay<DB> {
+    start_relay_on(relay, amqp_url())
+}
+
+/// [`start_relay`] on the broker at `url` (through a proxy a test can cut, say).
+fn start_relay_on<DB: Backend>(relay: Relay<DB>, url: String) -> RunningRelay<DB> {
     let relay = Arc::new(relay);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = {
         let relay = Arc::clone(&relay);
         tokio::spawn(async move {
             relay
-                .serve(&amqp_url(), async {
+                .serve(&url, async {
                     let _ = stopped.await;
                 })
                 .await

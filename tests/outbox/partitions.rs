@@ -102,6 +102,22 @@ fn amounts(received: &[Received]) -> Vec<i64> {
         .collect()
 }
 
+/// `first` alone with every partition, then a second relay beside it: 16 partitions each.
+async fn two_relays(
+    pool: &sqlx::PgPool,
+    first: RunningRelay<Postgres>,
+) -> (RunningRelay<Postgres>, RunningRelay<Postgres>) {
+    until_holding(&[&first.relay], &[32]).await;
+    let second = start_relay(relay(pool));
+    until_holding(&[&first.relay, &second.relay], &[16, 16]).await;
+    (first, second)
+}
+
+/// Rows the two relays published.
+fn published(a: &RunningRelay<Postgres>, b: &RunningRelay<Postgres>) -> u64 {
+    a.relay.stats().published + b.relay.stats().published
+}
+
 fn relay(pool: &sqlx::PgPool) -> Relay<Postgres> {
     Relay::builder(pool.clone())
         .batch_size(20)
@@ -125,13 +141,7 @@ async fn two_relays_divide_the_partitions_keep_each_destination_in_order_and_tak
     for queue in &queues {
         declare_queue(&connection, queue).await;
     }
-    let first = start_relay(relay(&pool));
-    until_holding(&[&first.relay], &[32]).await;
-    let second = start_relay(relay(&pool));
-    until_holding(&[&first.relay, &second.relay], &[16, 16]).await;
-    let published = |a: &RunningRelay<Postgres>, b: &RunningRelay<Postgres>| {
-        a.relay.stats().published + b.relay.stats().published
-    };
+    let (first, second) = two_relays(&pool, start_relay(relay(&pool))).await;
 
     // A burst: both publish, each its half of the destinations.
     for amount in 0..10 {
@@ -281,26 +291,8 @@ async fn a_relay_cut_off_from_the_broker_gives_its_partitions_back_until_it_is_b
         declare_queue(&connection, queue).await;
     }
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
-    let cut_off = {
-        let relay = Arc::new(relay(&pool));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (serving, url) = (Arc::clone(&relay), proxy.url(&amqp_url()));
-        let task = tokio::spawn(async move {
-            serving
-                .serve(&url, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        RunningRelay { relay, stop, task }
-    };
-    until_holding(&[&cut_off.relay], &[32]).await;
-    let other = start_relay(relay(&pool));
-    until_holding(&[&cut_off.relay, &other.relay], &[16, 16]).await;
-    let published = |a: &RunningRelay<Postgres>, b: &RunningRelay<Postgres>| {
-        a.relay.stats().published + b.relay.stats().published
-    };
+    let (cut_off, other) =
+        two_relays(&pool, start_relay_on(relay(&pool), proxy.url(&amqp_url()))).await;
     for amount in 0..5 {
         place_round(&pool, &queues, amount).await;
     }
