@@ -37,6 +37,18 @@ async fn one_queue_per_partition(pool: &sqlx::PgPool, story: &str) -> Vec<String
     names
 }
 
+/// An outbox of its own and, declared, one queue per partition of it.
+async fn outbox_with_a_queue_per_partition(story: &str) -> (sqlx::PgPool, Connection, Vec<String>) {
+    let pool = own_outbox::<Postgres>().await;
+    <Postgres as TestDb>::create_effects(&pool).await;
+    let connection = connection().await;
+    let queues = one_queue_per_partition(&pool, story).await;
+    for queue in &queues {
+        declare_queue(&connection, queue).await;
+    }
+    (pool, connection, queues)
+}
+
 /// Every relay session of this database's outbox: its backend pid and how many partitions it
 /// holds.
 async fn lease_sessions(pool: &sqlx::PgPool) -> BTreeMap<i32, i64> {
@@ -134,13 +146,7 @@ fn relay(pool: &sqlx::PgPool) -> Relay<Postgres> {
 /// once, at every step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_divide_the_partitions_keep_each_destination_in_order_and_take_over() {
-    let pool = own_outbox::<Postgres>().await;
-    <Postgres as TestDb>::create_effects(&pool).await;
-    let connection = connection().await;
-    let queues = one_queue_per_partition(&pool, "parts").await;
-    for queue in &queues {
-        declare_queue(&connection, queue).await;
-    }
+    let (pool, connection, queues) = outbox_with_a_queue_per_partition("parts").await;
     let (first, second) = two_relays(&pool, start_relay(relay(&pool))).await;
 
     // A burst: both publish, each its half of the destinations.
@@ -207,13 +213,7 @@ async fn two_relays_divide_the_partitions_keep_each_destination_in_order_and_tak
 /// next holder publish later rows first, or publish a row twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_move_between_relays_under_load_without_reordering_or_repeating() {
-    let pool = own_outbox::<Postgres>().await;
-    <Postgres as TestDb>::create_effects(&pool).await;
-    let connection = connection().await;
-    let queues = one_queue_per_partition(&pool, "moves").await;
-    for queue in &queues {
-        declare_queue(&connection, queue).await;
-    }
+    let (pool, connection, queues) = outbox_with_a_queue_per_partition("moves").await;
     let first = start_relay(relay(&pool));
     until_holding(&[&first.relay], &[32]).await;
 
@@ -283,13 +283,7 @@ async fn partitions_move_between_relays_under_load_without_reordering_or_repeati
 /// destination in order, each row once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_cut_off_from_the_broker_gives_its_partitions_back_until_it_is_back() {
-    let pool = own_outbox::<Postgres>().await;
-    <Postgres as TestDb>::create_effects(&pool).await;
-    let connection = connection().await;
-    let queues = one_queue_per_partition(&pool, "cutoff").await;
-    for queue in &queues {
-        declare_queue(&connection, queue).await;
-    }
+    let (pool, connection, queues) = outbox_with_a_queue_per_partition("cutoff").await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let (cut_off, other) =
         two_relays(&pool, start_relay_on(relay(&pool), proxy.url(&amqp_url()))).await;
