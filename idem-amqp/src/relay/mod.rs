@@ -553,6 +553,10 @@ impl<DB: Backend> Relay<DB> {
                 "relay gives its outbox partitions back while it reconnects"
             );
         }
+        if held.is_some() {
+            crate::telemetry::relay_partitions(0);
+        }
+        crate::telemetry::relay_publishing(false);
         self.release_lease().await;
     }
 
