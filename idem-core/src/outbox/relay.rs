@@ -84,6 +84,9 @@ pub const PARTITIONS: u32 = 32;
 /// (the server computes it), fixed for a destination.
 pub const PARTITION_OF_ROW: &str = "(hashtext(o.exchange || '/' || o.routing_key) & 31)";
 
+// The SQL masks with `& 31`, the masks here are `u32`: both hold for 32 partitions only.
+const _: () = assert!(PARTITIONS == 32, "PARTITION_OF_ROW masks with & 31");
+
 /// All partitions, as a mask (bit `p` = partition `p`).
 const ALL: u32 = u32::MAX >> (32 - PARTITIONS);
 
