@@ -326,6 +326,49 @@ async fn a_relay_cut_off_from_the_broker_gives_its_partitions_back_until_it_is_b
     assert_each_destination_in_order(&connection, &queues, 15).await;
 }
 
+/// A relay that dies with a batch in flight leaves its rows locked until the server sees its
+/// connection close; a relay taking its partitions over in that moment must not skip those rows
+/// and publish the destination's later rows first. Here a session holds a destination's first
+/// rows locked, as the dead relay's open transaction would: the relay publishes nothing until
+/// that session lets go, then every row, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_locked_by_a_relay_going_away_are_waited_for_not_skipped() {
+    let pool = own_outbox::<Postgres>().await;
+    <Postgres as TestDb>::create_effects(&pool).await;
+    let connection = connection().await;
+    let downstream = fresh_queue("going-away");
+    declare_queue(&connection, &downstream).await;
+    for amount in 0..10 {
+        place(&pool, &downstream, Uuid::new_v4(), amount).await;
+    }
+    let mut going_away = pool.begin().await.unwrap();
+    let locked: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM idem_outbox ORDER BY id LIMIT 3 FOR UPDATE")
+            .fetch_all(&mut *going_away)
+            .await
+            .unwrap();
+    assert_eq!(locked.len(), 3);
+    let relay = start_relay(relay(&pool));
+    until_holding(&[&relay.relay], &[32]).await;
+    // Past the take's second of retries and into the relay's backoff.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        relay.relay.stats().published,
+        0,
+        "the destination's later rows went before its locked first ones"
+    );
+    going_away.rollback().await.unwrap();
+    relay
+        .until("every row goes once the lock is gone", |s| {
+            s.published == 10
+        })
+        .await;
+    relay.stop().await;
+    let received = drain(&connection, &downstream).await;
+    assert_eq!(amounts(&received), (0..10).collect::<Vec<_>>());
+    delete_queue(&connection, &downstream).await;
+}
+
 /// A relay of an earlier idem version published an outbox alone by holding the lease's lock
 /// exclusively: while one does (here, a session holding that lock), a relay of this version
 /// stands by rather than publish beside it, and publishes once it is gone.

@@ -502,7 +502,19 @@ impl<DB: Backend> Relay<DB> {
                 Err(RoundError::Broker(error)) => return Some(error),
                 Err(RoundError::Database(error)) => {
                     let retry_in = DATABASE_BACKOFF.delay(pace.database_failures);
-                    tracing::warn!(%error, ?retry_in, "relay cannot reach the outbox");
+                    let locked = matches!(&error, sqlx::Error::Database(e)
+                        if e.code().as_deref() == Some("55P03"));
+                    if locked {
+                        tracing::warn!(
+                            %error,
+                            ?retry_in,
+                            "a row of this relay's outbox partitions is locked by another \
+                             session (a relay going away, or an open transaction): waiting \
+                             for it, to keep its destination in order"
+                        );
+                    } else {
+                        tracing::warn!(%error, ?retry_in, "relay cannot reach the outbox");
+                    }
                     tokio::select! {
                         () = shutdown.as_mut() => return None,
                         () = tokio::time::sleep(retry_in) => {}

@@ -128,9 +128,19 @@ impl<DB: Backend> Relay<DB> {
         let mut more = true;
         while more || !flights.is_empty() {
             let shared: &Link = link;
+            // Every batch not yet settled, the one about to land included: the take leaves
+            // their rows out (and waits for any other row of its partitions that is locked).
+            let in_flight = flights
+                .iter()
+                .flat_map(|flight| [flight.batch.rows.first(), flight.batch.rows.last()])
+                .flatten()
+                .map(|row| row.id)
+                .fold(None, |span: Option<(i64, i64)>, id| {
+                    Some(span.map_or((id, id), |(lo, hi)| (lo.min(id), hi.max(id))))
+                });
             let take_next = async {
                 if more {
-                    self.take_and_send(shared).await
+                    self.take_and_send(shared, in_flight).await
                 } else {
                     Ok(Next::Nothing)
                 }
@@ -217,14 +227,22 @@ impl<DB: Backend> Relay<DB> {
 
     /// Takes the next batch and, when it can go out whole beside a batch in flight (PostgreSQL,
     /// every exchange known, no big body), publishes it without waiting for the confirms.
-    async fn take_and_send(&self, link: &Link) -> Result<Next<DB>, RoundError> {
+    async fn take_and_send(
+        &self,
+        link: &Link,
+        in_flight: Option<(i64, i64)>,
+    ) -> Result<Next<DB>, RoundError> {
         let Turn::Take { partitions } = self.lease().await? else {
             return Ok(Next::Nothing);
         };
-        let batch: OutboxBatch<DB> =
-            DB::outbox_take(&self.pool, i64::from(self.batch_size), partitions)
-                .await
-                .map_err(RoundError::Database)?;
+        let batch: OutboxBatch<DB> = DB::outbox_take(
+            &self.pool,
+            i64::from(self.batch_size),
+            partitions,
+            in_flight,
+        )
+        .await
+        .map_err(RoundError::Database)?;
         let taken = batch.rows.len();
         if taken == 0 {
             DB::outbox_settle(batch, &[])

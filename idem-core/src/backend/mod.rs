@@ -236,11 +236,14 @@ mod store {
         /// backing off after a failed publish: per-destination order. With `partitions`
         /// (PostgreSQL, [`PublishLease::claim`]) only rows of those partitions, and nothing
         /// unless the lease's session is alive, checked in the same statement; the batch holds
-        /// them until it is settled.
+        /// them until it is settled. `in_flight`: the lowest and highest row id of this relay's
+        /// batches not yet settled, left out of the take (with `partitions`, a row of them
+        /// locked by anyone else is waited for, not skipped).
         async fn outbox_take(
             pool: &Pool<Self>,
             limit: i64,
             partitions: Option<LeasedPartitions>,
+            in_flight: Option<(i64, i64)>,
         ) -> Result<OutboxBatch<Self>, sqlx::Error>;
 
         /// PostgreSQL: starts the task that holds, or keeps trying for, this relay's share of

@@ -461,8 +461,16 @@ impl Store for sqlx::Postgres {
     /// correlated `NOT EXISTS` was measured worse here: PostgreSQL runs it as a nested loop over
     /// every failing row, or, written as a scalar subquery, estimates it high enough to JIT-compile
     /// the query on every round.) Rows held back are still walked past by the scan of
-    /// `idem_outbox_due`. A row locked by another relay is skipped, not waited for: across relays
-    /// sharing the outbox order is not kept; with the publish lease one relay takes each partition.
+    /// `idem_outbox_due`. Shared (no `partitions`), a row locked by another relay is skipped,
+    /// not waited for (`SKIP LOCKED`): across relays sharing the outbox order is not kept.
+    ///
+    /// With the publish lease a partition is one relay's, so a row of it locked by another
+    /// session is one that must go first: a batch of a relay that died holding this partition,
+    /// its transaction not yet ended (the server has not yet seen its connection close), or an
+    /// operator's statement. Skipping it would publish its destination's later rows before it;
+    /// so this relay's own batches in flight are left out by id (`in_flight`) and any other
+    /// locked row stops the take (`NOWAIT`), tried again every 20 ms for a second, then
+    /// reported (the relay backs off and logs it).
     ///
     /// `partitions` ([`PublishLease::claim`]): only rows of those partitions, and nothing
     /// unless the backend holding the lease's locks is still alive — a relay whose lease
@@ -479,18 +487,27 @@ impl Store for sqlx::Postgres {
         pool: &Pool<Self>,
         limit: i64,
         partitions: Option<LeasedPartitions>,
+        in_flight: Option<(i64, i64)>,
     ) -> Result<OutboxBatch<Self>, sqlx::Error> {
-        let mut tx = pool.begin().await?;
+        const LOCKED_RETRIES: u32 = 50;
         let leased = match &partitions {
             None => String::new(),
-            Some(held) if held.all() => {
-                "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))".into()
-            }
+            Some(held) if held.all() => "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))
+                 AND NOT (o.id BETWEEN $4 AND $5)"
+                .into(),
             Some(_) => format!(
                 "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))
+                 AND NOT (o.id BETWEEN $4 AND $5)
                  AND {PARTITION_OF_ROW} = ANY($3)"
             ),
         };
+        let locking = if partitions.is_some() {
+            "NOWAIT"
+        } else {
+            "SKIP LOCKED"
+        };
+        // Nothing in flight: an empty range.
+        let (lowest, highest) = in_flight.unwrap_or((1, 0));
         let (session, mask) = partitions
             .as_ref()
             .map_or((0, 0), |held| (held.session(), held.mask()));
@@ -498,7 +515,7 @@ impl Store for sqlx::Postgres {
             .filter_map(|p| i32::try_from(p).ok())
             .collect();
         // Only idem's own column list and conditions are written into the statement.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let take = format!(
             "WITH held AS MATERIALIZED (
                  SELECT exchange, routing_key, min(id) AS first FROM idem_outbox
                  WHERE published_at IS NULL AND parked_at IS NULL AND attempts > 0
@@ -510,20 +527,40 @@ impl Store for sqlx::Postgres {
                  SELECT 1 FROM held h
                  WHERE h.exchange = o.exchange AND h.routing_key = o.routing_key AND h.first < o.id)
              {leased}
-             ORDER BY id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
-        )))
-        .bind(limit)
-        .bind(session)
-        .bind(owned)
-        .fetch_all(&mut *tx)
-        .await?;
-        let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
-        Ok(OutboxBatch {
-            rows,
-            locks: Some(tx),
-            pool: pool.clone(),
-            partitions,
-        })
+             ORDER BY id LIMIT $1 FOR UPDATE OF o {locking}"
+        );
+        let mut locked = 0;
+        loop {
+            let mut tx = pool.begin().await?;
+            let taken = sqlx::query(sqlx::AssertSqlSafe(take.as_str()))
+                .bind(limit)
+                .bind(session)
+                .bind(&owned)
+                .bind(lowest)
+                .bind(highest)
+                .fetch_all(&mut *tx)
+                .await;
+            match taken {
+                Ok(rows) => {
+                    let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+                    return Ok(OutboxBatch {
+                        rows,
+                        locks: Some(tx),
+                        pool: pool.clone(),
+                        partitions,
+                    });
+                }
+                Err(sqlx::Error::Database(error))
+                    if error.code().as_deref() == Some("55P03") && locked < LOCKED_RETRIES =>
+                {
+                    // lock_not_available: a row of ours still locked by another session.
+                    tx.rollback().await?;
+                    locked += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     async fn outbox_settle(

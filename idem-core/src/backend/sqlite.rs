@@ -387,6 +387,7 @@ impl Store for sqlx::Sqlite {
         pool: &Pool<Self>,
         limit: i64,
         _partitions: Option<LeasedPartitions>,
+        _in_flight: Option<(i64, i64)>,
     ) -> Result<OutboxBatch<Self>, sqlx::Error> {
         // Only idem's own column list is written into the statement.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
