@@ -292,18 +292,22 @@ async fn a_relay_publishes_to_a_quorum_queue_that_it_declares_as_its_consumer_do
     story.end().await;
 }
 
+/// The story's recording consumer on its queue, as a service builds it (classic queues).
+fn recording_consumer(story: &Story<Postgres>) -> Consumer<Postgres, Recorder<Postgres>> {
+    Consumer::builder(story.pool.clone(), story.recorder())
+        .queue(&story.queue)
+        .retry(story.retry)
+        .build()
+        .unwrap()
+}
+
 /// `AMQP_URL` listing several nodes: the first does not answer (nothing listens there), the
 /// consumer takes the next and works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_several_nodes_a_consumer_connects_to_the_first_that_answers() {
     let story = Story::<Postgres>::begin("failover").await;
-    let consumer = Consumer::builder(story.pool.clone(), story.recorder())
-        .queue(&story.queue)
-        .retry(story.retry)
-        .build()
-        .unwrap();
     let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url());
-    let running = serve_on(consumer, &nodes);
+    let running = serve_on(recording_consumer(&story), &nodes);
     eventually("the consumer is subscribed", || {
         let connection = &story.connection;
         let queue = story.queue.clone();
@@ -336,17 +340,12 @@ async fn a_node_that_accepts_and_never_answers_is_given_up_for_the_next() {
             held.push(socket);
         }
     });
-    let consumer = Consumer::builder(story.pool.clone(), story.recorder())
-        .queue(&story.queue)
-        .retry(story.retry)
-        .build()
-        .unwrap();
     let nodes = format!(
         "amqp://guest:guest@127.0.0.1:{silent_port}/%2f,{}",
         amqp_url()
     );
     let started = std::time::Instant::now();
-    let running = serve_on(consumer, &nodes);
+    let running = serve_on(recording_consumer(&story), &nodes);
     let id = Uuid::new_v4();
     story.declare().await;
     story

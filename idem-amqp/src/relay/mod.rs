@@ -502,9 +502,7 @@ impl<DB: Backend> Relay<DB> {
                 Err(RoundError::Broker(error)) => return Some(error),
                 Err(RoundError::Database(error)) => {
                     let retry_in = DATABASE_BACKOFF.delay(pace.database_failures);
-                    let locked = matches!(&error, sqlx::Error::Database(e)
-                        if e.code().as_deref() == Some("55P03"));
-                    if locked {
+                    if idem_core::outbox::relay::locked_by_another(&error) {
                         tracing::warn!(
                             %error,
                             ?retry_in,

@@ -10,8 +10,8 @@ use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
 use crate::outbox::relay::{
-    partitions_of, rebalance, LeaseState, LeasedPartitions, OutboxBatch, PublishLease, Settled,
-    PARTITIONS, PARTITION_OF_ROW,
+    locked_by_another, partitions_of, rebalance, LeaseState, LeasedPartitions, OutboxBatch,
+    PublishLease, Settled, PARTITIONS, PARTITION_OF_ROW,
 };
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
@@ -550,10 +550,7 @@ impl Store for sqlx::Postgres {
                         partitions,
                     });
                 }
-                Err(sqlx::Error::Database(error))
-                    if error.code().as_deref() == Some("55P03") && locked < LOCKED_RETRIES =>
-                {
-                    // lock_not_available: a row of ours still locked by another session.
+                Err(error) if locked_by_another(&error) && locked < LOCKED_RETRIES => {
                     tx.rollback().await?;
                     locked += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;

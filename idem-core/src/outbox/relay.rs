@@ -74,6 +74,13 @@ impl<DB: sqlx::Database> std::fmt::Debug for OutboxBatch<DB> {
     }
 }
 
+/// Whether a take failed because a row of the relay's own partitions stays locked by another
+/// session (PostgreSQL `lock_not_available`, after the take's second of retries): a relay going
+/// away, or an open transaction on the outbox — waited for, to keep its destination in order.
+pub fn locked_by_another(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03"))
+}
+
 /// Partitions of an outbox on PostgreSQL. A destination's rows (exchange, routing key) all fall in
 /// one ([`PARTITION_OF_ROW`]), and one relay at a time publishes a partition: so several relays
 /// publish one outbox at once and every destination's rows still reach the broker in id order.
