@@ -47,7 +47,7 @@ mod observe;
 mod payments;
 
 use clap::{Parser, Subcommand};
-use idem::amqp::{Consumer, Relay, Shutdown};
+use idem::amqp::{Consumer, Relay, Shutdown, RELAY_POOL_CONNECTIONS};
 use idem::outbox::{self, Outgoing, Route};
 use idem::{Backend, Handler, HandlerError, Postgres, Sqlite, Tx};
 use payments::{
@@ -371,8 +371,8 @@ where
                 None => None,
             };
             let shutdown = Shutdown::on_signals()?;
-            // LISTEN's connection, and one per batch in flight (two on PostgreSQL).
-            let pool = DB::connect(&cli.database_url, 3).await?;
+            // LISTEN's connection, and one per batch in flight (three on PostgreSQL).
+            let pool = DB::connect(&cli.database_url, RELAY_POOL_CONNECTIONS).await?;
             DB::migrate(&pool).await?;
             relay(cli, pool, poll_ms.map(Duration::from_millis))?
                 .serve(&cli.amqp_url, shutdown.requested())
@@ -539,7 +539,7 @@ where
     let started = Instant::now();
     let concurrency = cli.concurrency.unwrap_or(4).min(u32::from(cli.prefetch));
     // Both consumers, the relay, and the demo's own queries.
-    let pool = DB::connect(&cli.database_url, 2 * concurrency + 3).await?;
+    let pool = DB::connect(&cli.database_url, 2 * concurrency + RELAY_POOL_CONNECTIONS).await?;
     DB::migrate(&pool).await?;
     DB::create_tables(&pool).await?;
     DB::create_orders_table(&pool).await?;

@@ -39,7 +39,7 @@ use clap::builder::BoolishValueParser;
 use clap::Parser;
 use idem::amqp::lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use idem::amqp::lapin::{BasicProperties, Connection};
-use idem::amqp::{headers, Consumer, Relay, Shutdown};
+use idem::amqp::{headers, Consumer, Relay, Shutdown, RELAY_POOL_CONNECTIONS};
 use idem::{Backend, Batch, BatchHandler, Handler, Postgres, Sqlite};
 use service::{Capture, PaymentRequested, PaymentsStore};
 use std::collections::{BTreeMap, HashMap};
@@ -178,8 +178,8 @@ async fn serve<DB: PaymentsStore, H: Handler<DB, Message = PaymentRequested>>(
         .concurrency
         .unwrap_or_else(|| 8.min(u32::from(config.prefetch)));
     let relay = config.relay && !config.demo;
-    // The relay holds LISTEN's connection and, on PostgreSQL, one per batch in flight (two).
-    let connections = concurrency + 3 * u32::from(relay);
+    // The relay holds LISTEN's connection and, on PostgreSQL, one per batch in flight.
+    let connections = concurrency + RELAY_POOL_CONNECTIONS * u32::from(relay);
     let pool = DB::connect(&config.database_url, connections)
         .await
         .map_err(|error| format!("{error} (the URL comes from DATABASE_URL or --database-url)"))?;

@@ -7,7 +7,8 @@
 //! service's first run (a type it only publishes, destinations the relay declares, the log
 //! line of an unroutable message) in `outbox/first_run.rs`; the purge of published rows past
 //! the retention in `outbox/retention.rs`; several relays dividing a PostgreSQL outbox's
-//! partitions, each destination in order, in `outbox/partitions.rs`.
+//! partitions, each destination in order, in `outbox/partitions.rs`; what a take beside the
+//! batches in flight must still find in `outbox/pipeline.rs`.
 //!
 //! Over 400 lines on purpose: every outbox story, each on both ledgers, in one file.
 
@@ -39,6 +40,9 @@ mod retention;
 
 #[path = "outbox/partitions.rs"]
 mod partitions;
+
+#[path = "outbox/pipeline.rs"]
+mod pipeline;
 
 on_both_backends!(
     what_a_handler_publishes_goes_out_after_its_commit_and_never_after_a_rollback,

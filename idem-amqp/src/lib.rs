@@ -51,7 +51,7 @@ pub use error::Error;
 pub use health::Health;
 /// The lapin version idem is built on.
 pub use lapin;
-pub use relay::{Relay, RelayBuilder, RelayStats};
+pub use relay::{Relay, RelayBuilder, RelayStats, RELAY_POOL_CONNECTIONS};
 pub use shutdown::Shutdown;
 pub use topology::{
     check_consumer_queues, consumer_queues, dead_letter_queue, declare_consumer_queues,

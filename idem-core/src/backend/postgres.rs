@@ -15,7 +15,8 @@ use crate::outbox::relay::{
 };
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
-use sqlx::Pool;
+use sqlx::{Pool, Row};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// The advisory lock of a consumer's purge (ledger, crash-loop counts), with `hashtext` of the
@@ -220,14 +221,14 @@ impl Store for sqlx::Postgres {
         .bind(&correlation_ids)
         .fetch_all(&mut *conn)
         .await?;
-        let won: std::collections::HashMap<String, i64> = won.into_iter().collect();
+        let won: HashMap<String, i64> = won.into_iter().collect();
         let lost: Vec<&str> = claims
             .iter()
             .map(|c| c.key)
             .filter(|key| !won.contains_key(*key))
             .collect();
-        let stored: std::collections::HashMap<String, Vec<u8>> = if lost.is_empty() {
-            std::collections::HashMap::new()
+        let stored: HashMap<String, Vec<u8>> = if lost.is_empty() {
+            HashMap::new()
         } else {
             sqlx::query_as::<_, (String, Vec<u8>)>(
                 "SELECT key, payload_hash FROM idem_ledger WHERE consumer = $1 AND key = ANY($2)",
@@ -492,12 +493,11 @@ impl Store for sqlx::Postgres {
         const LOCKED_RETRIES: u32 = 50;
         let leased = match &partitions {
             None => String::new(),
-            Some(held) if held.all() => "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))
-                 AND NOT (o.id BETWEEN $4 AND $5)"
-                .into(),
+            Some(held) if held.all() => {
+                "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))".into()
+            }
             Some(_) => format!(
                 "AND EXISTS (SELECT 1 FROM pg_stat_get_activity($2))
-                 AND NOT (o.id BETWEEN $4 AND $5)
                  AND {PARTITION_OF_ROW} = ANY($3)"
             ),
         };
@@ -506,8 +506,6 @@ impl Store for sqlx::Postgres {
         } else {
             "SKIP LOCKED"
         };
-        // Nothing in flight: an empty range.
-        let (lowest, highest) = in_flight.unwrap_or((1, 0));
         let (session, mask) = partitions
             .as_ref()
             .map_or((0, 0), |held| (held.session(), held.mask()));
@@ -515,47 +513,79 @@ impl Store for sqlx::Postgres {
             .filter_map(|p| i32::try_from(p).ok())
             .collect();
         // Only idem's own column list and conditions are written into the statement.
-        let take = format!(
-            "WITH held AS MATERIALIZED (
-                 SELECT exchange, routing_key, min(id) AS first FROM idem_outbox
-                 WHERE published_at IS NULL AND parked_at IS NULL AND attempts > 0
-                 AND next_attempt_at > now()
-                 GROUP BY exchange, routing_key)
-             SELECT {OUTBOX_COLUMNS} FROM idem_outbox o
-             WHERE published_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now()
-             AND NOT EXISTS (
-                 SELECT 1 FROM held h
-                 WHERE h.exchange = o.exchange AND h.routing_key = o.routing_key AND h.first < o.id)
-             {leased}
-             ORDER BY id LIMIT $1 FOR UPDATE OF o {locking}"
-        );
+        let take = |ids: &str| {
+            format!(
+                "WITH held AS MATERIALIZED (
+                     SELECT exchange, routing_key, min(id) AS first FROM idem_outbox
+                     WHERE published_at IS NULL AND parked_at IS NULL AND attempts > 0
+                     AND next_attempt_at > now()
+                     GROUP BY exchange, routing_key)
+                 SELECT {OUTBOX_COLUMNS}, o.ctid::text FROM idem_outbox o
+                 WHERE published_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now()
+                 AND NOT EXISTS (
+                     SELECT 1 FROM held h
+                     WHERE h.exchange = o.exchange AND h.routing_key = o.routing_key
+                     AND h.first < o.id)
+                 {ids} {leased}
+                 ORDER BY id LIMIT $1 FOR UPDATE OF o {locking}"
+            )
+        };
+        // The batches in flight (only with the lease; shared, `SKIP LOCKED` passes them) are
+        // left out by two scans of `idem_outbox_due`, below and above their ids, each bounded
+        // by an index condition: a filter would fetch every row in flight again on each take.
+        let scans: Vec<(String, i64)> = match (&partitions, in_flight) {
+            (Some(_), Some((lowest, highest))) => vec![
+                (take("AND o.id < $4"), lowest),
+                (take("AND o.id > $4"), highest),
+            ],
+            _ => vec![(take(""), 0)],
+        };
         let mut locked = 0;
         loop {
             let mut tx = pool.begin().await?;
-            let taken = sqlx::query(sqlx::AssertSqlSafe(take.as_str()))
-                .bind(limit)
-                .bind(session)
-                .bind(&owned)
-                .bind(lowest)
-                .bind(highest)
-                .fetch_all(&mut *tx)
-                .await;
-            match taken {
-                Ok(rows) => {
-                    let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+            let mut taken = Vec::new();
+            let mut failed = None;
+            for (scan, bound) in &scans {
+                let room = limit - i64::try_from(taken.len()).unwrap_or(limit);
+                if room <= 0 {
+                    break;
+                }
+                match sqlx::query(sqlx::AssertSqlSafe(scan.as_str()))
+                    .bind(room)
+                    .bind(session)
+                    .bind(&owned)
+                    .bind(bound)
+                    .fetch_all(&mut *tx)
+                    .await
+                {
+                    Ok(rows) => taken.extend(rows),
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => {
+                    let rows = taken.iter().map(outbox_row).collect::<Result<_, _>>()?;
+                    let places = taken
+                        .iter()
+                        .map(|row| row.try_get::<String, _>(10))
+                        .collect::<Result<_, _>>()?;
                     return Ok(OutboxBatch {
                         rows,
                         locks: Some(tx),
                         pool: pool.clone(),
                         partitions,
+                        places,
                     });
                 }
-                Err(error) if locked_by_another(&error) && locked < LOCKED_RETRIES => {
+                Some(error) if locked_by_another(&error) && locked < LOCKED_RETRIES => {
                     tx.rollback().await?;
                     locked += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(error) => return Err(error),
+                Some(error) => return Err(error),
             }
         }
     }
@@ -566,15 +596,25 @@ impl Store for sqlx::Postgres {
     ) -> Result<(), sqlx::Error> {
         // The partitions go once the transaction has ended, after the rows' locks.
         let OutboxBatch {
+            rows,
             locks,
             pool,
             partitions,
-            ..
+            places,
         } = batch;
+        let locks_held = locks.is_some();
         let mut tx = match locks {
             Some(tx) => tx,
             None => pool.begin().await?,
         };
+        // Marked where the take found them (a TID scan), rather than each looked up by id:
+        // the rows are still locked by this transaction, so they have not moved. A batch that
+        // lost its transaction has no places (an empty one, from a backend without them).
+        let place_of: HashMap<i64, &str> = rows
+            .iter()
+            .zip(&places)
+            .map(|(row, place)| (row.id, place.as_str()))
+            .collect();
         let published: Vec<i64> = settled
             .iter()
             .filter_map(|s| match s {
@@ -582,11 +622,27 @@ impl Store for sqlx::Postgres {
                 Settled::Failed { .. } | Settled::Parked { .. } => None,
             })
             .collect();
-        if !published.is_empty() {
-            sqlx::query("UPDATE idem_outbox SET published_at = now() WHERE id = ANY($1)")
-                .bind(&published)
+        let places: Option<Vec<&str>> = published
+            .iter()
+            .map(|id| place_of.get(id).copied())
+            .collect();
+        match places {
+            _ if published.is_empty() => {}
+            Some(places) if locks_held => {
+                sqlx::query(
+                    "UPDATE idem_outbox SET published_at = now()
+                     WHERE ctid = ANY($1::tid[]) AND published_at IS NULL",
+                )
+                .bind(&places)
                 .execute(&mut *tx)
                 .await?;
+            }
+            _ => {
+                sqlx::query("UPDATE idem_outbox SET published_at = now() WHERE id = ANY($1)")
+                    .bind(&published)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         for s in settled {
             let failed = match s {
@@ -877,7 +933,7 @@ async fn look_after(
     .await?;
     let members = held.iter().filter(|(key, _)| *key == 0).count();
     let mut elsewhere = 0u32;
-    let mut per_member: std::collections::HashMap<i32, u32> = std::collections::HashMap::new();
+    let mut per_member: HashMap<i32, u32> = HashMap::new();
     for (key, holder) in &held {
         let Some(p) = key.checked_sub(1).and_then(|p| u32::try_from(p).ok()) else {
             continue;

@@ -410,6 +410,7 @@ impl Store for sqlx::Sqlite {
             locks: None,
             pool: pool.clone(),
             partitions: None,
+            places: Vec::new(),
         })
     }
 

@@ -55,6 +55,11 @@ pub struct OutboxBatch<DB: sqlx::Database> {
     /// it is settled (and dropped after its transaction ends).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) partitions: Option<LeasedPartitions>,
+    /// PostgreSQL: where each row is (its `ctid`, as text) in `rows` order, for the settle to
+    /// reach them without looking each up by id. Stable while the batch's transaction holds
+    /// the rows locked: nothing else can update or move them.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) places: Vec<String>,
 }
 
 impl<DB: sqlx::Database> OutboxBatch<DB> {
