@@ -371,7 +371,7 @@ where
                 None => None,
             };
             let shutdown = Shutdown::on_signals()?;
-            // LISTEN's connection, and one per batch in flight (three on PostgreSQL).
+            // LISTEN's connection, and one per batch in flight (two on PostgreSQL).
             let pool = DB::connect(&cli.database_url, RELAY_POOL_CONNECTIONS).await?;
             DB::migrate(&pool).await?;
             relay(cli, pool, poll_ms.map(Duration::from_millis))?

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 /// While the outbox cannot be reached: 0.25 s doubling to 30 s between tries.
 /// Connections a relay holds from its pool at most, on PostgreSQL: `LISTEN idem_outbox`'s, and
-/// one per batch not yet settled (three: see [`Relay`], "Database connections"). Size a pool the
+/// one per batch not yet settled (two: see [`Relay`], "Database connections"). Size a pool the
 /// relay shares with a consumer `concurrency` + this. Its publish lease's session is opened
 /// outside the pool.
 pub const RELAY_POOL_CONNECTIONS: u32 = 1 + round::IN_FLIGHT as u32;
@@ -149,9 +149,9 @@ impl<DB: Backend> RelayBuilder<DB> {
         self
     }
 
-    /// Rows taken and published per round (default 500). On PostgreSQL up to three batches
-    /// are unsettled at once (see [`Relay`]), so up to three times this many messages wait for
-    /// their confirms: 1,500 by default. A
+    /// Rows taken and published per round (default 500). On PostgreSQL two batches are in
+    /// flight at once (see [`Relay`]), so up to twice this many messages wait for their
+    /// confirms: 1,000 by default, the window a plain publisher with confirms would use. A
     /// relay killed mid-flight publishes those again (same message ids). Fewer rows per batch
     /// cost throughput (measured: 100 rows ~0.6× the broker's confirmed-publish rate, 500
     /// ~0.85×).
@@ -304,13 +304,13 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// # Database connections
 ///
 /// The relay draws on the pool it is given. On PostgreSQL it holds up to
-/// [`RELAY_POOL_CONNECTIONS`] (4) of its connections while it serves: one for
+/// [`RELAY_POOL_CONNECTIONS`] (3) of its connections while it serves: one for
 /// `LISTEN idem_outbox` (kept for as long as `serve` runs), and one for each batch's
 /// transaction, which holds the batch's row locks while the batch is taken, published,
-/// confirmed (at most `confirm_timeout`) and marked; with three batches unsettled at once,
-/// three such transactions; the purge beside the rounds borrows one for a short batch now and
-/// then. Give a pool that a consumer shares with the relay its `concurrency` + 4 connections,
-/// or give the relay a pool of its own with 4. Unless the outbox is shared, the relay also
+/// confirmed (at most `confirm_timeout`) and marked; with two batches unsettled at once, two
+/// such transactions; the purge beside the rounds borrows one for a short batch now and then.
+/// Give a pool that a consumer shares with the relay its `concurrency` + 3 connections, or
+/// give the relay a pool of its own with 3. Unless the outbox is shared, the relay also
 /// opens one connection of its own with the pool's settings, outside the pool, for the
 /// publish lease (a session lock must not go back to a pool). With a smaller pool a take waits
 /// for a connection (with 2, the rounds take turns); with 1 the relay does not LISTEN and only

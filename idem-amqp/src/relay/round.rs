@@ -5,11 +5,11 @@
 //!
 //! **Pipelined rounds** (PostgreSQL): a round's confirms take the broker a few milliseconds,
 //! and marking its rows takes the database as long; one after the other, each sits idle half
-//! the time. So while the oldest batch's confirms come in and its rows are marked, the next
-//! batch is taken (its rows locked; the take leaves the unsettled batches' rows out by id) and
-//! published on the same channel, behind the others: at most three batches are unsettled at
-//! once (`IN_FLIGHT`), rows are still marked only after their confirm, and per destination
-//! the broker gets them in id order. A
+//! the time. So while one batch's confirms come in and its rows are marked, the next batch is
+//! taken (its rows locked; the take leaves the unsettled batch's rows out by id) and published
+//! on the same channel, behind it: at most two batches are unsettled at once (`IN_FLIGHT`),
+//! rows are still marked only after their confirm, and per destination the broker gets them in
+//! id order. A
 //! relay killed anywhere in between leaves the unmarked rows due (their locks die with its
 //! transactions) and publishes them again, same message ids, for the next consumer's ledger.
 //! A batch that has a row to publish alone (an exchange that has not answered on this channel,
@@ -26,11 +26,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Batches unsettled at once at most, the one being taken included: each holds its rows' locks
-/// in a transaction (a pool connection) until its confirms are in and its rows marked. With
-/// two, the broker had only the other batch to work on while one was marked and the next
-/// taken; three keep it busy (measured: relay_bench, README "The relay"). Four measured no
-/// faster.
-pub(super) const IN_FLIGHT: usize = 3;
+/// in a transaction (a pool connection) until its confirms are in and its rows marked. Three
+/// measured no faster than two in relay_bench (README "The relay": +16 % in one sitting, none
+/// in two others), so not worth a pool connection more.
+pub(super) const IN_FLIGHT: usize = 2;
 
 /// Why a round of publishing stopped.
 pub(super) enum RoundError {
