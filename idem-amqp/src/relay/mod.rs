@@ -43,13 +43,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// While the outbox cannot be reached: 0.25 s doubling to 30 s between tries.
 /// Connections a relay holds from its pool at most, on PostgreSQL: `LISTEN idem_outbox`'s, and
 /// one per batch not yet settled (two: see [`Relay`], "Database connections"). Size a pool the
 /// relay shares with a consumer `concurrency` + this. Its publish lease's session is opened
 /// outside the pool.
 pub const RELAY_POOL_CONNECTIONS: u32 = 1 + round::IN_FLIGHT as u32;
 
+/// While the outbox cannot be reached: 0.25 s doubling to 30 s between tries.
 const DATABASE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// Counters of what a relay did.
@@ -314,8 +314,7 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// opens one connection of its own with the pool's settings, outside the pool, for the
 /// publish lease (a session lock must not go back to a pool). With a smaller pool a take waits
 /// for a connection (with 2, the rounds take turns); with 1 the relay does not LISTEN and only
-/// polls. On
-/// SQLite it uses one connection at a time.
+/// polls. On SQLite it uses one connection at a time.
 #[derive(Debug)]
 pub struct Relay<DB: Backend> {
     pool: Pool<DB>,

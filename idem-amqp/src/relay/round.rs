@@ -9,9 +9,9 @@
 //! taken (its rows locked; the take leaves the unsettled batch's rows out by id) and published
 //! on the same channel, behind it: at most two batches are unsettled at once (`IN_FLIGHT`),
 //! rows are still marked only after their confirm, and per destination the broker gets them in
-//! id order. A
-//! relay killed anywhere in between leaves the unmarked rows due (their locks die with its
-//! transactions) and publishes them again, same message ids, for the next consumer's ledger.
+//! id order. A relay killed anywhere in between leaves the unmarked rows due (their locks die
+//! with its transactions) and publishes them again, same message ids, for the next consumer's
+//! ledger.
 //! A batch that has a row to publish alone (an exchange that has not answered on this channel,
 //! a big body) waits for the one in flight and goes the one-round-at-a-time way of
 //! [`batch::publish`]; so does every batch on SQLite, whose takes lock nothing.

@@ -608,8 +608,8 @@ impl Store for sqlx::Postgres {
             None => pool.begin().await?,
         };
         // Marked where the take found them (a TID scan), rather than each looked up by id:
-        // the rows are still locked by this transaction, so they have not moved. A batch that
-        // lost its transaction has no places (an empty one, from a backend without them).
+        // the rows are still locked by this transaction, so they have not moved. Without the
+        // take's transaction, or a place for every row, by id.
         let place_of: HashMap<i64, &str> = rows
             .iter()
             .zip(&places)
