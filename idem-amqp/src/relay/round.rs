@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 /// Batches unsettled at once at most, the one being taken included: each holds its rows' locks
 /// in a transaction (a pool connection) until its confirms are in and its rows marked. Three
-/// measured no faster than two in relay_bench (README "The relay": +16 % in one sitting, none
-/// in two others), so not worth a pool connection more.
+/// measured no steadily faster than two in relay_bench (README "The relay": +16 % in one
+/// sitting, +5 % and nothing in two others), so not worth a pool connection more.
 pub(super) const IN_FLIGHT: usize = 2;
 
 /// Why a round of publishing stopped.
