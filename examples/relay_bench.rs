@@ -71,6 +71,10 @@ struct Config {
     /// round prints `relay+purge` and its ratio to the plain relay run.
     #[arg(long, default_value_t = 0)]
     aged_rows: u64,
+    /// Relays with a retention of zero: published rows deleted as they are published rather
+    /// than marked and kept (the default keeps them 7 days).
+    #[arg(long)]
+    retention_zero: bool,
     /// Rows the relay takes per round (the relay's default: 500).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..))]
     batch_size: u16,
@@ -162,13 +166,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let run = &Uuid::new_v4().simple().to_string()[..8];
     println!(
-        "idem relay bench: PostgreSQL, batch {} rows, {} relay(s){}, {} destination(s), {} rounds of {} rows for throughput, {} orders for latency at {:?}/s",
+        "idem relay bench: PostgreSQL, batch {} rows, {} relay(s){}{}, {} destination(s), {} rounds of {} rows for throughput, {} orders for latency at {:?}/s",
         config.batch_size,
         config.relays,
         if config.share_outbox {
             " sharing the outbox"
         } else {
             " (publish lease: partitions)"
+        },
+        if config.retention_zero {
+            ", retention 0 (published rows deleted)"
+        } else {
+            ""
         },
         config.destinations,
         config.rounds,
@@ -319,13 +328,7 @@ async fn relay_backlog(
     sinks: &[String],
 ) -> anyhow::Result<(f64, String)> {
     let relays: Vec<Arc<Relay<Postgres>>> = (0..config.relays)
-        .map(|_| {
-            Relay::builder(pool.clone())
-                .batch_size(config.batch_size)
-                .share_outbox(config.share_outbox)
-                .build()
-                .map(Arc::new)
-        })
+        .map(|_| bench_relay(config, pool).map(Arc::new))
         .collect::<Result<_, _>>()?;
     let running: Vec<_> = relays
         .iter()
@@ -403,6 +406,20 @@ async fn age_published_rows(pool: &sqlx::PgPool, rows: u64) -> anyhow::Result<()
     Ok(())
 }
 
+/// A relay as the bench runs it: `--batch-size`, `--share-outbox`, and with `--retention-zero`
+/// a retention of zero (otherwise the relay's default).
+fn bench_relay(config: &Config, pool: &sqlx::PgPool) -> anyhow::Result<Relay<Postgres>> {
+    let builder = Relay::builder(pool.clone())
+        .batch_size(config.batch_size)
+        .share_outbox(config.share_outbox);
+    let builder = if config.retention_zero {
+        builder.retention(Duration::ZERO)
+    } else {
+        builder
+    };
+    Ok(builder.build()?)
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -422,12 +439,7 @@ async fn latency(
     run: &str,
     rate: u32,
 ) -> anyhow::Result<()> {
-    let relay = Arc::new(
-        Relay::builder(pool.clone())
-            .batch_size(config.batch_size)
-            .share_outbox(config.share_outbox)
-            .build()?,
-    );
+    let relay = Arc::new(bench_relay(config, pool)?);
     let (stop_relay, relay_task) = spawn_relay(&relay, &config.amqp_url);
     let queue = format!("bench-relay-orders-{run}-{rate}");
     let arrived = Arc::new(Mutex::new(HashMap::new()));

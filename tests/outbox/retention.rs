@@ -2,7 +2,8 @@
 //! the rounds, in bounded batches, while the relay goes on publishing; rows still waiting to be
 //! published and parked rows are never deleted, however old; and one relay purges at a time —
 //! on PostgreSQL, where several relays share an outbox, the others leave it alone (and two
-//! relays purging together delete each row once), on SQLite only the lease holder purges.
+//! relays purging together delete each row once), on SQLite only the lease holder purges. With a
+//! retention of zero the relay deletes rows as it publishes them instead of marking them.
 
 use super::*;
 use idem::Sqlite;
@@ -238,4 +239,87 @@ async fn two_relays_purging_one_postgresql_outbox_delete_each_row_once() {
     assert_eq!(a.purged + b.purged, 12_000, "{a:?} {b:?}");
     assert_eq!(<Postgres as AgedOutbox>::left(&pool, "old").await, 0);
     assert_eq!(<Postgres as AgedOutbox>::left(&pool, "recent").await, 30);
+}
+
+/// A retention of zero keeps nothing: the relay deletes the confirmed rows in the statement that
+/// would have marked them — cheaper for the database than a new row version and its index
+/// entries — rather than marking them for the purge to delete a moment later. A trigger
+/// records every mark: none with a retention of zero, one per row with the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_retention_of_zero_published_rows_are_deleted_not_marked() {
+    let pool = own_outbox::<Postgres>().await;
+    for statement in [
+        "CREATE TABLE marks (id BIGINT NOT NULL)",
+        "CREATE FUNCTION record_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO marks VALUES (NEW.id); RETURN NEW; END $$",
+        "CREATE TRIGGER record_mark AFTER UPDATE OF published_at ON idem_outbox
+         FOR EACH ROW WHEN (NEW.published_at IS NOT NULL) EXECUTE FUNCTION record_mark()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let connection = connection().await;
+    let queue = fresh_queue("zero-retention");
+    declare_queue(&connection, &queue).await;
+    let write = |rows: i64| {
+        let (pool, queue) = (pool.clone(), queue.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            for amount in 0..rows {
+                let message = Outgoing::json(
+                    &Forwarded {
+                        id: Uuid::new_v4(),
+                        amount,
+                    },
+                    Uuid::new_v4(),
+                )
+                .unwrap()
+                .route(Route::queue(&queue));
+                outbox::enqueue::<Postgres>(&mut *tx, &message)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    };
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    write(300).await;
+    let relay = start_relay(
+        Relay::builder(pool.clone())
+            .batch_size(50)
+            .retention(Duration::ZERO)
+            .build()
+            .unwrap(),
+    );
+    relay
+        .until("every row is published", |s| s.published == 300)
+        .await;
+    let stats = relay.stop().await;
+    assert_eq!(stats.purged, 300, "deleted rows are counted as purged");
+    assert_eq!(count("SELECT count(*) FROM idem_outbox").await, 0);
+    assert_eq!(
+        count("SELECT count(*) FROM marks").await,
+        0,
+        "a row was marked"
+    );
+    assert_eq!(drain(&connection, &queue).await.len(), 300);
+
+    // The default retention marks (and keeps): the trigger sees those marks.
+    write(10).await;
+    let relay = start_relay(Relay::builder(pool.clone()).build().unwrap());
+    relay
+        .until("the rows are published", |s| s.published == 10)
+        .await;
+    relay.stop().await;
+    assert_eq!(count("SELECT count(*) FROM marks").await, 10);
+    assert_eq!(count("SELECT count(*) FROM idem_outbox").await, 10);
+    delete_queue(&connection, &queue).await;
 }

@@ -19,7 +19,7 @@
 use super::batch::{self, Outcome, Sending};
 use super::link::{Link, Trouble};
 use super::Relay;
-use idem_core::outbox::relay::{LeasedPartitions, OutboxBatch, Settled};
+use idem_core::outbox::relay::{LeasedPartitions, OnPublish, OutboxBatch, Settled};
 use idem_core::Backend;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -78,7 +78,7 @@ enum Next<DB: Backend> {
 /// Gives a batch's rows back unsettled (they stay due): its transaction ends now, its row locks
 /// with it; a database that is gone has ended it already.
 async fn abandon<DB: Backend>(batch: OutboxBatch<DB>) {
-    if let Err(error) = DB::outbox_settle(batch, &[]).await {
+    if let Err(error) = DB::outbox_settle(batch, &[], OnPublish::Mark).await {
         tracing::debug!(%error, "relay could not end an abandoned batch's transaction");
     }
 }
@@ -247,7 +247,7 @@ impl<DB: Backend> Relay<DB> {
         .map_err(RoundError::Database)?;
         let taken = batch.rows.len();
         if taken == 0 {
-            DB::outbox_settle(batch, &[])
+            DB::outbox_settle(batch, &[], OnPublish::Mark)
                 .await
                 .map_err(RoundError::Database)?;
             return Ok(Next::Nothing);
@@ -309,17 +309,27 @@ impl<DB: Backend> Relay<DB> {
     }
 
     /// Marks what became of a batch's rows (one statement for all the published ones) and
-    /// counts it.
+    /// counts it. With a retention of zero the published rows are deleted in that statement
+    /// (and counted as purged) rather than marked for the purge to delete a moment later.
     async fn settle(&self, batch: OutboxBatch<DB>, settled: &[Settled]) -> Result<(), RoundError> {
-        DB::outbox_settle(batch, settled)
+        let on_publish = if self.retention.is_zero() {
+            OnPublish::Delete
+        } else {
+            OnPublish::Mark
+        };
+        DB::outbox_settle(batch, settled, on_publish)
             .await
             .map_err(RoundError::Database)?;
-        self.count(settled);
+        let published = self.count(settled);
+        if on_publish == OnPublish::Delete && published > 0 {
+            self.counters.purged.fetch_add(published, Ordering::Relaxed);
+            crate::telemetry::outbox_purged(published);
+        }
         Ok(())
     }
 
-    /// Adds a settled batch to the counters.
-    fn count(&self, settled: &[Settled]) {
+    /// Adds a settled batch to the counters; how many rows it published.
+    fn count(&self, settled: &[Settled]) -> u64 {
         let (mut published, mut failed, mut parked) = (0, 0, 0);
         for s in settled {
             match s {
@@ -339,6 +349,7 @@ impl<DB: Backend> Relay<DB> {
         if published > 0 {
             tracing::debug!(published, failed, parked, "outbox batch published");
         }
+        published
     }
 
     /// Whether this relay publishes now, and what. PostgreSQL: the partitions its publish

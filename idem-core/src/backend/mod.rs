@@ -11,7 +11,7 @@
 use crate::delivery::Metadata;
 use crate::error::Error;
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{LeasedPartitions, OutboxBatch, PublishLease, Settled};
+use crate::outbox::relay::{LeasedPartitions, OnPublish, OutboxBatch, PublishLease, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -251,11 +251,12 @@ mod store {
         /// [`Store::outbox_lease`] (SQLite).
         fn outbox_publish_lease(pool: &Pool<Self>) -> Option<PublishLease>;
 
-        /// Marks what the broker confirmed as published, schedules failed rows for another try
-        /// and parks those out of attempts.
+        /// Marks what the broker confirmed as published (or deletes it: [`OnPublish`]),
+        /// schedules failed rows for another try and parks those out of attempts.
         async fn outbox_settle(
             batch: OutboxBatch<Self>,
             settled: &[Settled],
+            on_publish: OnPublish,
         ) -> Result<(), sqlx::Error>;
 
         /// Deletes up to `batch` rows published more than `older_than` ago, oldest first, unless

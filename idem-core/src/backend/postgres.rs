@@ -10,8 +10,8 @@ use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
 use crate::outbox::relay::{
-    locked_by_another, partitions_of, rebalance, LeaseState, LeasedPartitions, OutboxBatch,
-    PublishLease, Settled, PARTITIONS, PARTITION_OF_ROW,
+    locked_by_another, partitions_of, rebalance, LeaseState, LeasedPartitions, OnPublish,
+    OutboxBatch, PublishLease, Settled, PARTITIONS, PARTITION_OF_ROW,
 };
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
@@ -593,6 +593,7 @@ impl Store for sqlx::Postgres {
     async fn outbox_settle(
         batch: OutboxBatch<Self>,
         settled: &[Settled],
+        on_publish: OnPublish,
     ) -> Result<(), sqlx::Error> {
         // The partitions go once the transaction has ended, after the rows' locks.
         let OutboxBatch {
@@ -626,22 +627,27 @@ impl Store for sqlx::Postgres {
             .iter()
             .map(|id| place_of.get(id).copied())
             .collect();
+        let settle = match on_publish {
+            OnPublish::Mark => "UPDATE idem_outbox SET published_at = now()",
+            OnPublish::Delete => "DELETE FROM idem_outbox",
+        };
         match places {
             _ if published.is_empty() => {}
             Some(places) if locks_held => {
-                sqlx::query(
-                    "UPDATE idem_outbox SET published_at = now()
-                     WHERE ctid = ANY($1::tid[]) AND published_at IS NULL",
-                )
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{settle} WHERE ctid = ANY($1::tid[]) AND published_at IS NULL"
+                )))
                 .bind(&places)
                 .execute(&mut *tx)
                 .await?;
             }
             _ => {
-                sqlx::query("UPDATE idem_outbox SET published_at = now() WHERE id = ANY($1)")
-                    .bind(&published)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{settle} WHERE id = ANY($1) AND published_at IS NULL"
+                )))
+                .bind(&published)
+                .execute(&mut *tx)
+                .await?;
             }
         }
         for s in settled {

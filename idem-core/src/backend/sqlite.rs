@@ -9,7 +9,7 @@ use super::{Backend, BatchClaim, Claim, Store, TxState, Unit};
 use crate::delivery::Metadata;
 use crate::error::{redact_url, Error};
 use crate::ledger::LedgerEntry;
-use crate::outbox::relay::{LeasedPartitions, OutboxBatch, PublishLease, Settled};
+use crate::outbox::relay::{LeasedPartitions, OnPublish, OutboxBatch, PublishLease, Settled};
 use crate::outbox::Outgoing;
 use crate::policy::Isolation;
 use sqlx::Pool;
@@ -417,6 +417,7 @@ impl Store for sqlx::Sqlite {
     async fn outbox_settle(
         batch: OutboxBatch<Self>,
         settled: &[Settled],
+        on_publish: OnPublish,
     ) -> Result<(), sqlx::Error> {
         if settled.is_empty() {
             // An idle poll must not take the write lock every time.
@@ -426,11 +427,16 @@ impl Store for sqlx::Sqlite {
         let now = crate::backoff::unix_millis();
         for s in settled {
             let update = match s {
-                Settled::Published(id) => {
-                    sqlx::query("UPDATE idem_outbox SET published_ms = $2 WHERE id = $1")
-                        .bind(id)
-                        .bind(now)
-                }
+                Settled::Published(id) => match on_publish {
+                    OnPublish::Mark => {
+                        sqlx::query("UPDATE idem_outbox SET published_ms = $2 WHERE id = $1")
+                            .bind(id)
+                            .bind(now)
+                    }
+                    OnPublish::Delete => {
+                        sqlx::query("DELETE FROM idem_outbox WHERE id = $1").bind(id)
+                    }
+                },
                 Settled::Failed {
                     id,
                     error,

@@ -16,6 +16,17 @@ pub struct OutboxRow {
     pub attempts: i32,
 }
 
+/// What the settle does with the rows the broker confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPublish {
+    /// Marked published and kept for the retention (what "was it sent, and when" reads, and
+    /// what makes `enqueue` of the same message id a no-op meanwhile).
+    Mark,
+    /// Deleted in the same statement: a retention of zero. Cheaper than marking (no new row
+    /// version, no index entries); the purge would delete them within a second anyway.
+    Delete,
+}
+
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
