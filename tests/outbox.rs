@@ -210,6 +210,39 @@ async fn own_outbox<DB: TestDb>() -> sqlx::Pool<DB> {
     pool
 }
 
+/// The amounts of the `Forwarded` messages received, in arrival order.
+fn amounts(received: &[Received]) -> Vec<i64> {
+    received
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            body["amount"].as_i64().unwrap()
+        })
+        .collect()
+}
+
+/// An outbox row a service writes: a `Forwarded` of `amount` to `queue`, fresh ids.
+fn forwarded_to(queue: &str, amount: i64) -> Outgoing {
+    let forwarded = Forwarded {
+        id: Uuid::new_v4(),
+        amount,
+    };
+    Outgoing::json(&forwarded, Uuid::new_v4())
+        .unwrap()
+        .route(Route::queue(queue))
+}
+
+/// A burst: one outbox row per amount to `queue`, all in one commit.
+async fn commit_burst(pool: &sqlx::PgPool, queue: &str, amounts: impl IntoIterator<Item = i64>) {
+    let mut tx = pool.begin().await.unwrap();
+    for amount in amounts {
+        outbox::enqueue::<Postgres>(&mut *tx, &forwarded_to(queue, amount))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
 /// Service code: one business row (here: the tests' effect row) and one outbox row, one commit.
 async fn place<DB: TestDb>(pool: &sqlx::Pool<DB>, downstream: &str, id: Uuid, amount: i64) {
     let mut tx = pool.begin().await.unwrap();

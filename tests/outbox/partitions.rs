@@ -103,17 +103,6 @@ async fn assert_each_destination_in_order(connection: &Connection, queues: &[Str
     }
 }
 
-/// The amounts of the `Forwarded` messages received, in arrival order.
-fn amounts(received: &[Received]) -> Vec<i64> {
-    received
-        .iter()
-        .map(|r| {
-            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            body["amount"].as_i64().unwrap()
-        })
-        .collect()
-}
-
 /// `first` alone with every partition, then a second relay beside it: 16 partitions each.
 async fn two_relays(
     pool: &sqlx::PgPool,

@@ -15,29 +15,12 @@ async fn a_row_committed_late_below_the_batches_in_flight_goes_out_during_the_bu
     let (burst, late) = (fresh_queue("burst"), fresh_queue("late"));
     declare_queue(&connection, &burst).await;
     declare_queue(&connection, &late).await;
-    let message = |queue: &str, amount: i64| {
-        Outgoing::json(
-            &Forwarded {
-                id: Uuid::new_v4(),
-                amount,
-            },
-            Uuid::new_v4(),
-        )
-        .unwrap()
-        .route(Route::queue(queue))
-    };
 
     let mut stalled = pool.begin().await.unwrap();
-    outbox::enqueue::<Postgres>(&mut *stalled, &message(&late, 0))
+    outbox::enqueue::<Postgres>(&mut *stalled, &forwarded_to(&late, 0))
         .await
         .unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    for amount in 1..=BURST {
-        outbox::enqueue::<Postgres>(&mut *tx, &message(&burst, amount as i64))
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
+    commit_burst(&pool, &burst, 1..=BURST as i64).await;
 
     let relay = start_relay(
         Relay::builder(pool.clone())
@@ -75,12 +58,8 @@ async fn a_row_committed_late_below_the_batches_in_flight_goes_out_during_the_bu
     );
     assert_eq!(drain(&connection, &late).await.len(), 1);
     let received = drain(&connection, &burst).await;
-    let amounts: Vec<i64> = received
-        .iter()
-        .map(|r| serde_json::from_slice::<Forwarded>(&r.body).unwrap().amount)
-        .collect();
     assert_eq!(
-        amounts,
+        amounts(&received),
         (1..=BURST as i64).collect::<Vec<_>>(),
         "the burst out of order, or a row twice"
     );

@@ -260,27 +260,6 @@ async fn with_a_retention_of_zero_published_rows_are_deleted_not_marked() {
     let connection = connection().await;
     let queue = fresh_queue("zero-retention");
     declare_queue(&connection, &queue).await;
-    let write = |rows: i64| {
-        let (pool, queue) = (pool.clone(), queue.clone());
-        async move {
-            let mut tx = pool.begin().await.unwrap();
-            for amount in 0..rows {
-                let message = Outgoing::json(
-                    &Forwarded {
-                        id: Uuid::new_v4(),
-                        amount,
-                    },
-                    Uuid::new_v4(),
-                )
-                .unwrap()
-                .route(Route::queue(&queue));
-                outbox::enqueue::<Postgres>(&mut *tx, &message)
-                    .await
-                    .unwrap();
-            }
-            tx.commit().await.unwrap();
-        }
-    };
     let count = |sql: &'static str| {
         let pool = pool.clone();
         async move {
@@ -291,7 +270,7 @@ async fn with_a_retention_of_zero_published_rows_are_deleted_not_marked() {
         }
     };
 
-    write(300).await;
+    commit_burst(&pool, &queue, 0..300).await;
     let relay = start_relay(
         Relay::builder(pool.clone())
             .batch_size(50)
@@ -313,7 +292,7 @@ async fn with_a_retention_of_zero_published_rows_are_deleted_not_marked() {
     assert_eq!(drain(&connection, &queue).await.len(), 300);
 
     // The default retention marks (and keeps): the trigger sees those marks.
-    write(10).await;
+    commit_burst(&pool, &queue, 0..10).await;
     let relay = start_relay(Relay::builder(pool.clone()).build().unwrap());
     relay
         .until("the rows are published", |s| s.published == 10)
