@@ -220,7 +220,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let (rate, _) = relay_backlog(&config, &pool, &sinks).await?;
             purge().await?;
             let left: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM idem_outbox WHERE published_at < now() - interval '7 days'",
+                "SELECT count(*) FROM idem_outbox_sent WHERE published_at < now() - interval '7 days'",
             )
             .fetch_one(&pool)
             .await?;
@@ -253,7 +253,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     // 2. Latency at each rate: paced orders through outbox, relay and a downstream consumer.
     // Without aged rows left for a purge to delete meanwhile.
-    sqlx::query("DELETE FROM idem_outbox WHERE published_at < now() - interval '7 days'")
+    sqlx::query("DELETE FROM idem_outbox_sent WHERE published_at < now() - interval '7 days'")
         .execute(&pool)
         .await?;
     for &rate in &config.rates {
@@ -388,15 +388,15 @@ async fn relay_backlog(
     Ok((config.messages as f64 / took.as_secs_f64(), shares))
 }
 
-/// Writes `rows` outbox rows published 8 days ago: past the default retention, so the relays'
+/// Writes the records of `rows` outbox rows published 8 days ago: past the default retention, so the relays'
 /// purge deletes them (5,000 per batch, paced) while they publish.
 async fn age_published_rows(pool: &sqlx::PgPool, rows: u64) -> anyhow::Result<()> {
-    sqlx::query("DELETE FROM idem_outbox WHERE published_at < now() - interval '7 days'")
+    sqlx::query("DELETE FROM idem_outbox_sent WHERE published_at < now() - interval '7 days'")
         .execute(pool)
         .await?;
     sqlx::query(
-        "INSERT INTO idem_outbox (message_id, exchange, routing_key, kind, body, published_at)
-         SELECT gen_random_uuid()::text, '', 'aged', 'bench.aged', '\\x7b7d', now() - interval '8 days'
+        "INSERT INTO idem_outbox_sent (message_id, exchange, routing_key, published_at)
+         SELECT gen_random_uuid()::text, '', 'aged', now() - interval '8 days'
          FROM generate_series(1, $1)",
     )
     .bind(i64::try_from(rows)?)

@@ -243,7 +243,7 @@ async fn the_metrics_endpoint_counts_what_the_database_and_the_queues_show() {
 trait OutboxTruth: Backend {
     /// A database of the test's own.
     async fn fresh_url() -> String;
-    /// Rows marked published.
+    /// Rows marked published (their records in `idem_outbox_sent`).
     async fn published(pool: &sqlx::Pool<Self>) -> i64;
     /// Rows waiting to be published (not published, not parked), and the age in seconds of the
     /// oldest of them.
@@ -260,7 +260,7 @@ impl OutboxTruth for Postgres {
         fresh_pg_database(&format!("metrics_{}", Uuid::new_v4().simple())).await
     }
     async fn published(pool: &sqlx::PgPool) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM idem_outbox WHERE published_at IS NOT NULL")
+        sqlx::query_scalar("SELECT count(*) FROM idem_outbox_sent")
             .fetch_one(pool)
             .await
             .unwrap()
@@ -302,7 +302,7 @@ impl OutboxTruth for Sqlite {
         )
     }
     async fn published(pool: &sqlx::SqlitePool) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM idem_outbox WHERE published_ms IS NOT NULL")
+        sqlx::query_scalar("SELECT count(*) FROM idem_outbox_sent")
             .fetch_one(pool)
             .await
             .unwrap()

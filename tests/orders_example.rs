@@ -312,7 +312,8 @@ async fn verify(run: &Run, connection: &Connection) -> Vec<String> {
     // Deterministic ids: a handler run again after a kill, or an order placed again, writes the
     // same outbox row, never a second one.
     let (rows, unpublished): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COUNT(*) FILTER (WHERE published_at IS NULL) FROM idem_outbox",
+        "SELECT (SELECT COUNT(*) FROM idem_outbox_sent) + (SELECT COUNT(*) FROM idem_outbox),
+                (SELECT COUNT(*) FROM idem_outbox)",
     )
     .fetch_one(&run.scratch.pool)
     .await

@@ -422,6 +422,7 @@ async fn a_relay_that_dies_between_confirm_and_mark_causes_one_effect_downstream
         outbox::enqueue::<DB>(&mut *tx, &outgoing).await.unwrap();
         tx.commit().await.unwrap();
     }
+    DB::keep_unpublished(&story.pool, &story.queue).await;
     let relay = start_relay(fast_relay(&story.pool));
     relay
         .until("the first relay published", |s| s.published == 10)
@@ -432,7 +433,7 @@ async fn a_relay_that_dies_between_confirm_and_mark_causes_one_effect_downstream
         .await;
 
     // The relay died after the broker's confirm and before its mark: the rows are due again.
-    DB::forget_published(&story.pool).await;
+    DB::forget_published(&story.pool, &story.queue).await;
     let relay = start_relay(fast_relay(&story.pool));
     relay
         .until("the second relay published again", |s| s.published == 10)

@@ -144,9 +144,9 @@ fn start_relay(scratch: &Scratch, sink: &str, n: usize) -> Child {
         .unwrap()
 }
 
-/// Outbox rows marked published.
+/// Outbox rows marked published (moved out of the outbox to `idem_outbox_sent`).
 async fn marked(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM idem_outbox WHERE published_at IS NOT NULL")
+    sqlx::query_scalar("SELECT count(*) FROM idem_outbox_sent")
         .fetch_one(pool)
         .await
         .unwrap()

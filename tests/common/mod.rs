@@ -188,11 +188,14 @@ pub trait TestDb: Backend {
     async fn amount(pool: &sqlx::Pool<Self>, consumer: &str, key: &str) -> i64;
     /// Creates the effect table in `pool`'s database.
     async fn create_effects(pool: &sqlx::Pool<Self>);
-    /// Outbox rows, published or not.
+    /// Outbox rows, and records of published ones (`idem_outbox_sent`).
     async fn outbox_rows(pool: &sqlx::Pool<Self>) -> i64;
-    /// Makes every published outbox row due again: what a relay that died between the broker's
-    /// confirm and its own mark leaves behind.
-    async fn forget_published(pool: &sqlx::Pool<Self>);
+    /// Keeps a copy of the outbox rows to `routing_key` as they are now, unpublished, for
+    /// [`TestDb::forget_published`].
+    async fn keep_unpublished(pool: &sqlx::Pool<Self>, routing_key: &str);
+    /// Puts back the rows kept by [`TestDb::keep_unpublished`] and forgets their records: what a
+    /// relay that died between the broker's confirm and its own mark leaves behind.
+    async fn forget_published(pool: &sqlx::Pool<Self>, routing_key: &str);
     /// The last publish error recorded in the outbox.
     async fn last_outbox_error(pool: &sqlx::Pool<Self>) -> String;
     /// The message ids of the outbox rows caused by the inbound message `causation_id`.
@@ -202,7 +205,7 @@ pub trait TestDb: Backend {
 }
 
 macro_rules! test_db {
-    ($db:ty, $pool:expr, $id:literal, $lock:literal, $published:literal) => {
+    ($db:ty, $pool:expr, $id:literal, $lock:literal) => {
         #[async_trait]
         impl TestDb for $db {
             async fn pool() -> sqlx::Pool<Self> {
@@ -250,13 +253,34 @@ macro_rules! test_db {
                 .unwrap();
             }
             async fn outbox_rows(pool: &sqlx::Pool<Self>) -> i64 {
-                sqlx::query_scalar("SELECT COUNT(*) FROM idem_outbox").fetch_one(pool).await.unwrap()
+                sqlx::query_scalar(
+                    "SELECT (SELECT COUNT(*) FROM idem_outbox) + (SELECT COUNT(*) FROM idem_outbox_sent)",
+                )
+                .fetch_one(pool)
+                .await
+                .unwrap()
             }
-            async fn forget_published(pool: &sqlx::Pool<Self>) {
-                sqlx::query(concat!("UPDATE idem_outbox SET ", $published, " = NULL"))
+            async fn keep_unpublished(pool: &sqlx::Pool<Self>, routing_key: &str) {
+                sqlx::query("CREATE TABLE IF NOT EXISTS test_outbox_kept AS SELECT * FROM idem_outbox WHERE 1 = 0")
                     .execute(pool)
                     .await
                     .unwrap();
+                sqlx::query("INSERT INTO test_outbox_kept SELECT * FROM idem_outbox WHERE routing_key = $1")
+                    .bind(routing_key)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            async fn forget_published(pool: &sqlx::Pool<Self>, routing_key: &str) {
+                let mut tx = pool.begin().await.unwrap();
+                for statement in [
+                    "DELETE FROM idem_outbox_sent WHERE routing_key = $1",
+                    "INSERT INTO idem_outbox SELECT * FROM test_outbox_kept WHERE routing_key = $1",
+                    "DELETE FROM test_outbox_kept WHERE routing_key = $1",
+                ] {
+                    sqlx::query(statement).bind(routing_key).execute(&mut *tx).await.unwrap();
+                }
+                tx.commit().await.unwrap();
             }
             async fn last_outbox_error(pool: &sqlx::Pool<Self>) -> String {
                 sqlx::query_scalar::<_, Option<String>>(
@@ -310,8 +334,7 @@ test_db!(
     Postgres,
     pg_url(),
     "BIGSERIAL PRIMARY KEY",
-    "SELECT pg_advisory_xact_lock(77001)",
-    "published_at"
+    "SELECT pg_advisory_xact_lock(77001)"
 );
 test_db!(
     Sqlite,
@@ -321,8 +344,7 @@ test_db!(
         Uuid::new_v4()
     ),
     "INTEGER PRIMARY KEY AUTOINCREMENT",
-    "",
-    "published_ms"
+    ""
 );
 
 /// A hand-written handler (no macro) with instruments: how often its body ran, an optional

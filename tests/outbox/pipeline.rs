@@ -41,11 +41,11 @@ async fn a_row_committed_late_below_the_batches_in_flight_goes_out_during_the_bu
     let stats = relay.stop().await;
     assert_eq!((stats.published, stats.failed), (BURST as u64 + 1, 0));
 
-    // Each row is marked with its batch's take time: the burst rows taken after the late row.
+    // Each row is recorded with its batch's take time: the burst rows taken after the late row.
     let after: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM idem_outbox
+        "SELECT count(*) FROM idem_outbox_sent
          WHERE routing_key = $1 AND published_at > (
-             SELECT published_at FROM idem_outbox WHERE routing_key = $2)",
+             SELECT published_at FROM idem_outbox_sent WHERE routing_key = $2)",
     )
     .bind(&burst)
     .bind(&late)

@@ -2,8 +2,10 @@
 //! the rounds, in bounded batches, while the relay goes on publishing; rows still waiting to be
 //! published and parked rows are never deleted, however old; and one relay purges at a time —
 //! on PostgreSQL, where several relays share an outbox, the others leave it alone (and two
-//! relays purging together delete each row once), on SQLite only the lease holder purges. With a
-//! retention of zero the relay deletes rows as it publishes them instead of marking them.
+//! relays purging together delete each row once), on SQLite only the lease holder purges. A
+//! published row leaves the outbox at once; what is kept for the retention is its record in
+//! `idem_outbox_sent` (and rows an older relay marked in place, purged all the same). With a
+//! retention of zero the relay deletes rows as it publishes them and records nothing.
 
 use super::*;
 use idem::Sqlite;
@@ -12,13 +14,17 @@ use std::time::SystemTime;
 on_both_backends!(
     published_rows_past_the_retention_go_in_batches_and_waiting_or_parked_rows_stay,
     while_another_relay_purges_the_outbox_this_one_leaves_it_alone,
+    a_step_repeated_after_its_message_went_out_is_not_published_again,
 );
 
 /// What an aged row is.
 #[derive(Debug, Clone, Copy)]
 enum Aged {
-    /// Published (and confirmed) that long ago.
+    /// Published (and confirmed) that long ago: its record in `idem_outbox_sent`.
     Published,
+    /// Published that long ago by a relay older than migration 8, which marked the row in
+    /// place (`published_at`) instead of moving it out of the outbox.
+    MarkedInPlace,
     /// Never published: written that long ago, refused, backing off until tomorrow.
     BackingOff,
     /// Parked that long ago, out of attempts.
@@ -29,6 +35,7 @@ impl Aged {
     fn as_str(self) -> &'static str {
         match self {
             Aged::Published => "published",
+            Aged::MarkedInPlace => "marked-in-place",
             Aged::BackingOff => "backing-off",
             Aged::Parked => "parked",
         }
@@ -61,16 +68,30 @@ fn unix_ms(at: SystemTime) -> i64 {
 #[async_trait]
 impl AgedOutbox for Postgres {
     async fn age(pool: &sqlx::PgPool, prefix: &str, count: i64, days: i64, state: Aged) {
+        if let Aged::Published = state {
+            sqlx::query(
+                "INSERT INTO idem_outbox_sent (message_id, exchange, routing_key, published_at)
+                 SELECT $1 || '-' || n, '', 'nowhere', now() - $3 * interval '1 day'
+                 FROM generate_series(1, $2) n",
+            )
+            .bind(prefix)
+            .bind(count)
+            .bind(days as f64)
+            .execute(pool)
+            .await
+            .unwrap();
+            return;
+        }
         sqlx::query(
             "INSERT INTO idem_outbox (message_id, exchange, routing_key, kind, body, created_at,
                                       published_at, attempts, next_attempt_at, parked_at, last_error)
              SELECT $1 || '-' || n, '', 'nowhere', 'test.aged', '\\x00',
                     now() - $3 * interval '1 day',
-                    CASE WHEN $4 = 'published' THEN now() - $3 * interval '1 day' END,
-                    CASE WHEN $4 = 'published' THEN 0 ELSE 3 END,
+                    CASE WHEN $4 = 'marked-in-place' THEN now() - $3 * interval '1 day' END,
+                    CASE WHEN $4 = 'marked-in-place' THEN 0 ELSE 3 END,
                     CASE WHEN $4 = 'backing-off' THEN now() + interval '1 day' ELSE now() END,
                     CASE WHEN $4 = 'parked' THEN now() - $3 * interval '1 day' END,
-                    CASE WHEN $4 = 'published' THEN NULL ELSE 'NOT_FOUND - no exchange' END
+                    CASE WHEN $4 = 'marked-in-place' THEN NULL ELSE 'NOT_FOUND - no exchange' END
              FROM generate_series(1, $2) n",
         )
         .bind(prefix)
@@ -82,11 +103,14 @@ impl AgedOutbox for Postgres {
         .unwrap();
     }
     async fn left(pool: &sqlx::PgPool, prefix: &str) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM idem_outbox WHERE message_id LIKE $1 || '-%'")
-            .bind(prefix)
-            .fetch_one(pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM idem_outbox WHERE message_id LIKE $1 || '-%')
+                  + (SELECT count(*) FROM idem_outbox_sent WHERE message_id LIKE $1 || '-%')",
+        )
+        .bind(prefix)
+        .fetch_one(pool)
+        .await
+        .unwrap()
     }
     async fn purge_elsewhere(pool: &sqlx::PgPool) -> Elsewhere {
         let mut conn = pool.acquire().await.unwrap().detach();
@@ -111,17 +135,31 @@ impl AgedOutbox for Sqlite {
         let now = SystemTime::now();
         let then = unix_ms(now - Duration::from_secs(days as u64 * 86_400));
         let tomorrow = unix_ms(now + Duration::from_secs(86_400));
+        if let Aged::Published = state {
+            sqlx::query(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2)
+                 INSERT INTO idem_outbox_sent (message_id, exchange, routing_key, published_ms)
+                 SELECT $1 || '-' || i, '', 'nowhere', $3 FROM n",
+            )
+            .bind(prefix)
+            .bind(count)
+            .bind(then)
+            .execute(pool)
+            .await
+            .unwrap();
+            return;
+        }
         sqlx::query(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2)
              INSERT INTO idem_outbox (message_id, exchange, routing_key, kind, body, created_at,
                                       published_ms, attempts, next_attempt_ms, parked_ms, last_error)
              SELECT $1 || '-' || i, '', 'nowhere', 'test.aged', x'00',
                     strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || $3 || ' days'),
-                    CASE WHEN $4 = 'published' THEN $5 END,
-                    CASE WHEN $4 = 'published' THEN 0 ELSE 3 END,
+                    CASE WHEN $4 = 'marked-in-place' THEN $5 END,
+                    CASE WHEN $4 = 'marked-in-place' THEN 0 ELSE 3 END,
                     CASE WHEN $4 = 'backing-off' THEN $6 ELSE 0 END,
                     CASE WHEN $4 = 'parked' THEN $5 END,
-                    CASE WHEN $4 = 'published' THEN NULL ELSE 'NOT_FOUND - no exchange' END
+                    CASE WHEN $4 = 'marked-in-place' THEN NULL ELSE 'NOT_FOUND - no exchange' END
              FROM n",
         )
         .bind(prefix)
@@ -135,11 +173,14 @@ impl AgedOutbox for Sqlite {
         .unwrap();
     }
     async fn left(pool: &sqlx::SqlitePool, prefix: &str) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM idem_outbox WHERE message_id LIKE $1 || '-%'")
-            .bind(prefix)
-            .fetch_one(pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM idem_outbox WHERE message_id LIKE $1 || '-%')
+                  + (SELECT count(*) FROM idem_outbox_sent WHERE message_id LIKE $1 || '-%')",
+        )
+        .bind(prefix)
+        .fetch_one(pool)
+        .await
+        .unwrap()
     }
     async fn purge_elsewhere(pool: &sqlx::SqlitePool) -> Elsewhere {
         let expires_ms = unix_ms(SystemTime::now() + Duration::from_secs(3600));
@@ -161,7 +202,8 @@ impl AgedOutbox for Sqlite {
 }
 
 /// An outbox that ran for weeks: 12,000 rows published ten days ago (more than two batches),
-/// past the 7-day retention; yesterday's, within it; rows never published — backing off after
+/// past the 7-day retention, and 100 marked in place by the relay of an older idem;
+/// yesterday's, within it; rows never published — backing off after
 /// refusals, or parked — as old as the oldest. The relay deletes exactly the old published
 /// rows, and goes on publishing what services commit meanwhile.
 async fn published_rows_past_the_retention_go_in_batches_and_waiting_or_parked_rows_stay<
@@ -173,6 +215,7 @@ async fn published_rows_past_the_retention_go_in_batches_and_waiting_or_parked_r
     let downstream = fresh_queue("outbox-retention");
     declare_queue(&connection, &downstream).await;
     DB::age(&pool, "old", 12_000, 10, Aged::Published).await;
+    DB::age(&pool, "marked", 100, 10, Aged::MarkedInPlace).await;
     DB::age(&pool, "recent", 30, 1, Aged::Published).await;
     DB::age(&pool, "waiting", 20, 10, Aged::BackingOff).await;
     DB::age(&pool, "parked", 10, 10, Aged::Parked).await;
@@ -183,12 +226,17 @@ async fn published_rows_past_the_retention_go_in_batches_and_waiting_or_parked_r
     }
     relay
         .until("the old rows are purged and the new ones published", |s| {
-            s.purged >= 12_000 && s.published == 5
+            s.purged >= 12_100 && s.published == 5
         })
         .await;
     let stats = relay.stop().await;
-    assert_eq!(stats.purged, 12_000, "{stats:?}");
+    assert_eq!(stats.purged, 12_100, "{stats:?}");
     assert_eq!(DB::left(&pool, "old").await, 0);
+    assert_eq!(
+        DB::left(&pool, "marked").await,
+        0,
+        "rows an older relay marked"
+    );
     assert_eq!(DB::left(&pool, "recent").await, 30);
     assert_eq!(DB::left(&pool, "waiting").await, 20);
     assert_eq!(DB::left(&pool, "parked").await, 10);
@@ -196,6 +244,110 @@ async fn published_rows_past_the_retention_go_in_batches_and_waiting_or_parked_r
     assert_eq!(DB::outbox_rows(&pool).await, 30 + 20 + 10 + 5);
     assert_eq!(drain(&connection, &downstream).await.len(), 5);
     delete_queue(&connection, &downstream).await;
+}
+
+/// A producer repeats a step (a retry after a lost reply) after the relay has published its
+/// message and moved the row out of the outbox: `enqueue` finds the message id among the
+/// published (`idem_outbox_sent`) and writes nothing, so the broker gets the message once.
+async fn a_step_repeated_after_its_message_went_out_is_not_published_again<DB: AgedOutbox>() {
+    let pool = own_outbox::<DB>().await;
+    DB::create_effects(&pool).await;
+    let connection = connection().await;
+    let downstream = fresh_queue("repeated-step");
+    declare_queue(&connection, &downstream).await;
+    let id = Uuid::new_v4();
+    place(&pool, &downstream, id, 7).await;
+    let relay = start_relay(fast_relay(&pool));
+    relay
+        .until("the step's message is out", |s| s.published == 1)
+        .await;
+
+    let again = Outgoing::json(
+        &Forwarded { id, amount: 7 },
+        outbox::stable_id("service", &id.to_string()),
+    )
+    .unwrap()
+    .route(Route::queue(&downstream));
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        !outbox::enqueue::<DB>(&mut *tx, &again).await.unwrap(),
+        "a message id published within the retention was enqueued again"
+    );
+    tx.commit().await.unwrap();
+    // A later step still goes out: the relay was there to publish a repeat, had there been one.
+    place(&pool, &downstream, Uuid::new_v4(), 8).await;
+    relay
+        .until("the later step is out", |s| s.published == 2)
+        .await;
+    relay.stop().await;
+    assert_eq!(amounts(&drain(&connection, &downstream).await), vec![7, 8]);
+    delete_queue(&connection, &downstream).await;
+}
+
+/// The milliseconds between a relay's move of a row and its commit: a repeat of the step
+/// enqueued then finds no record yet, waits on the outbox's unique message id for the move to
+/// commit, finds the way clear and is kept — the message goes out again with the same message
+/// id (at-least-once: one effect downstream). What must hold: the copy's record does not
+/// collide with the first one's, so the relay settles it and goes on; a refused record would
+/// fail the batch and publish it again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_enqueued_while_its_first_copy_is_moved_out_goes_out_again_and_the_relay_goes_on()
+{
+    let pool = own_outbox::<Postgres>().await;
+    let connection = connection().await;
+    let queue = fresh_queue("repeat-in-the-move");
+    declare_queue(&connection, &queue).await;
+    let step = forwarded_to(&queue, 1);
+    let message_id = step.message_id.to_string();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(outbox::enqueue::<Postgres>(&mut *tx, &step).await.unwrap());
+    tx.commit().await.unwrap();
+
+    // A relay's settle, stopped between its statement and its commit.
+    let mut mover = pool.begin().await.unwrap();
+    sqlx::query(
+        "WITH settled AS (DELETE FROM idem_outbox WHERE message_id = $1
+                          RETURNING message_id, exchange, routing_key)
+         INSERT INTO idem_outbox_sent (message_id, exchange, routing_key, published_at)
+         SELECT message_id, exchange, routing_key, now() FROM settled",
+    )
+    .bind(&message_id)
+    .execute(&mut *mover)
+    .await
+    .unwrap();
+    let repeat = tokio::spawn({
+        let (pool, step) = (pool.clone(), step.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let kept = outbox::enqueue::<Postgres>(&mut *tx, &step).await.unwrap();
+            tx.commit().await.unwrap();
+            kept
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!repeat.is_finished(), "the repeat waits for the move");
+    mover.commit().await.unwrap();
+    assert!(repeat.await.unwrap(), "the repeat is kept");
+
+    let relay = start_relay(fast_relay(&pool));
+    relay.until("the copy is out", |s| s.published == 1).await;
+    let stats = relay.stop().await;
+    assert_eq!((stats.published, stats.failed), (1, 0));
+    let records: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM idem_outbox_sent WHERE message_id = $1")
+            .bind(&message_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(records, 2, "both publishes recorded");
+    let received = drain(&connection, &queue).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].message_id(), message_id);
+    // Once recorded, the step is a no-op again.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(!outbox::enqueue::<Postgres>(&mut *tx, &step).await.unwrap());
+    tx.commit().await.unwrap();
+    delete_queue(&connection, &queue).await;
 }
 
 /// Another relay holds the purge (PostgreSQL: the outbox's purge lock; SQLite: the relay
@@ -242,18 +394,18 @@ async fn two_relays_purging_one_postgresql_outbox_delete_each_row_once() {
 }
 
 /// A retention of zero keeps nothing: the relay deletes the confirmed rows in the statement that
-/// would have marked them — cheaper for the database than a new row version and its index
-/// entries — rather than marking them for the purge to delete a moment later. A trigger
-/// records every mark: none with a retention of zero, one per row with the default.
+/// would have recorded them in `idem_outbox_sent`, rather than recording them for the purge to
+/// delete a moment later. A trigger notes every record: none with a retention of zero, one per
+/// row with the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_retention_of_zero_published_rows_are_deleted_not_marked() {
+async fn with_a_retention_of_zero_published_rows_are_deleted_not_recorded() {
     let pool = own_outbox::<Postgres>().await;
     for statement in [
-        "CREATE TABLE marks (id BIGINT NOT NULL)",
-        "CREATE FUNCTION record_mark() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN INSERT INTO marks VALUES (NEW.id); RETURN NEW; END $$",
-        "CREATE TRIGGER record_mark AFTER UPDATE OF published_at ON idem_outbox
-         FOR EACH ROW WHEN (NEW.published_at IS NOT NULL) EXECUTE FUNCTION record_mark()",
+        "CREATE TABLE records (message_id TEXT NOT NULL)",
+        "CREATE FUNCTION note_record() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO records VALUES (NEW.message_id); RETURN NEW; END $$",
+        "CREATE TRIGGER note_record AFTER INSERT ON idem_outbox_sent
+         FOR EACH ROW EXECUTE FUNCTION note_record()",
     ] {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
@@ -285,20 +437,22 @@ async fn with_a_retention_of_zero_published_rows_are_deleted_not_marked() {
     assert_eq!(stats.purged, 300, "deleted rows are counted as purged");
     assert_eq!(count("SELECT count(*) FROM idem_outbox").await, 0);
     assert_eq!(
-        count("SELECT count(*) FROM marks").await,
+        count("SELECT count(*) FROM records").await,
         0,
-        "a row was marked"
+        "a row was recorded"
     );
     assert_eq!(drain(&connection, &queue).await.len(), 300);
 
-    // The default retention marks (and keeps): the trigger sees those marks.
+    // The default retention records (and keeps): the trigger sees those records, and the
+    // outbox keeps none of the rows.
     commit_burst(&pool, &queue, 0..10).await;
     let relay = start_relay(Relay::builder(pool.clone()).build().unwrap());
     relay
         .until("the rows are published", |s| s.published == 10)
         .await;
     relay.stop().await;
-    assert_eq!(count("SELECT count(*) FROM marks").await, 10);
-    assert_eq!(count("SELECT count(*) FROM idem_outbox").await, 10);
+    assert_eq!(count("SELECT count(*) FROM records").await, 10);
+    assert_eq!(count("SELECT count(*) FROM idem_outbox_sent").await, 10);
+    assert_eq!(count("SELECT count(*) FROM idem_outbox").await, 0);
     delete_queue(&connection, &queue).await;
 }

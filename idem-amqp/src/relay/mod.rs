@@ -1,5 +1,6 @@
 //! The outbox relay: publishes committed outbox rows with publisher confirms, and marks a row
-//! published only after the broker confirmed it.
+//! published (moves it out of the outbox, to `idem_outbox_sent`) only after the broker confirmed
+//! it.
 //!
 //! At-least-once by construction: a relay that dies after the confirm and before the mark
 //! publishes the row again on its next run, with the same message id, and the consumer's ledger
@@ -168,13 +169,15 @@ impl<DB: Backend> RelayBuilder<DB> {
         self
     }
 
-    /// How long published rows are kept before they are deleted (default 7 days): long enough
-    /// to answer "was it sent, and when". The purge runs beside the rounds every minute (more
-    /// often when the retention is shorter), in batches of 5,000 paced to about 5 % of one
-    /// connection's time, by one relay at a time; unpublished and parked rows are never purged.
-    /// Zero keeps nothing: a row is deleted in the statement that would mark it published
-    /// (counted in [`RelayStats::purged`]), which costs the database less than marking it;
-    /// `enqueue` of the same message id after that publishes it again.
+    /// How long the record of a published row is kept before it is deleted (default 7 days):
+    /// long enough to answer "was it sent, where, and when", and for `enqueue` of the same
+    /// message id to stay a no-op. A published row leaves the outbox at once: its message id,
+    /// destination and time go to `idem_outbox_sent`, its body and headers are not kept. The
+    /// purge runs beside the rounds every minute (more often when the retention is shorter), in
+    /// batches of 5,000 paced to about 5 % of one connection's time, by one relay at a time;
+    /// unpublished and parked rows are never purged. Zero keeps nothing: a row is deleted in
+    /// the statement that would record it (counted in [`RelayStats::purged`]), which costs the
+    /// database less still; `enqueue` of the same message id after that publishes it again.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
@@ -288,7 +291,7 @@ impl<DB: Backend> RelayBuilder<DB> {
 /// one relay publishes and the others stand by (a lease row that lapses after 10 s).
 ///
 /// On PostgreSQL the rounds are pipelined: while one batch's confirms come in and its rows are
-/// marked (one statement for all the confirmed ones), the next batch is taken and published
+/// marked (one statement moves all the confirmed ones out of the outbox), the next batch is taken and published
 /// behind it on the same channel, so the broker and the database work at the same time. Two
 /// batches at most are unconfirmed; per destination the broker still gets the rows in id order.
 ///

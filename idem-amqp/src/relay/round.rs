@@ -310,7 +310,7 @@ impl<DB: Backend> Relay<DB> {
 
     /// Marks what became of a batch's rows (one statement for all the published ones) and
     /// counts it. With a retention of zero the published rows are deleted in that statement
-    /// (and counted as purged) rather than marked for the purge to delete a moment later.
+    /// (and counted as purged) rather than recorded for the purge to delete a moment later.
     async fn settle(&self, batch: OutboxBatch<DB>, settled: &[Settled]) -> Result<(), RoundError> {
         let on_publish = if self.retention.is_zero() {
             OnPublish::Delete

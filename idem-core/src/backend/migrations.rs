@@ -47,6 +47,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         "crash-loop counts purged by age",
         "0007_redeliveries_age"
     ),
+    migration!(
+        8,
+        "published rows moved out of the outbox",
+        "0008_outbox_sent"
+    ),
 ];
 
 impl Migration {

@@ -71,13 +71,19 @@ macro_rules! count_redelivery_in {
     }};
 }
 
-/// `INSERT .. ON CONFLICT (message_id) DO NOTHING`: a producer repeating a step keeps one row.
+/// `INSERT .. ON CONFLICT (message_id) DO NOTHING`, and nothing when `idem_outbox_sent` says the
+/// message id was published within the retention: a producer repeating a step keeps one row.
+/// (A repeat that commits while the relay moves the first copy out, in the milliseconds between
+/// the move and its commit, is kept and published again: same message id, one effect
+/// downstream.)
 macro_rules! enqueue_in {
     ($conn:expr, $message:expr) => {{
         let message: &$crate::outbox::Outgoing = $message;
         let done = sqlx::query(
             "INSERT INTO idem_outbox (message_id, exchange, routing_key, kind, headers, correlation_id, causation_id, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id) DO NOTHING",
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8
+             WHERE NOT EXISTS (SELECT 1 FROM idem_outbox_sent WHERE message_id = $1)
+             ON CONFLICT (message_id) DO NOTHING",
         )
         .bind(message.message_id.to_string())
         .bind(&message.route.exchange)

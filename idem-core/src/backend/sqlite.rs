@@ -427,16 +427,22 @@ impl Store for sqlx::Sqlite {
         let now = crate::backoff::unix_millis();
         for s in settled {
             let update = match s {
-                Settled::Published(id) => match on_publish {
-                    OnPublish::Mark => {
-                        sqlx::query("UPDATE idem_outbox SET published_ms = $2 WHERE id = $1")
-                            .bind(id)
-                            .bind(now)
+                Settled::Published(id) => {
+                    // Recorded in idem_outbox_sent, then deleted from the outbox (migration 8).
+                    if on_publish == OnPublish::Mark {
+                        sqlx::query(
+                            "INSERT INTO idem_outbox_sent (message_id, exchange, routing_key, published_ms)
+                             SELECT message_id, exchange, routing_key, $2 FROM idem_outbox
+                             WHERE id = $1 AND published_ms IS NULL",
+                        )
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
                     }
-                    OnPublish::Delete => {
-                        sqlx::query("DELETE FROM idem_outbox WHERE id = $1").bind(id)
-                    }
-                },
+                    sqlx::query("DELETE FROM idem_outbox WHERE id = $1 AND published_ms IS NULL")
+                        .bind(id)
+                }
                 Settled::Failed {
                     id,
                     error,
@@ -463,7 +469,8 @@ impl Store for sqlx::Sqlite {
 
     /// Only by the relay that holds the relay lease: the one relay publishing this outbox
     /// purges it too, and a relay standing by does not compete with it for the write lock.
-    /// Through the partial index `idem_outbox_published` (migration 3) of published rows.
+    /// From `idem_outbox_sent` (migration 8) by its index on `published_ms`, then the rows an
+    /// older relay marked in place, through the partial index `idem_outbox_published`.
     async fn outbox_purge(
         pool: &Pool<Self>,
         older_than: Duration,
@@ -483,7 +490,18 @@ impl Store for sqlx::Sqlite {
         if leased.is_none() {
             return Ok(None);
         }
-        let done = sqlx::query(
+        let sent = sqlx::query(
+            "DELETE FROM idem_outbox_sent WHERE rowid IN (
+                 SELECT rowid FROM idem_outbox_sent WHERE published_ms < $1
+                 ORDER BY published_ms LIMIT $2)",
+        )
+        .bind(now - millis(older_than))
+        .bind(batch)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        // Rows marked in place by a relay older than migration 8.
+        let marked = sqlx::query(
             "DELETE FROM idem_outbox WHERE id IN (
                  SELECT id FROM idem_outbox WHERE published_ms < $1
                  ORDER BY published_ms LIMIT $2)",
@@ -491,8 +509,9 @@ impl Store for sqlx::Sqlite {
         .bind(now - millis(older_than))
         .bind(batch)
         .execute(pool)
-        .await?;
-        Ok(Some(done.rows_affected()))
+        .await?
+        .rows_affected();
+        Ok(Some(sent + marked))
     }
 
     async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {

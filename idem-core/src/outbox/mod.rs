@@ -215,7 +215,8 @@ impl crate::Classify for PublishError {
 
 /// Writes `message` into the outbox on the caller's open transaction (`&mut *tx`): it is
 /// published once that transaction commits, and never if it rolls back. `Ok(false)`: a row with
-/// this message id is already there (a producer doing the same step again); nothing changed.
+/// this message id is already there, or was published within the relay's retention (a producer
+/// doing the same step again); nothing changed.
 pub async fn enqueue<DB: Backend>(
     conn: &mut DB::Connection,
     message: &Outgoing,

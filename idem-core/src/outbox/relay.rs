@@ -19,11 +19,12 @@ pub struct OutboxRow {
 /// What the settle does with the rows the broker confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnPublish {
-    /// Marked published and kept for the retention (what "was it sent, and when" reads, and
-    /// what makes `enqueue` of the same message id a no-op meanwhile).
+    /// Marked published: moved out of the outbox to `idem_outbox_sent` (message id,
+    /// destination, when), kept there for the retention — what "was it sent, where, and when"
+    /// reads, and what makes `enqueue` of the same message id a no-op meanwhile.
     Mark,
-    /// Deleted in the same statement: a retention of zero. Cheaper than marking (no new row
-    /// version, no index entries); the purge would delete them within a second anyway.
+    /// Deleted and recorded nowhere: a retention of zero. Cheaper still than marking (no
+    /// insert, no index entries); the purge would delete the record within a second anyway.
     Delete,
 }
 
