@@ -59,6 +59,10 @@ trait AgedOutbox: TestDb {
 /// What another relay holds while it purges.
 type Elsewhere = Box<dyn std::any::Any + Send>;
 
+/// Rows of a prefix still in the outbox, waiting or marked in place, plus their records.
+const LEFT: &str = "SELECT (SELECT count(*) FROM idem_outbox WHERE message_id LIKE $1 || '-%')
+                         + (SELECT count(*) FROM idem_outbox_sent WHERE message_id LIKE $1 || '-%')";
+
 fn unix_ms(at: SystemTime) -> i64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
@@ -103,14 +107,11 @@ impl AgedOutbox for Postgres {
         .unwrap();
     }
     async fn left(pool: &sqlx::PgPool, prefix: &str) -> i64 {
-        sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM idem_outbox WHERE message_id LIKE $1 || '-%')
-                  + (SELECT count(*) FROM idem_outbox_sent WHERE message_id LIKE $1 || '-%')",
-        )
-        .bind(prefix)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+        sqlx::query_scalar(LEFT)
+            .bind(prefix)
+            .fetch_one(pool)
+            .await
+            .unwrap()
     }
     async fn purge_elsewhere(pool: &sqlx::PgPool) -> Elsewhere {
         let mut conn = pool.acquire().await.unwrap().detach();
@@ -173,14 +174,11 @@ impl AgedOutbox for Sqlite {
         .unwrap();
     }
     async fn left(pool: &sqlx::SqlitePool, prefix: &str) -> i64 {
-        sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM idem_outbox WHERE message_id LIKE $1 || '-%')
-                  + (SELECT count(*) FROM idem_outbox_sent WHERE message_id LIKE $1 || '-%')",
-        )
-        .bind(prefix)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+        sqlx::query_scalar(LEFT)
+            .bind(prefix)
+            .fetch_one(pool)
+            .await
+            .unwrap()
     }
     async fn purge_elsewhere(pool: &sqlx::SqlitePool) -> Elsewhere {
         let expires_ms = unix_ms(SystemTime::now() + Duration::from_secs(3600));

@@ -707,30 +707,23 @@ impl Store for sqlx::Postgres {
         if !ours {
             return Ok(None);
         }
-        let cutoff = "now() - $1 * interval '1 millisecond'";
-        let sent = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM idem_outbox_sent WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM idem_outbox_sent WHERE published_at < {cutoff}
-                 ORDER BY published_at LIMIT $2))"
-        )))
-        .bind(millis(older_than) as f64)
-        .bind(batch)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        // Rows marked in place by a relay older than migration 8 (during a rolling upgrade).
-        let marked = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM idem_outbox WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM idem_outbox WHERE published_at < {cutoff}
-                 ORDER BY published_at LIMIT $2))"
-        )))
-        .bind(millis(older_than) as f64)
-        .bind(batch)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        // The records, then the rows an older relay marked in place (a rolling upgrade).
+        let mut purged = 0;
+        for table in ["idem_outbox_sent", "idem_outbox"] {
+            purged += sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM {table}
+                     WHERE published_at < now() - $1 * interval '1 millisecond'
+                     ORDER BY published_at LIMIT $2))"
+            )))
+            .bind(millis(older_than) as f64)
+            .bind(batch)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
         tx.commit().await?;
-        Ok(Some(sent + marked))
+        Ok(Some(purged))
     }
 
     async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {

@@ -490,28 +490,21 @@ impl Store for sqlx::Sqlite {
         if leased.is_none() {
             return Ok(None);
         }
-        let sent = sqlx::query(
-            "DELETE FROM idem_outbox_sent WHERE rowid IN (
-                 SELECT rowid FROM idem_outbox_sent WHERE published_ms < $1
-                 ORDER BY published_ms LIMIT $2)",
-        )
-        .bind(now - millis(older_than))
-        .bind(batch)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        // Rows marked in place by a relay older than migration 8.
-        let marked = sqlx::query(
-            "DELETE FROM idem_outbox WHERE id IN (
-                 SELECT id FROM idem_outbox WHERE published_ms < $1
-                 ORDER BY published_ms LIMIT $2)",
-        )
-        .bind(now - millis(older_than))
-        .bind(batch)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        Ok(Some(sent + marked))
+        // The records, then the rows an older relay marked in place (a rolling upgrade).
+        let mut purged = 0;
+        for table in ["idem_outbox_sent", "idem_outbox"] {
+            purged += sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE rowid IN (
+                     SELECT rowid FROM {table} WHERE published_ms < $1
+                     ORDER BY published_ms LIMIT $2)"
+            )))
+            .bind(now - millis(older_than))
+            .bind(batch)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(Some(purged))
     }
 
     async fn outbox_pending(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
