@@ -425,24 +425,39 @@ impl Store for sqlx::Sqlite {
         }
         let mut tx = batch.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = crate::backoff::unix_millis();
+        // The confirmed rows leave the outbox in two statements for the whole batch (migration
+        // 8): recorded in idem_outbox_sent (unless the retention is zero), then deleted.
+        let published: Vec<String> = settled
+            .iter()
+            .filter_map(|s| match s {
+                Settled::Published(id) => Some(id.to_string()),
+                _ => None,
+            })
+            .collect();
+        if !published.is_empty() {
+            let ids = format!("[{}]", published.join(","));
+            if on_publish == OnPublish::Mark {
+                sqlx::query(
+                    "INSERT INTO idem_outbox_sent (message_id, exchange, routing_key, published_ms)
+                     SELECT message_id, exchange, routing_key, $2 FROM idem_outbox
+                     WHERE id IN (SELECT value FROM json_each($1)) AND published_ms IS NULL",
+                )
+                .bind(&ids)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query(
+                "DELETE FROM idem_outbox
+                 WHERE id IN (SELECT value FROM json_each($1)) AND published_ms IS NULL",
+            )
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        }
         for s in settled {
             let update = match s {
-                Settled::Published(id) => {
-                    // Recorded in idem_outbox_sent, then deleted from the outbox (migration 8).
-                    if on_publish == OnPublish::Mark {
-                        sqlx::query(
-                            "INSERT INTO idem_outbox_sent (message_id, exchange, routing_key, published_ms)
-                             SELECT message_id, exchange, routing_key, $2 FROM idem_outbox
-                             WHERE id = $1 AND published_ms IS NULL",
-                        )
-                        .bind(id)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    sqlx::query("DELETE FROM idem_outbox WHERE id = $1 AND published_ms IS NULL")
-                        .bind(id)
-                }
+                Settled::Published(_) => continue,
                 Settled::Failed {
                     id,
                     error,
